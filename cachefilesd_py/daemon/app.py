@@ -1,0 +1,177 @@
+"""Builds the daemon from its configuration and runs it until told to stop.
+
+Start-up order (the kernel's rules decide it, see shared/reference/ondemand-protocol.md
+§1): raise RLIMIT_NOFILE (every open blob holds an anonymous fd) → check the cache
+directory → open ``/dev/cachefiles`` (only one opener at a time: EBUSY means another
+daemon has it) → send the configuration commands one per write → ``bind`` or
+``bind ondemand`` → tell systemd READY=1 → serve until SIGTERM/SIGINT.
+
+Shutdown: stop reading requests, finish the fills in flight (every READ still gets its
+completion), checkpoint presence bitmaps, close every anonymous fd, close the device.
+Closing the device unbinds the cache: mounts still using it get EIO from then on, so
+an administrator unmounts EROFS first (pitfall 16).
+
+SIGHUP re-reads the configuration file and swaps in the new ``source`` rules; the
+kernel's thresholds are fixed at ``bind`` and need a restart, which is logged.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import structlog
+
+from cachefilesd_py.config.load import load_config
+from cachefilesd_py.config.model import Config
+from cachefilesd_py.config.parse import kernel_commands
+from cachefilesd_py.daemon import systemd
+from cachefilesd_py.engine.service import Engine, EngineSettings
+from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
+from cachefilesd_py.kernel.device import CachefilesDevice
+from cachefilesd_py.presence.store import PresenceStore
+from cachefilesd_py.sources.open import SourceFactory, SourceSettings
+from cachefilesd_py.sources.resolve import SourceResolver
+
+log = structlog.get_logger("daemon")
+
+#: the daemon's own directory inside the cache root (next to the kernel's cache/ and
+#: graveyard/), holding presence sidecars
+STATE_DIR_NAME = "cachefilesd-py"
+
+
+def raise_nofile_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def engine_settings(config: Config) -> EngineSettings:
+    return EngineSettings(
+        chunk_size=config.chunk_size,
+        chunk_size_rules=tuple((r.pattern, r.size) for r in config.source_chunk_sizes),
+        readahead=config.readahead,
+        fetch_timeout=config.fetch_timeout,
+        max_run=max(4 * 1024 * 1024, config.chunk_size),
+        buffers=config.fetch_concurrency + 4,
+    )
+
+
+def source_settings(config: Config) -> SourceSettings:
+    from cachefilesd_py.config.load import headers_for
+
+    return SourceSettings(
+        ca_file=config.ca_file,
+        headers_for=headers_for(config),
+        timeout=config.fetch_timeout,
+        retries=config.fetch_retries,
+        pool_size=config.fetch_concurrency,
+    )
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: str, nocull: bool) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.nocull = nocull or config.nocull
+        self.stop = threading.Event()
+        assert config.dir is not None
+        self.cache_dir = Path(config.dir)
+
+    # -- signals ---------------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+
+    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        self.stop.set()
+
+    def _on_reload(self, _signum: int, _frame: FrameType | None) -> None:
+        threading.Thread(target=self.reload, name="reload", daemon=True).start()
+
+    def reload(self) -> None:
+        from cachefilesd_py.errors import ConfigError
+
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload.rejected", error=str(exc))
+            return
+        if self._engine is not None:
+            self._engine.resolve = SourceResolver(new.sources).resolve
+        if kernel_commands(new) != kernel_commands(self.config):
+            log.warning("reload.kernel_settings_need_restart",
+                        note="dir/tag/thresholds are fixed at bind; restart to apply")
+        self.config = new
+        log.info("reloaded", sources=len(new.sources))
+
+    # -- run -------------------------------------------------------------------------
+
+    _engine: Engine | None = None
+
+    def run(self) -> int:
+        nofile = raise_nofile_limit()
+        if not self.cache_dir.is_dir():
+            raise OSError(2, f"Can't confirm cache location: {self.cache_dir}")
+        device = CachefilesDevice()
+        try:
+            if self.config.ondemand:
+                return self._run_ondemand(device, nofile)
+            return self._run_classic(device)
+        finally:
+            device.close()
+            log.info("terminated")
+
+    def _run_ondemand(self, device: CachefilesDevice, nofile: int) -> int:
+        state_dir = self.cache_dir / STATE_DIR_NAME
+        presence = PresenceStore(state_dir / "presence")
+        factory = SourceFactory(source_settings(self.config))
+        engine = Engine(
+            resolve=SourceResolver(self.config.sources).resolve,
+            open_source=factory.open,
+            presence=presence,
+            settings=engine_settings(self.config),
+        )
+        self._engine = engine
+        driver = OnDemandDriver(
+            device, engine, self.cache_dir,
+            workers=self.config.fetch_concurrency,
+            fetch_timeout=self.config.fetch_timeout,
+        )
+        driver.bind(kernel_commands(self.config))
+        engine.start()
+        systemd.ready()
+        log.info("ready", mode="ondemand", cache_dir=str(self.cache_dir), nofile=nofile,
+                 sources=len(self.config.sources), chunk_size=self.config.chunk_size)
+        try:
+            driver.serve(self.stop)
+        finally:
+            systemd.stopping()
+            driver.shutdown()
+            log.info("stats", **vars(driver.stats), **vars(engine.filler.stats))
+        return 0
+
+    def _run_classic(self, device: CachefilesDevice) -> int:
+        from cachefilesd_py.frontends.classic.driver import run_classic
+
+        systemd.status("binding classic cache")
+        return run_classic(device, self.config, self.stop, nocull=self.nocull,
+                           commands=kernel_commands(self.config),
+                           on_ready=lambda: (systemd.ready(), log.info("ready", mode="classic")))
+
+
+def run(config: Config, options: object) -> int:
+    """Entry point used by ``cachefilesd_py.daemon.cli``."""
+    daemon = Daemon(config, getattr(options, "config_path", "/etc/cachefilesd.conf"),
+                    bool(getattr(options, "nocull", False)))
+    daemon.install_signals()
+    os.umask(0o077)
+    return daemon.run()

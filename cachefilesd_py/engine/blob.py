@@ -1,0 +1,81 @@
+"""A blob: one cache file's worth of bytes, as the engine knows it.
+
+A blob is named by the kernel's two keys, ``(volume_key, cookie_key)``. For EROFS over
+fscache the volume key is ``erofs,<fsid>`` (or ``erofs,<domain_id>``) and the cookie key
+is the blob's name (the fsid for the primary image, a device tag or ``device=`` name for
+extra blobs). Both are bytes, taken by length from the kernel message; nothing here
+treats them as C strings.
+
+The engine keeps one :class:`Blob` per key while any kernel object refers to it; several
+kernel objects may refer to the same blob over time (a 6.8+ re-open gets a new
+object_id for the same cache file), and they share the blob's presence bitmap and its
+in-flight table.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from cachefilesd_py.presence.bitmap import ChunkGeometry
+from cachefilesd_py.presence.store import BlobPresence
+from cachefilesd_py.sources.base import BlobIdentity, Source
+
+
+@dataclass(frozen=True)
+class BlobKey:
+    """The kernel's name of a cache object: volume key (no trailing NUL) + cookie key."""
+
+    volume: bytes
+    cookie: bytes
+
+    def __str__(self) -> str:
+        vol = self.volume.decode("utf-8", "backslashreplace")
+        cookie = self.cookie.decode("utf-8", "backslashreplace")
+        return f"{vol}/{cookie}"
+
+
+class InFlight:
+    """One chunk being fetched by some worker; others wait on it instead of refetching."""
+
+    __slots__ = ("_event", "ok")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.ok = False
+
+    def finish(self, ok: bool) -> None:
+        self.ok = ok
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        """True if the chunk was fetched and written by its owner in time."""
+        return self._event.wait(max(0.0, timeout)) and self.ok
+
+
+@dataclass(eq=False)
+class Blob:
+    """Engine state of one blob.
+
+    Lock order: ``Blob.lock`` may be taken while holding nothing else; while holding it
+    the engine only touches ``inflight`` and asks ``presence`` (whose own lock nests
+    inside). Network and disk I/O never happen with ``Blob.lock`` held.
+    """
+
+    key: BlobKey
+    source: Source
+    identity: BlobIdentity
+    geometry: ChunkGeometry
+    presence: BlobPresence | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    inflight: dict[int, InFlight] = field(default_factory=dict)
+    #: kernel objects currently referring to this blob
+    users: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.identity.size
+
+    @property
+    def chunk_size(self) -> int:
+        return self.geometry.chunk_size

@@ -1,0 +1,235 @@
+"""Make a byte range of a blob present: the engine's one job, whatever the frontend.
+
+``Filler.ensure(blob, offset, length, sink, deadline)``:
+
+1. widens the range to whole chunks (the blob's chunk size) and clips it to the blob;
+2. under the blob's lock, claims every chunk that is neither present (by the daemon's
+   own bitmap, never by SEEK_DATA) nor already being fetched, and notes which chunks
+   other workers are fetching;
+3. coalesces the claimed chunks into runs of adjacent chunks (at most ``max_run`` bytes
+   each) and, for each run, fetches it from the source into a page-aligned buffer with
+   one request, hands it to the frontend's :class:`Sink` (which writes it into the
+   cache file, e.g. by direct I/O into the on-demand anonymous fd), and only then
+   notes the chunks as written in the presence bitmap (a bit may lag its data, never
+   lead it);
+4. waits for the chunks other workers were fetching; if one of them failed, claims it
+   again while the deadline allows.
+
+A frontend asks for a range because the kernel saw a hole there. If every chunk of the
+range is marked present, the bitmap contradicts the kernel (the file was replaced, or a
+bit is wrong): the chunks are fetched again rather than trusting the bitmap, and the
+contradiction is logged.
+
+Errors: :class:`SourceError` from the source (after its own retries) and ``OSError``
+from the sink propagate to the caller, which fails the kernel request (the reader sees
+EIO). Nothing is marked present for a run whose fetch or write failed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from cachefilesd_py.engine.blob import Blob, InFlight
+from cachefilesd_py.errors import SourceError
+from cachefilesd_py.kernel.dio import AlignedBuffer
+from cachefilesd_py.sources.policy import Deadline
+
+log = structlog.get_logger("engine")
+
+
+class Sink(Protocol):
+    """Where fetched bytes go: the frontend's handle on the blob's cache file."""
+
+    def write(self, offset: int, buf: AlignedBuffer, length: int) -> None:
+        """Write ``buf[:length]`` at ``offset`` (chunk aligned) durably enough that the
+        kernel sees data there, or raise ``OSError``."""
+
+
+class BufferPool:
+    """A fixed set of page-aligned buffers of ``size`` bytes; ``borrow`` blocks when
+    all are in use, which bounds the memory the fills hold at once."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size = size
+        self._free = [AlignedBuffer(size) for _ in range(count)]
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def borrow(self) -> Iterator[AlignedBuffer]:
+        with self._cond:
+            while not self._free:
+                self._cond.wait()
+            buf = self._free.pop()
+        try:
+            yield buf
+        finally:
+            with self._cond:
+                self._free.append(buf)
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            for buf in self._free:
+                buf.close()
+            self._free.clear()
+
+
+@dataclass
+class FillStats:
+    """Counters since start, for logs, status and benchmarks."""
+
+    requests: int = 0
+    runs: int = 0
+    chunks_fetched: int = 0
+    bytes_fetched: int = 0
+    waits: int = 0
+    contradictions: int = 0
+    failures: int = 0
+
+
+class Filler:
+    """Fetches missing chunks of blobs and writes them through a sink."""
+
+    def __init__(self, buffers: BufferPool) -> None:
+        self.buffers = buffers
+        self.max_run = buffers.size
+        self.stats = FillStats()
+        self._stats_lock = threading.Lock()
+
+    def ensure(
+        self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline
+    ) -> None:
+        """Make ``[offset, offset+length)`` of ``blob`` present, or raise."""
+        geom = blob.geometry
+        if length <= 0 or offset >= blob.size:
+            return
+        first, last = geom.chunks_for(offset, min(length, blob.size - offset))
+        with self._stats_lock:
+            self.stats.requests += 1
+        force = self._contradicted(blob, first, last)
+        for _attempt in range(3):
+            mine, theirs = self._claim(blob, first, last, force)
+            force = False
+            self._fetch_claimed(blob, mine, sink, deadline)
+            if not theirs:
+                return
+            with self._stats_lock:
+                self.stats.waits += 1
+            if all(f.wait(deadline.remaining()) for f in theirs):
+                return
+            if deadline.expired():
+                break
+        raise SourceError(
+            f"{blob.key}: chunks {first}..{last - 1} still missing at the deadline",
+            transient=True,
+            reason="deadline",
+        )
+
+    def prefetch(self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline) -> None:
+        """Read-ahead: fetch what is missing, skip what others fetch, never wait."""
+        if length <= 0 or offset >= blob.size:
+            return
+        first, last = blob.geometry.chunks_for(offset, min(length, blob.size - offset))
+        mine, _theirs = self._claim(blob, first, last, force=False)
+        self._fetch_claimed(blob, mine, sink, deadline)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _contradicted(self, blob: Blob, first: int, last: int) -> bool:
+        presence = blob.presence
+        if presence is None or presence.missing_runs(first, last):
+            return False
+        with self._stats_lock:
+            self.stats.contradictions += 1
+        log.warning(
+            "presence.contradicted", blob=str(blob.key), first=first, last=last,
+            note="kernel saw a hole where the bitmap says present; refetching",
+        )
+        return True
+
+    def _claim(
+        self, blob: Blob, first: int, last: int, force: bool
+    ) -> tuple[list[tuple[int, InFlight]], list[InFlight]]:
+        mine: list[tuple[int, InFlight]] = []
+        theirs: list[InFlight] = []
+        presence = blob.presence
+        with blob.lock:
+            for i in range(first, last):
+                other = blob.inflight.get(i)
+                if other is not None:
+                    theirs.append(other)
+                    continue
+                if not force and presence is not None and presence.is_present(i):
+                    continue
+                mark = InFlight()
+                blob.inflight[i] = mark
+                mine.append((i, mark))
+        return mine, theirs
+
+    def _release(self, blob: Blob, claimed: list[tuple[int, InFlight]], ok: bool) -> None:
+        with blob.lock:
+            for i, mark in claimed:
+                if blob.inflight.get(i) is mark:
+                    del blob.inflight[i]
+        for _i, mark in claimed:
+            mark.finish(ok)
+
+    def _runs(self, blob: Blob, claimed: list[tuple[int, InFlight]]) -> list[list[tuple[int, InFlight]]]:
+        per_run = max(1, self.max_run // blob.chunk_size)
+        runs: list[list[tuple[int, InFlight]]] = []
+        for item in claimed:
+            if runs and runs[-1][-1][0] + 1 == item[0] and len(runs[-1]) < per_run:
+                runs[-1].append(item)
+            else:
+                runs.append([item])
+        return runs
+
+    def _fetch_claimed(
+        self, blob: Blob, claimed: list[tuple[int, InFlight]], sink: Sink, deadline: Deadline
+    ) -> None:
+        if not claimed:
+            return
+        runs = self._runs(blob, claimed)
+        failure: BaseException | None = None
+        for index, run in enumerate(runs):
+            if failure is not None:
+                self._release(blob, run, ok=False)
+                continue
+            try:
+                self._fetch_run(blob, run, sink, deadline)
+            except BaseException as exc:
+                failure = exc
+                self._release(blob, run, ok=False)
+                for rest in runs[index + 1 :]:
+                    self._release(blob, rest, ok=False)
+                break
+            self._release(blob, run, ok=True)
+        if failure is not None:
+            with self._stats_lock:
+                self.stats.failures += 1
+            raise failure
+
+    def _fetch_run(
+        self, blob: Blob, run: list[tuple[int, InFlight]], sink: Sink, deadline: Deadline
+    ) -> None:
+        geom = blob.geometry
+        first = run[0][0]
+        start, _ = geom.chunk_range(first)
+        last_start, last_len = geom.chunk_range(run[-1][0])
+        length = last_start + last_len - start
+        with self.buffers.borrow() as buf:
+            view = buf.view[:length]
+            blob.source.fetch_into(start, view, deadline)
+            sink.write(start, buf, length)
+        if blob.presence is not None:
+            blob.presence.note_written(first, len(run))
+        with self._stats_lock:
+            self.stats.runs += 1
+            self.stats.chunks_fetched += len(run)
+            self.stats.bytes_fetched += length

@@ -1,0 +1,203 @@
+"""The frontend-independent engine: blobs by key, their sources, presence and fills.
+
+A frontend (on-demand today, fanotify pre-content later) calls, per kernel object:
+
+- :meth:`Engine.open_blob` when the kernel starts using a blob: resolves the blob's
+  source from the ``source`` rules, learns its identity (size, ETag), and loads its
+  presence bitmap from the sidecar if the cache file vouches for it;
+- :meth:`Engine.ensure` for each range the kernel lacks;
+- :meth:`Engine.release` when the kernel is done with the object: the blob is
+  checkpointed and, if its cache file is now reachable, bound to its sidecar.
+
+A background thread checkpoints dirty presence bitmaps every ``checkpoint_interval``
+seconds: one ``syncfs`` of the cache filesystem, then the sidecars (see
+``presence/store.py``), so a bit reaches the disk only after its data did.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from cachefilesd_py.engine.blob import Blob, BlobKey
+from cachefilesd_py.engine.fill import BufferPool, Filler, Sink
+from cachefilesd_py.errors import SourceError, SourceNotFound
+from cachefilesd_py.presence.bitmap import ChunkGeometry
+from cachefilesd_py.presence.store import BlobPresence, PresenceStore
+from cachefilesd_py.sources.base import BlobIdentity, Source
+from cachefilesd_py.sources.policy import Deadline
+
+log = structlog.get_logger("engine")
+
+DEFAULT_CHUNK_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    #: (glob over "<volume>/<cookie>", chunk size); first match wins
+    chunk_size_rules: tuple[tuple[str, int], ...] = ()
+    readahead: int = 0
+    fetch_timeout: float = 30.0
+    max_run: int = 4 * 1024 * 1024
+    buffers: int = 12
+    checkpoint_interval: float = 5.0
+
+
+@dataclass
+class Engine:
+    resolve: Callable[[bytes, bytes], str | None]
+    open_source: Callable[[str], Source]
+    presence: PresenceStore
+    settings: EngineSettings = field(default_factory=EngineSettings)
+
+    def __post_init__(self) -> None:
+        self._blobs: dict[BlobKey, Blob] = {}
+        self._lock = threading.Lock()
+        self.filler = Filler(BufferPool(self.settings.max_run, self.settings.buffers))
+        self._stop = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._checkpointer is None:
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, name="checkpoint", daemon=True
+            )
+            self._checkpointer.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(timeout=30)
+        self.checkpoint()
+        self.filler.buffers.close()
+
+    # -- blobs -----------------------------------------------------------------------
+
+    def chunk_size_for(self, key: BlobKey) -> int:
+        name = blob_match_name(key)
+        for pattern, size in self.settings.chunk_size_rules:
+            if fnmatch.fnmatchcase(name, pattern):
+                return size
+        return self.settings.chunk_size
+
+    def open_blob(self, key: BlobKey, cache_file: Path | None, deadline: Deadline) -> Blob:
+        """The blob for ``key``, shared with other kernel objects of the same key.
+
+        Raises :class:`SourceNotFound` when no rule matches or the source has no such
+        blob, :class:`SourceError` when its identity cannot be learnt.
+        """
+        with self._lock:
+            blob = self._blobs.get(key)
+            if blob is not None:
+                blob.users += 1
+                return blob
+        url = self.resolve(key.volume, key.cookie)
+        if url is None:
+            raise SourceNotFound(f"no source rule matches {key}")
+        source = self.open_source(url)
+        identity = source.identity(deadline)
+        blob = self._new_blob(key, source, identity, cache_file)
+        with self._lock:
+            existing = self._blobs.get(key)
+            if existing is not None:  # another worker opened it meanwhile
+                existing.users += 1
+                return existing
+            blob.users = 1
+            self._blobs[key] = blob
+        return blob
+
+    def _new_blob(
+        self, key: BlobKey, source: Source, identity: BlobIdentity, cache_file: Path | None
+    ) -> Blob:
+        chunk = self.chunk_size_for(key)
+        presence: BlobPresence = self.presence.load(
+            (key.volume, key.cookie),
+            cache_file if cache_file is not None and cache_file.exists() else None,
+            identity.size,
+            chunk,
+            identity.token(),
+        )
+        return Blob(
+            key=key,
+            source=source,
+            identity=identity,
+            geometry=ChunkGeometry(identity.size, chunk),
+            presence=presence,
+        )
+
+    def ensure(self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline) -> None:
+        self.filler.ensure(blob, offset, length, sink, deadline)
+
+    def readahead(self, blob: Blob, offset: int, sink: Sink) -> None:
+        """Prefetch ``settings.readahead`` bytes from ``offset``; errors are logged only."""
+        if self.settings.readahead <= 0 or offset >= blob.size:
+            return
+        try:
+            self.filler.prefetch(
+                blob, offset, self.settings.readahead, sink,
+                Deadline.after(self.settings.fetch_timeout),
+            )
+        except (SourceError, OSError) as exc:
+            log.debug("readahead.failed", blob=str(blob.key), offset=offset, error=str(exc))
+
+    def release(self, blob: Blob, committed: Callable[[], Path | None] | None = None) -> None:
+        """One kernel object stopped using ``blob``. When it was the last, checkpoint
+        the blob and bind its sidecar to the cache file ``committed()`` returns (the
+        file the kernel has just linked into the cache, or None if not reachable)."""
+        with self._lock:
+            blob.users -= 1
+            last = blob.users <= 0
+            if last and self._blobs.get(blob.key) is blob:
+                del self._blobs[blob.key]
+        if not last or blob.presence is None:
+            return
+        path = committed() if committed is not None else None
+        if path is not None:
+            try:
+                self.presence.bind(blob.presence, path)
+                log.info("presence.bound", blob=str(blob.key), file=str(path),
+                         present=blob.presence.bitmap.count(),
+                         chunks=blob.geometry.nchunks)
+            except OSError as exc:
+                log.warning("presence.bind_failed", blob=str(blob.key), error=str(exc))
+        else:
+            self.presence.checkpoint([blob.presence])
+
+    def blobs(self) -> list[Blob]:
+        with self._lock:
+            return list(self._blobs.values())
+
+    # -- durability ------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        presences = [b.presence for b in self.blobs() if b.presence is not None]
+        if presences:
+            try:
+                self.presence.checkpoint(presences)
+            except OSError as exc:
+                log.warning("presence.checkpoint_failed", error=str(exc))
+
+    def _checkpoint_loop(self) -> None:
+        while not self._stop.wait(self.settings.checkpoint_interval):
+            self.checkpoint()
+
+
+def blob_match_name(key: BlobKey) -> str:
+    """``<volume>/<cookie>`` as the ``source``/``chunk_size`` globs see it: the volume
+    key without its ``erofs,`` prefix, both decoded leniently."""
+    volume = key.volume.rstrip(b"\0")
+    if volume.startswith(b"erofs,"):
+        volume = volume[len(b"erofs,") :]
+    return (
+        volume.decode("utf-8", "backslashreplace")
+        + "/"
+        + key.cookie.decode("utf-8", "backslashreplace")
+    )

@@ -1,0 +1,352 @@
+"""The on-demand frontend: serves ``/dev/cachefiles`` bound with ``bind ondemand``.
+
+How the kernel talks to us (details and sources: shared/reference/ondemand-protocol.md):
+
+* ``read()`` on the device returns **one whole message or 0 bytes** (never EAGAIN, never
+  blocks), so the loop polls for POLLIN and drains until 0. Before 6.8, POLLIN stays
+  raised while any request is outstanding, even ones already read: spurious wake-ups
+  are normal and cost one empty read (§2.9).
+* **OPEN** (§2.3): reading it installs an anonymous fd in *this* process (without
+  FD_CLOEXEC: it is wrapped in an :class:`OwnedFd` in the reader thread at once, so no
+  child ever inherits it and ``/dev/cachefiles`` never stays busy). Every OPEN gets a
+  ``copen <id>,<size>`` reply, or ``copen <id>,-errno`` to refuse it (the mount or
+  lookup then fails cleanly); an OPEN left unanswered blocks a kernel worker for good.
+  The size must be the same at every OPEN of a blob, or the kernel discards the cache
+  file (§2.7).
+* **READ** (§2.5): the kernel found a hole in ``[off, off+len)``. We fill whole chunks
+  around it through the anonymous fd (direct I/O: page-aligned buffers, offsets and
+  lengths, §2.6) and complete it with ``CACHEFILES_IOC_READ_COMPLETE`` on an fd of the
+  same object (6.10 rule), **always**, success or failure: a READ completed without data
+  gives the reader EIO, one never completed hangs it.
+* **CLOSE** (§2.4): no reply; the object's fds are closed once no fill uses them any
+  more (the fd holder defers the close), so a recycled fd number can never receive
+  another blob's bytes (pitfall 6). A new blob's cache file is an unlinked tmpfile
+  until the kernel commits it right after CLOSE; once it appears in the cache tree,
+  the blob's presence sidecar is bound to it.
+
+Threads: one reader (this loop) decodes messages and hands OPEN and READ to a pool of
+workers, because answering them needs the network; the loop itself never blocks on the
+network. Read-ahead runs in a second, smaller pool so it never delays demand reads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from cachefilesd_py.engine.blob import Blob, BlobKey
+from cachefilesd_py.engine.service import Engine
+from cachefilesd_py.errors import CachefilesdError, KernelProtocolError, SourceError
+from cachefilesd_py.frontends.ondemand import wire
+from cachefilesd_py.kernel import layout
+from cachefilesd_py.kernel.device import Device
+from cachefilesd_py.kernel.dio import AlignedBuffer, pwrite_direct
+from cachefilesd_py.kernel.fd import ClosedFdError, OwnedFd
+from cachefilesd_py.sources.policy import Deadline
+
+log = structlog.get_logger("ondemand")
+
+#: how long to wait for the kernel to link a new cache file after CLOSE
+COMMIT_WAIT = 5.0
+
+
+@dataclass
+class DriverStats:
+    opens: int = 0
+    opens_refused: int = 0
+    reads: int = 0
+    reads_failed: int = 0
+    closes: int = 0
+    malformed: int = 0
+    unvouched_culled: int = 0
+
+
+class AnonFdSink:
+    """Writes fetched runs into a cache file through the object's anonymous fd."""
+
+    def __init__(self, device: Device, obj: OnDemandObject) -> None:
+        self._device = device
+        self._obj = obj
+
+    def write(self, offset: int, buf: AlignedBuffer, length: int) -> None:
+        with self._obj.fd.borrow() as fd:
+            pwrite_direct(
+                self._device.pwrite, fd, buf, length, offset,
+                limit=self._obj.blob.size, object_may_be_settling=True,
+            )
+
+
+@dataclass(eq=False)
+class OnDemandObject:
+    """One kernel cache object: its id, its anonymous fd, and the blob it serves."""
+
+    object_id: int
+    fd: OwnedFd
+    blob: Blob
+    cache_path: Path | None
+    sink: AnonFdSink = field(init=False)
+
+
+class OnDemandDriver:
+    """Reads kernel requests and answers every one of them."""
+
+    def __init__(
+        self,
+        device: Device,
+        engine: Engine,
+        cache_dir: Path,
+        *,
+        workers: int = 8,
+        readahead_workers: int = 2,
+        fetch_timeout: float = 30.0,
+    ) -> None:
+        self.device = device
+        self.engine = engine
+        self.cache_dir = cache_dir
+        self.fetch_timeout = fetch_timeout
+        self.stats = DriverStats()
+        self._objects: dict[int, OnDemandObject] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fill")
+        self._ra_pool = ThreadPoolExecutor(readahead_workers, thread_name_prefix="readahead")
+        self._cwd_lock = threading.Lock()
+
+    # -- start-up --------------------------------------------------------------------
+
+    def bind(self, commands: list[bytes]) -> None:
+        """Send the configuration commands, one per write, then ``bind ondemand``."""
+        for cmd in commands:
+            self.device.write_command(cmd)
+        self.device.write_command(wire.encode_bind(ondemand=True))
+        log.info("bound", mode="ondemand", cache_dir=str(self.cache_dir))
+
+    def restore(self) -> None:
+        """Ask a (6.8+) kernel to deliver again every request a previous daemon read."""
+        self.device.write_command(wire.encode_restore())
+
+    # -- the loop --------------------------------------------------------------------
+
+    def serve(self, stop: threading.Event, poll_interval: float = 0.5) -> None:
+        poller = select.poll()
+        poller.register(self.device.fileno(), select.POLLIN)
+        while not stop.is_set():
+            if not poller.poll(int(poll_interval * 1000)):
+                continue
+            self.drain()
+
+    def drain(self) -> int:
+        """Read and dispatch messages until the kernel has none pending."""
+        handled = 0
+        while True:
+            try:
+                buf = self.device.read_message()
+            except OSError as exc:
+                # EMSGSIZE cannot happen with our buffer; fd-allocation errors fail the
+                # OPEN inside the kernel already; EEXIST (6.10) likewise.
+                log.error("device.read_failed", errno=exc.errno, error=str(exc))
+                return handled
+            if not buf:
+                return handled
+            handled += 1
+            self._dispatch(buf)
+
+    def _dispatch(self, buf: bytes) -> None:
+        try:
+            req = wire.decode(buf)
+        except KernelProtocolError as exc:
+            self.stats.malformed += 1
+            log.error("kernel.malformed_message", error=str(exc), length=len(buf),
+                      head=buf[:32].hex())
+            return
+        if isinstance(req, wire.OpenRequest):
+            # Own the fd before anything else can fail or fork.
+            try:
+                fd = OwnedFd(req.fd)
+            except OSError as exc:
+                log.error("open.bad_fd", msg_id=req.msg_id, fd=req.fd, error=str(exc))
+                self._reply_copen(req.msg_id, -errno.EBADF)
+                return
+            self._pool.submit(self._guard, self._on_open, req, fd)
+        elif isinstance(req, wire.ReadRequest):
+            self._pool.submit(self._guard, self._on_read, req)
+        elif isinstance(req, wire.CloseRequest):
+            self._on_close(req)
+
+    def _guard(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        try:
+            fn(*args)
+        except Exception:  # a bug must never kill a worker silently
+            log.exception("worker.crashed", handler=getattr(fn, "__name__", str(fn)))
+
+    # -- OPEN ------------------------------------------------------------------------
+
+    def _on_open(self, req: wire.OpenRequest, fd: OwnedFd) -> None:
+        self.stats.opens += 1
+        key = BlobKey(req.volume_key, req.cookie_key)
+        try:
+            cache_path: Path | None = layout.object_path(
+                self.cache_dir, req.volume_key, req.cookie_key
+            )
+        except ValueError:
+            cache_path = None
+        try:
+            blob = self.engine.open_blob(key, cache_path, Deadline.after(self.fetch_timeout))
+        except SourceError as exc:
+            self.stats.opens_refused += 1
+            log.warning("open.refused", blob=str(key), msg_id=req.msg_id, reason=exc.reason,
+                        error=str(exc), errno=exc.kernel_errno)
+            self._reply_copen(req.msg_id, -exc.kernel_errno)
+            fd.close()
+            return
+        except Exception as exc:
+            self.stats.opens_refused += 1
+            log.exception("open.failed", blob=str(key), msg_id=req.msg_id)
+            self._reply_copen(req.msg_id, -getattr(exc, "kernel_errno", errno.EIO))
+            fd.close()
+            return
+        presence = blob.presence
+        if (
+            cache_path is not None
+            and blob.users == 1
+            and presence is not None
+            and not presence.trusted
+            and cache_path.exists()
+        ):
+            self._cull_unvouched(key, cache_path)
+        obj = OnDemandObject(req.object_id, fd, blob, cache_path)
+        obj.sink = AnonFdSink(self.device, obj)
+        with self._lock:
+            stale = self._objects.get(req.object_id)
+            self._objects[req.object_id] = obj
+        if stale is not None:  # the id was recycled without a CLOSE reaching us
+            log.warning("open.stale_object", object_id=req.object_id, blob=str(stale.blob.key))
+            stale.fd.close()
+            self.engine.release(stale.blob)
+        if self._reply_copen(req.msg_id, blob.size):
+            log.info("open", blob=str(key), object_id=req.object_id, size=blob.size,
+                     chunk=blob.chunk_size,
+                     present=presence.bitmap.count() if presence is not None else 0)
+        else:
+            with self._lock:
+                if self._objects.get(req.object_id) is obj:
+                    del self._objects[req.object_id]
+            fd.close()
+            self.engine.release(blob)
+
+    def _reply_copen(self, msg_id: int, size_or_errno: int) -> bool:
+        try:
+            self.device.write_command(wire.encode_copen(msg_id, size_or_errno))
+            return True
+        except OSError as exc:
+            # EINVAL: the OPEN is gone (cache dead, object dropped, duplicate after restore)
+            log.warning("copen.failed", msg_id=msg_id, errno=exc.errno, error=str(exc))
+            return False
+
+    def _cull_unvouched(self, key: BlobKey, path: Path) -> None:
+        """A cache file our sidecars do not vouch for (crash before bind, another
+        daemon's file, an older version of the blob) must not be served: ask the kernel
+        to cull it before ``copen`` makes it live. ``cull`` names the file relative to
+        the process's working directory (no ``/`` allowed), hence the fchdir."""
+        with self._cwd_lock:
+            old = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.chdir(path.parent)
+                self.device.write_command(wire.encode_cull(path.name))
+                self.stats.unvouched_culled += 1
+                log.warning("open.unvouched_file_culled", blob=str(key), file=str(path))
+            except OSError as exc:
+                log.warning("open.unvouched_cull_failed", blob=str(key), file=str(path),
+                            errno=exc.errno, error=str(exc))
+            finally:
+                os.fchdir(old)
+                os.close(old)
+
+    # -- READ ------------------------------------------------------------------------
+
+    def _on_read(self, req: wire.ReadRequest) -> None:
+        self.stats.reads += 1
+        with self._lock:
+            obj = self._objects.get(req.object_id)
+        if obj is None:
+            # Without an fd of that object (6.10 rule) it cannot be completed; this
+            # only happens if the kernel broke protocol or we lost track of an OPEN.
+            self.stats.reads_failed += 1
+            log.error("read.unknown_object", msg_id=req.msg_id, object_id=req.object_id)
+            return
+        try:
+            with obj.fd.borrow() as fd:
+                ok = False
+                try:
+                    self.engine.ensure(obj.blob, req.offset, req.length, obj.sink,
+                                       Deadline.after(self.fetch_timeout))
+                    ok = True
+                except (CachefilesdError, OSError) as exc:
+                    self.stats.reads_failed += 1
+                    log.warning("read.failed", blob=str(obj.blob.key), offset=req.offset,
+                                length=req.length, error=str(exc),
+                                reason=getattr(exc, "reason", None))
+                finally:
+                    self._complete(fd, req.msg_id)
+        except ClosedFdError:
+            self.stats.reads_failed += 1
+            log.info("read.object_closed", msg_id=req.msg_id, object_id=req.object_id)
+            return
+        if ok and self.engine.settings.readahead > 0:
+            self._ra_pool.submit(self._guard, self.engine.readahead, obj.blob,
+                                 req.offset + req.length, obj.sink)
+
+    def _complete(self, fd: int, msg_id: int) -> None:
+        try:
+            self.device.read_complete(fd, msg_id)
+        except OSError as exc:
+            log.warning("cread.failed", msg_id=msg_id, errno=exc.errno, error=str(exc))
+
+    # -- CLOSE -----------------------------------------------------------------------
+
+    def _on_close(self, req: wire.CloseRequest) -> None:
+        self.stats.closes += 1
+        with self._lock:
+            obj = self._objects.pop(req.object_id, None)
+        if obj is None:
+            log.warning("close.unknown_object", object_id=req.object_id)
+            return
+        obj.fd.close()
+        log.info("close", blob=str(obj.blob.key), object_id=req.object_id)
+        self._pool.submit(self._guard, self._finish, obj)
+
+    def _finish(self, obj: OnDemandObject) -> None:
+        self.engine.release(obj.blob, committed=lambda: self._wait_commit(obj.cache_path))
+
+    @staticmethod
+    def _wait_commit(path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        end = time.monotonic() + COMMIT_WAIT
+        while time.monotonic() < end:
+            if path.exists():
+                return path
+            time.sleep(0.02)
+        return None
+
+    # -- shutdown --------------------------------------------------------------------
+
+    def objects(self) -> list[OnDemandObject]:
+        with self._lock:
+            return list(self._objects.values())
+
+    def shutdown(self) -> None:
+        """Finish in-flight work, persist presence, close every fd we own. The device
+        itself is closed by its owner (closing it unbinds the cache)."""
+        self._pool.shutdown(wait=True)
+        self._ra_pool.shutdown(wait=True, cancel_futures=True)
+        for obj in self.objects():
+            obj.fd.close()
+        self.engine.close()

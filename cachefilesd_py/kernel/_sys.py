@@ -1,0 +1,80 @@
+"""Errno-checked ctypes wrappers for the few system calls the ``os`` module lacks.
+
+Every wrapper checks the C return value for ``-1`` and raises ``OSError(errno, ...)``
+with the errno libc left behind (``use_errno=True`` makes ctypes save it right after the
+call, before any other C code can overwrite it).
+
+- ``ioctl_int_by_value``: ``CACHEFILES_IOC_READ_COMPLETE`` takes the msg_id *by value*
+  as the third ioctl argument, not as a pointer. CPython's ``fcntl.ioctl`` converts an
+  integer argument with the C format ``"i"`` and overflows above 2**31-1, while since
+  Linux 6.10 msg_ids are allocated cyclically up to 2**32-1. So the argument goes through
+  ctypes as an ``unsigned long``.
+- ``syncfs``: flushes every dirty page and journal entry of one filesystem. The
+  anonymous fd of on-demand mode has no fsync, so ``syncfs`` on the cache filesystem is
+  the only way to make bytes written through it durable.
+- ``punch_hole``: ``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)``; frees the
+  blocks of a byte range and leaves a hole that reads as zeros and that SEEK_DATA skips.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+_libc.ioctl.restype = ctypes.c_int
+_libc.syncfs.argtypes = [ctypes.c_int]
+_libc.syncfs.restype = ctypes.c_int
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+#: ``_IOW(0x98, 1, int)``: direction "write" is 1 on most architectures (bit 30) and 4
+#: on powerpc/mips/sparc (bit 31 set instead).
+_IOC_WRITE_HIGH = platform.machine().startswith(("ppc", "mips", "sparc"))
+CACHEFILES_IOC_READ_COMPLETE = 0x80049801 if _IOC_WRITE_HIGH else 0x40049801
+
+
+def _check(ret: int, what: str) -> int:
+    if ret == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def ioctl_int_by_value(fd: int, request: int, value: int) -> int:
+    """``ioctl(fd, request, value)`` with ``value`` passed by value as unsigned long."""
+    if not 0 <= value < 2**64:
+        raise ValueError(f"ioctl argument out of range: {value}")
+    return _check(_libc.ioctl(fd, request, value), "ioctl")
+
+
+def read_complete(anon_fd: int, msg_id: int) -> None:
+    """Tell the kernel that READ ``msg_id`` is done (``CACHEFILES_IOC_READ_COMPLETE``).
+
+    The kernel then re-checks the requested range in the cache file: data there is
+    served, a hole at the start gives the reader EIO. EINVAL means the request is gone
+    (unknown id, not a READ, or, since 6.10, a READ of another object than this fd's).
+    """
+    if not 0 <= msg_id < 2**32:
+        raise ValueError(f"msg_id out of range: {msg_id}")
+    ioctl_int_by_value(anon_fd, CACHEFILES_IOC_READ_COMPLETE, msg_id)
+
+
+def syncfs(fd: int) -> None:
+    """Make everything written to the filesystem holding ``fd`` durable."""
+    _check(_libc.syncfs(fd), "syncfs")
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate ``[offset, offset+length)`` of the file, keeping its size."""
+    _check(
+        _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length),
+        "fallocate(PUNCH_HOLE)",
+    )

@@ -1,0 +1,194 @@
+"""Plain helpers of the guest tier (used by the fixtures in conftest.py and by
+scripts/demo): run commands, build and mount EROFS images, start nginx, drive a real
+``cachefilesd-py`` process and read its JSON log."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WORK = Path("/tmp/vm")
+
+
+def run(*argv: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=check, text=True, capture_output=True, **kw)  # type: ignore[call-overload]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under ``root``, by relative path."""
+    out: dict[str, str] = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath, name)
+            if p.is_file() and not p.is_symlink():
+                out[str(p.relative_to(root))] = sha256_file(p)
+    return out
+
+
+def mkfs_erofs(image: Path, src: Path, *extra: str) -> Path:
+    run("mkfs.erofs", "-q", *extra, str(image), str(src))
+    return image
+
+
+def mount_erofs(
+    mnt: Path,
+    fsid: str,
+    *,
+    domain: str | None = None,
+    devices: tuple[str, ...] = (),
+    timeout: float = 120,
+) -> None:
+    opts = [f"fsid={fsid}"]
+    if domain:
+        opts.append(f"domain_id={domain}")
+    opts += [f"device={d}" for d in devices]
+    mnt.mkdir(parents=True, exist_ok=True)
+    run("mount", "-t", "erofs", "none", "-o", ",".join(opts), str(mnt), timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Nginx:
+    root: Path
+    url: str
+    proc: subprocess.Popen[bytes]
+
+
+def start_nginx(root: Path, workdir: Path) -> Nginx:
+    """Debian's nginx serving ``root`` on a free loopback port (range requests → 206)."""
+    port = free_port()
+    prefix = workdir / f"nginx-{port}"
+    (prefix / "logs").mkdir(parents=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        f"""daemon off;
+worker_processes 2;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    sendfile on;
+    keepalive_requests 100000;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ }}
+    }}
+}}
+"""
+    )
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(prefix)])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RuntimeError("nginx did not start")
+    n = Nginx(root, f"http://127.0.0.1:{port}", proc)
+    return n
+
+
+@dataclass
+class Daemon:
+    """A running ``cachefilesd-py`` process and its JSON log."""
+
+    config: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    events: list[dict[str, object]] = field(default_factory=list)
+
+    def start(self, timeout: float = 60) -> None:
+        self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cachefilesd_py.daemon.cli",
+                "-n",
+                "-s",
+                "-d",
+                "--log-format",
+                "json",
+                "-f",
+                str(self.config),
+            ],
+            stdout=self.log_file,
+            stderr=self.log_file,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(e.get("event") == "ready" for e in self.read_events()):
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"daemon exited with {self.proc.returncode}:\n"
+                    + self.log_path.read_text(errors="replace")[-4000:]
+                )
+            time.sleep(0.1)
+        tail = self.log_path.read_text(errors="replace")[-4000:]
+        raise RuntimeError("daemon not ready:\n" + tail)
+
+    def read_events(self) -> list[dict[str, object]]:
+        events = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                ev = json.loads(line)
+                if isinstance(ev, dict):
+                    events.append(ev)
+        self.events = events
+        return events
+
+    def count(self, event: str) -> int:
+        return sum(1 for e in self.read_events() if e.get("event") == event)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        self.log_file.close()
+        return rc
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+        self.log_file.close()
