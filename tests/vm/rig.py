@@ -43,7 +43,7 @@ def tree_digests(root: Path) -> dict[str, str]:
 
 
 def mkfs_erofs(image: Path, src: Path, *extra: str) -> Path:
-    run("mkfs.erofs", "-q", *extra, str(image), str(src))
+    run("mkfs.erofs", "--quiet", *extra, str(image), str(src))
     return image
 
 
@@ -125,6 +125,7 @@ class Daemon:
     config: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    debug: bool = True
     events: list[dict[str, object]] = field(default_factory=list)
 
     def start(self, timeout: float = 60) -> None:
@@ -136,7 +137,7 @@ class Daemon:
                 "cachefilesd_py.daemon.cli",
                 "-n",
                 "-s",
-                "-d",
+                *(["-d"] if self.debug else []),
                 "--log-format",
                 "json",
                 "-f",

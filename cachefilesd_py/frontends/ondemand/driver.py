@@ -56,6 +56,8 @@ log = structlog.get_logger("ondemand")
 
 #: how long to wait for the kernel to link a new cache file after CLOSE
 COMMIT_WAIT = 5.0
+#: the kernel's coherency xattr on every cache file (object size, content type)
+KERNEL_AUX_XATTR = "user.CacheFiles.cache"
 
 
 @dataclass
@@ -66,7 +68,7 @@ class DriverStats:
     reads_failed: int = 0
     closes: int = 0
     malformed: int = 0
-    unvouched_culled: int = 0
+    unvouched_discarded: int = 0
 
 
 class AnonFdSink:
@@ -92,6 +94,8 @@ class OnDemandObject:
     fd: OwnedFd
     blob: Blob
     cache_path: Path | None
+    #: inode of a stale file at ``cache_path`` that the kernel will replace
+    stale_ino: int | None = None
     sink: AnonFdSink = field(init=False)
 
 
@@ -117,7 +121,6 @@ class OnDemandDriver:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fill")
         self._ra_pool = ThreadPoolExecutor(readahead_workers, thread_name_prefix="readahead")
-        self._cwd_lock = threading.Lock()
 
     # -- start-up --------------------------------------------------------------------
 
@@ -213,6 +216,7 @@ class OnDemandDriver:
             fd.close()
             return
         presence = blob.presence
+        stale_ino = None
         if (
             cache_path is not None
             and blob.users == 1
@@ -220,8 +224,8 @@ class OnDemandDriver:
             and not presence.trusted
             and cache_path.exists()
         ):
-            self._cull_unvouched(key, cache_path)
-        obj = OnDemandObject(req.object_id, fd, blob, cache_path)
+            stale_ino = self._discard_unvouched(key, cache_path)
+        obj = OnDemandObject(req.object_id, fd, blob, cache_path, stale_ino)
         obj.sink = AnonFdSink(self.device, obj)
         with self._lock:
             stale = self._objects.get(req.object_id)
@@ -250,24 +254,27 @@ class OnDemandDriver:
             log.warning("copen.failed", msg_id=msg_id, errno=exc.errno, error=str(exc))
             return False
 
-    def _cull_unvouched(self, key: BlobKey, path: Path) -> None:
-        """A cache file our sidecars do not vouch for (crash before bind, another
-        daemon's file, an older version of the blob) must not be served: ask the kernel
-        to cull it before ``copen`` makes it live. ``cull`` names the file relative to
-        the process's working directory (no ``/`` allowed), hence the fchdir."""
-        with self._cwd_lock:
-            old = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.chdir(path.parent)
-                self.device.write_command(wire.encode_cull(path.name))
-                self.stats.unvouched_culled += 1
-                log.warning("open.unvouched_file_culled", blob=str(key), file=str(path))
-            except OSError as exc:
-                log.warning("open.unvouched_cull_failed", blob=str(key), file=str(path),
-                            errno=exc.errno, error=str(exc))
-            finally:
-                os.fchdir(old)
-                os.close(old)
+    def _discard_unvouched(self, key: BlobKey, path: Path) -> int | None:
+        """A cache file our sidecars do not vouch for (a crash before binding, another
+        daemon's file, an older version of the blob) must not be served. It cannot be
+        culled now: the kernel marks it in use before it sends OPEN (``cull`` gives
+        EBUSY). But the kernel checks the file's coherency xattr
+        (``user.CacheFiles.cache``: object size and content type) only *after* our
+        ``copen``, and a file that fails the check is replaced by a fresh one. So we
+        spoil that xattr (same length, impossible object size) and the kernel starts
+        the blob afresh; the stale file is replaced when the new one is committed.
+        Verified on 6.12 in the guest tests. Returns the stale file's inode number."""
+        try:
+            st = path.stat()
+            aux = os.getxattr(path, KERNEL_AUX_XATTR)
+            os.setxattr(path, KERNEL_AUX_XATTR, b"\xff" * max(len(aux), 8))
+        except OSError as exc:
+            log.warning("open.unvouched_discard_failed", blob=str(key), file=str(path),
+                        errno=exc.errno, error=str(exc))
+            return None
+        self.stats.unvouched_discarded += 1
+        log.warning("open.unvouched_file_discarded", blob=str(key), file=str(path))
+        return st.st_ino
 
     # -- READ ------------------------------------------------------------------------
 
@@ -323,16 +330,25 @@ class OnDemandDriver:
         self._pool.submit(self._guard, self._finish, obj)
 
     def _finish(self, obj: OnDemandObject) -> None:
-        self.engine.release(obj.blob, committed=lambda: self._wait_commit(obj.cache_path))
+        self.engine.release(
+            obj.blob, committed=lambda: self._wait_commit(obj.cache_path, obj.stale_ino)
+        )
 
     @staticmethod
-    def _wait_commit(path: Path | None) -> Path | None:
+    def _wait_commit(path: Path | None, stale_ino: int | None) -> Path | None:
+        """The kernel links a new cache file into the tree right after we read its
+        CLOSE (tmpfile commit). Wait briefly until a file other than the stale one is
+        there; None if it does not come (the sidecar then stays unbound: a miss later,
+        never wrong data)."""
         if path is None:
             return None
         end = time.monotonic() + COMMIT_WAIT
         while time.monotonic() < end:
-            if path.exists():
-                return path
+            try:
+                if path.stat().st_ino != stale_ino:
+                    return path
+            except FileNotFoundError:
+                pass
             time.sleep(0.02)
         return None
 

@@ -1,0 +1,183 @@
+"""On-demand serving speed, measured in one guest run, side by side.
+
+Run from the host (boots the test kernel):
+
+    .venv/bin/python scripts/vmtest --timeout 1800 -- python -m bench.bench_ondemand [--size-mb 200]
+
+It builds one EROFS image holding a ``--size-mb`` file of random bytes and times a
+sequential ``read()`` of that file (1 MiB at a time, page cache dropped first) through:
+
+- ``loop``: the image loop-mounted directly (``mount -o loop``): the physical limit here;
+- ``cold file://``: EROFS over fscache, served by the daemon from ``file://``;
+- ``warm``: the same mount again after umount/remount with a running daemon: all bytes
+  come from the cache file, and the daemon must see zero READs;
+- ``cold nginx``: served by the daemon from nginx on loopback;
+- ``cold nginx +5ms``: the same with ``tc netem delay 5ms`` on loopback;
+
+then 1000 random 4 KiB reads on cold data (nginx): p50 and p99 latency.
+Ratios are against the loop mount of the same run, since these machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.vm.rig import Daemon, mkfs_erofs, mount_erofs, run, start_nginx
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def timed_read(path: Path) -> float:
+    drop_caches()
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
+    return time.perf_counter() - start
+
+
+def reads_of(d: Daemon) -> int:
+    stats = [e for e in d.read_events() if e.get("event") == "stats"]
+    return int(stats[-1]["reads"]) if stats else -1  # type: ignore[call-overload]
+
+
+def random_reads(path: Path, n: int, seed: int = 7) -> list[float]:
+    size = path.stat().st_size
+    rng = random.Random(seed)
+    lat = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(n):
+            off = rng.randrange(0, size // 4096) * 4096
+            t = time.perf_counter()
+            os.pread(fd, 4096, off)
+            lat.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+    return lat
+
+
+class Bench:
+    def __init__(self, work: Path, size_mb: int) -> None:
+        self.work = work
+        src = work / "src"
+        src.mkdir()
+        with open(src / "data.bin", "wb") as f:
+            for _ in range(size_mb):
+                f.write(os.urandom(1 << 20))
+        self.blobs = work / "blobs"
+        self.blobs.mkdir()
+        mkfs_erofs(self.blobs / "bench.erofs", src, "-Enoinline_data")
+        self.n = 0
+
+    def cache_fs(self, size_mb: int) -> Path:
+        self.n += 1
+        image = self.work / f"cache{self.n}.img"
+        with open(image, "wb") as f:
+            f.truncate(size_mb << 20)
+        run("mkfs.ext4", "-q", "-F", str(image))
+        mnt = self.work / f"cache{self.n}"
+        mnt.mkdir()
+        run("mount", "-o", "loop", str(image), str(mnt))
+        return mnt
+
+    def daemon(self, cache: Path, url: str) -> Daemon:
+        conf = self.work / f"d{self.n}.conf"
+        conf.write_text(f"dir {cache}\ntag bench\nondemand\nsource * {url}/{{cookie}}\n")
+        d = Daemon(conf, self.work / f"d{self.n}.log", debug=False)
+        d.start()
+        return d
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mb", type=int, default=200)
+    ap.add_argument("--random-reads", type=int, default=1000)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
+    b = Bench(work, args.size_mb)
+    size = args.size_mb << 20
+    rows: list[tuple[str, float, str]] = []
+
+    mnt = work / "loop"
+    mnt.mkdir()
+    run("mount", "-t", "erofs", "-o", "loop,ro", str(b.blobs / "bench.erofs"), str(mnt))
+    loop_s = timed_read(mnt / "data.bin")
+    run("umount", str(mnt))
+    rows.append(("loop mount (physical limit)", loop_s, ""))
+
+    # cold from file://, then warm
+    cache = b.cache_fs(args.size_mb * 2 + 64)
+    d = b.daemon(cache, f"file://{b.blobs}")
+    m = work / "m1"
+    mount_erofs(m, "bench.erofs")
+    cold_file = timed_read(m / "data.bin")
+    run("umount", str(m))
+    d.stop()
+    d = b.daemon(cache, f"file://{b.blobs}")  # a restarted daemon, same cache
+    mount_erofs(m, "bench.erofs")
+    warm = timed_read(m / "data.bin")
+    run("umount", str(m))
+    d.stop()
+    warm_reads = reads_of(d)
+    rows.append(("cold, daemon from file://", cold_file, ""))
+    rows.append(("warm re-read (remount)", warm, f"READs during warm: {warm_reads}"))
+
+    web = start_nginx(b.blobs, work)
+    results: dict[str, float] = {}
+    for label, delay in (("cold, daemon from nginx", None), ("cold, nginx + netem 5ms", "5ms")):
+        cache = b.cache_fs(args.size_mb * 2 + 64)
+        d = b.daemon(cache, web.url)
+        if delay:
+            run("tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", delay)
+        m = work / f"m{b.n}"
+        try:
+            mount_erofs(m, "bench.erofs")
+            results[label] = timed_read(m / "data.bin")
+            run("umount", str(m))
+        finally:
+            if delay:
+                run("tc", "qdisc", "del", "dev", "lo", "root", check=False)
+            d.stop()
+        rows.append((label, results[label], ""))
+
+    cache = b.cache_fs(args.size_mb * 2 + 64)
+    d = b.daemon(cache, web.url)
+    m = work / "mr"
+    mount_erofs(m, "bench.erofs")
+    drop_caches()
+    lat = random_reads(m / "data.bin", args.random_reads)
+    run("umount", str(m))
+    d.stop()
+    web.proc.terminate()
+
+    print(f"\nfile size {args.size_mb} MiB; kernel {os.uname().release}; "
+          f"{os.cpu_count()} vCPUs (QEMU TCG)\n")
+    print(f"| {'case':32} | {'seconds':>8} | {'MB/s':>8} | {'× loop':>7} | note |")
+    print(f"|{'-' * 34}|{'-' * 10}|{'-' * 10}|{'-' * 9}|------|")
+    for label, secs, note in rows:
+        print(f"| {label:32} | {secs:8.2f} | {size / secs / 1e6:8.1f} | "
+              f"{secs / loop_s:7.2f} | {note} |")
+    nodelay, delayed = results["cold, daemon from nginx"], results["cold, nginx + netem 5ms"]
+    print(f"\nnginx +5ms keeps {100 * nodelay / delayed:.0f}% of the no-delay throughput")
+    qs = statistics.quantiles(lat, n=100)
+    print(f"{len(lat)} random 4 KiB reads on cold data (nginx): "
+          f"p50 {qs[49] * 1000:.2f} ms, p99 {qs[98] * 1000:.2f} ms")
+    print(f"targets: cold file:// ≤ 3× loop ({cold_file / loop_s:.2f}), "
+          f"cold nginx ≤ 3.5× ({nodelay / loop_s:.2f}), warm ≤ 1.25× ({warm / loop_s:.2f}) "
+          f"with 0 READs ({warm_reads})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
