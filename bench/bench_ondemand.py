@@ -161,21 +161,29 @@ def main() -> int:
     d.stop()
     web.proc.terminate()
 
-    print(f"\nfile size {args.size_mb} MiB; kernel {os.uname().release}; "
-          f"{os.cpu_count()} vCPUs (QEMU TCG)\n")
+    print(
+        f"\nfile size {args.size_mb} MiB; kernel {os.uname().release}; "
+        f"{os.cpu_count()} vCPUs (QEMU TCG)\n"
+    )
     print(f"| {'case':32} | {'seconds':>8} | {'MB/s':>8} | {'× loop':>7} | note |")
     print(f"|{'-' * 34}|{'-' * 10}|{'-' * 10}|{'-' * 9}|------|")
     for label, secs, note in rows:
-        print(f"| {label:32} | {secs:8.2f} | {size / secs / 1e6:8.1f} | "
-              f"{secs / loop_s:7.2f} | {note} |")
+        print(
+            f"| {label:32} | {secs:8.2f} | {size / secs / 1e6:8.1f} | "
+            f"{secs / loop_s:7.2f} | {note} |"
+        )
     nodelay, delayed = results["cold, daemon from nginx"], results["cold, nginx + netem 5ms"]
     print(f"\nnginx +5ms keeps {100 * nodelay / delayed:.0f}% of the no-delay throughput")
     qs = statistics.quantiles(lat, n=100)
-    print(f"{len(lat)} random 4 KiB reads on cold data (nginx): "
-          f"p50 {qs[49] * 1000:.2f} ms, p99 {qs[98] * 1000:.2f} ms")
-    print(f"targets: cold file:// ≤ 3× loop ({cold_file / loop_s:.2f}), "
-          f"cold nginx ≤ 3.5× ({nodelay / loop_s:.2f}), warm ≤ 1.25× ({warm / loop_s:.2f}) "
-          f"with 0 READs ({warm_reads})")
+    print(
+        f"{len(lat)} random 4 KiB reads on cold data (nginx): "
+        f"p50 {qs[49] * 1000:.2f} ms, p99 {qs[98] * 1000:.2f} ms"
+    )
+    print(
+        f"targets: cold file:// ≤ 3× loop ({cold_file / loop_s:.2f}), "
+        f"cold nginx ≤ 3.5× ({nodelay / loop_s:.2f}), warm ≤ 1.25× ({warm / loop_s:.2f}) "
+        f"with 0 READs ({warm_reads})"
+    )
     return 0
 
 

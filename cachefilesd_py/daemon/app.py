@@ -108,8 +108,10 @@ class Daemon:
         if self._engine is not None:
             self._engine.resolve = SourceResolver(new.sources).resolve
         if kernel_commands(new) != kernel_commands(self.config):
-            log.warning("reload.kernel_settings_need_restart",
-                        note="dir/tag/thresholds are fixed at bind; restart to apply")
+            log.warning(
+                "reload.kernel_settings_need_restart",
+                note="dir/tag/thresholds are fixed at bind; restart to apply",
+            )
         self.config = new
         log.info("reloaded", sources=len(new.sources))
 
@@ -142,15 +144,23 @@ class Daemon:
         )
         self._engine = engine
         driver = OnDemandDriver(
-            device, engine, self.cache_dir,
+            device,
+            engine,
+            self.cache_dir,
             workers=self.config.fetch_concurrency,
             fetch_timeout=self.config.fetch_timeout,
         )
         driver.bind(kernel_commands(self.config))
         engine.start()
         systemd.ready()
-        log.info("ready", mode="ondemand", cache_dir=str(self.cache_dir), nofile=nofile,
-                 sources=len(self.config.sources), chunk_size=self.config.chunk_size)
+        log.info(
+            "ready",
+            mode="ondemand",
+            cache_dir=str(self.cache_dir),
+            nofile=nofile,
+            sources=len(self.config.sources),
+            chunk_size=self.config.chunk_size,
+        )
         try:
             driver.serve(self.stop)
         finally:
@@ -163,15 +173,23 @@ class Daemon:
         from cachefilesd_py.frontends.classic.driver import run_classic
 
         systemd.status("binding classic cache")
-        return run_classic(device, self.config, self.stop, nocull=self.nocull,
-                           commands=kernel_commands(self.config),
-                           on_ready=lambda: (systemd.ready(), log.info("ready", mode="classic")))
+        return run_classic(
+            device,
+            self.config,
+            self.stop,
+            nocull=self.nocull,
+            commands=kernel_commands(self.config),
+            on_ready=lambda: (systemd.ready(), log.info("ready", mode="classic")),
+        )
 
 
 def run(config: Config, options: object) -> int:
     """Entry point used by ``cachefilesd_py.daemon.cli``."""
-    daemon = Daemon(config, getattr(options, "config_path", "/etc/cachefilesd.conf"),
-                    bool(getattr(options, "nocull", False)))
+    daemon = Daemon(
+        config,
+        getattr(options, "config_path", "/etc/cachefilesd.conf"),
+        bool(getattr(options, "nocull", False)),
+    )
     daemon.install_signals()
     os.umask(0o077)
     return daemon.run()

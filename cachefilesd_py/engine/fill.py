@@ -102,9 +102,7 @@ class Filler:
         self.stats = FillStats()
         self._stats_lock = threading.Lock()
 
-    def ensure(
-        self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline
-    ) -> None:
+    def ensure(self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline) -> None:
         """Make ``[offset, offset+length)`` of ``blob`` present, or raise."""
         geom = blob.geometry
         if length <= 0 or offset >= blob.size:
@@ -131,7 +129,9 @@ class Filler:
             reason="deadline",
         )
 
-    def prefetch(self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline) -> None:
+    def prefetch(
+        self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline
+    ) -> None:
         """Read-ahead: fetch what is missing, skip what others fetch, never wait."""
         if length <= 0 or offset >= blob.size:
             return
@@ -148,7 +148,10 @@ class Filler:
         with self._stats_lock:
             self.stats.contradictions += 1
         log.warning(
-            "presence.contradicted", blob=str(blob.key), first=first, last=last,
+            "presence.contradicted",
+            blob=str(blob.key),
+            first=first,
+            last=last,
             note="kernel saw a hole where the bitmap says present; refetching",
         )
         return True
@@ -180,7 +183,9 @@ class Filler:
         for _i, mark in claimed:
             mark.finish(ok)
 
-    def _runs(self, blob: Blob, claimed: list[tuple[int, InFlight]]) -> list[list[tuple[int, InFlight]]]:
+    def _runs(
+        self, blob: Blob, claimed: list[tuple[int, InFlight]]
+    ) -> list[list[tuple[int, InFlight]]]:
         per_run = max(1, self.max_run // blob.chunk_size)
         runs: list[list[tuple[int, InFlight]]] = []
         for item in claimed:

@@ -142,7 +142,10 @@ class Engine:
             return
         try:
             self.filler.prefetch(
-                blob, offset, self.settings.readahead, sink,
+                blob,
+                offset,
+                self.settings.readahead,
+                sink,
                 Deadline.after(self.settings.fetch_timeout),
             )
         except (SourceError, OSError) as exc:
@@ -163,9 +166,13 @@ class Engine:
         if path is not None:
             try:
                 self.presence.bind(blob.presence, path)
-                log.info("presence.bound", blob=str(blob.key), file=str(path),
-                         present=blob.presence.bitmap.count(),
-                         chunks=blob.geometry.nchunks)
+                log.info(
+                    "presence.bound",
+                    blob=str(blob.key),
+                    file=str(path),
+                    present=blob.presence.bitmap.count(),
+                    chunks=blob.geometry.nchunks,
+                )
             except OSError as exc:
                 log.warning("presence.bind_failed", blob=str(blob.key), error=str(exc))
         else:

@@ -24,8 +24,11 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="demo-", dir="/tmp"))
     src = work / "src"
-    shutil.copytree(CHECKOUT / "cachefilesd_py", src / "cachefilesd_py",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        CHECKOUT / "cachefilesd_py",
+        src / "cachefilesd_py",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     shutil.copy(CHECKOUT / "README.md", src / "README.md")
     blobs = work / "blobs"
     blobs.mkdir()
@@ -51,8 +54,9 @@ def main() -> int:
     mnt = work / "mnt"
     mount_erofs(mnt, "demo.erofs")
     print(f"mounted: {run('findmnt', '-n', str(mnt)).stdout.strip()}")
-    listing = subprocess.run(["find", str(mnt), "-maxdepth", "2"], text=True,
-                             capture_output=True, check=True).stdout
+    listing = subprocess.run(
+        ["find", str(mnt), "-maxdepth", "2"], text=True, capture_output=True, check=True
+    ).stdout
     print(listing.replace(str(mnt), "<mnt>"))
     got, want = tree_digests(mnt), tree_digests(src)
     ok = got == want

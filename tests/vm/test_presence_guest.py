@@ -61,7 +61,9 @@ def load_and_verify(cache: Path, blob: Path, fsid: str) -> tuple[object, object]
 
 @pytest.fixture
 def served(
-    workdir: Path, loop_fs: Callable[..., Path], daemon: Callable[[str], Daemon],
+    workdir: Path,
+    loop_fs: Callable[..., Path],
+    daemon: Callable[[str], Daemon],
     mounts: list[Path],
 ) -> tuple[Path, Path, Path, dict[str, str], Callable[[], Daemon]]:
     src = make_tree(workdir / "src", seed=11)
@@ -117,7 +119,9 @@ def test_corrupt_sidecar_is_distrusted(served, workdir, mounts) -> None:  # type
 
 
 def test_blob_larger_than_1gib(
-    workdir: Path, loop_fs: Callable[..., Path], daemon: Callable[[str], Daemon],
+    workdir: Path,
+    loop_fs: Callable[..., Path],
+    daemon: Callable[[str], Daemon],
     mounts: list[Path],
 ) -> None:
     """A 1.2 GiB blob (sparse on disk): read regions on both sides of the 1 GiB mark,

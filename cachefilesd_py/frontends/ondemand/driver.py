@@ -81,8 +81,13 @@ class AnonFdSink:
     def write(self, offset: int, buf: AlignedBuffer, length: int) -> None:
         with self._obj.fd.borrow() as fd:
             pwrite_direct(
-                self._device.pwrite, fd, buf, length, offset,
-                limit=self._obj.blob.size, object_may_be_settling=True,
+                self._device.pwrite,
+                fd,
+                buf,
+                length,
+                offset,
+                limit=self._obj.blob.size,
+                object_may_be_settling=True,
             )
 
 
@@ -166,8 +171,9 @@ class OnDemandDriver:
             req = wire.decode(buf)
         except KernelProtocolError as exc:
             self.stats.malformed += 1
-            log.error("kernel.malformed_message", error=str(exc), length=len(buf),
-                      head=buf[:32].hex())
+            log.error(
+                "kernel.malformed_message", error=str(exc), length=len(buf), head=buf[:32].hex()
+            )
             return
         if isinstance(req, wire.OpenRequest):
             # Own the fd before anything else can fail or fork.
@@ -204,8 +210,14 @@ class OnDemandDriver:
             blob = self.engine.open_blob(key, cache_path, Deadline.after(self.fetch_timeout))
         except SourceError as exc:
             self.stats.opens_refused += 1
-            log.warning("open.refused", blob=str(key), msg_id=req.msg_id, reason=exc.reason,
-                        error=str(exc), errno=exc.kernel_errno)
+            log.warning(
+                "open.refused",
+                blob=str(key),
+                msg_id=req.msg_id,
+                reason=exc.reason,
+                error=str(exc),
+                errno=exc.kernel_errno,
+            )
             self._reply_copen(req.msg_id, -exc.kernel_errno)
             fd.close()
             return
@@ -235,9 +247,14 @@ class OnDemandDriver:
             stale.fd.close()
             self.engine.release(stale.blob)
         if self._reply_copen(req.msg_id, blob.size):
-            log.info("open", blob=str(key), object_id=req.object_id, size=blob.size,
-                     chunk=blob.chunk_size,
-                     present=presence.bitmap.count() if presence is not None else 0)
+            log.info(
+                "open",
+                blob=str(key),
+                object_id=req.object_id,
+                size=blob.size,
+                chunk=blob.chunk_size,
+                present=presence.bitmap.count() if presence is not None else 0,
+            )
         else:
             with self._lock:
                 if self._objects.get(req.object_id) is obj:
@@ -269,8 +286,13 @@ class OnDemandDriver:
             aux = os.getxattr(path, KERNEL_AUX_XATTR)
             os.setxattr(path, KERNEL_AUX_XATTR, b"\xff" * max(len(aux), 8))
         except OSError as exc:
-            log.warning("open.unvouched_discard_failed", blob=str(key), file=str(path),
-                        errno=exc.errno, error=str(exc))
+            log.warning(
+                "open.unvouched_discard_failed",
+                blob=str(key),
+                file=str(path),
+                errno=exc.errno,
+                error=str(exc),
+            )
             return None
         self.stats.unvouched_discarded += 1
         log.warning("open.unvouched_file_discarded", blob=str(key), file=str(path))
@@ -292,14 +314,24 @@ class OnDemandDriver:
             with obj.fd.borrow() as fd:
                 ok = False
                 try:
-                    self.engine.ensure(obj.blob, req.offset, req.length, obj.sink,
-                                       Deadline.after(self.fetch_timeout))
+                    self.engine.ensure(
+                        obj.blob,
+                        req.offset,
+                        req.length,
+                        obj.sink,
+                        Deadline.after(self.fetch_timeout),
+                    )
                     ok = True
                 except (CachefilesdError, OSError) as exc:
                     self.stats.reads_failed += 1
-                    log.warning("read.failed", blob=str(obj.blob.key), offset=req.offset,
-                                length=req.length, error=str(exc),
-                                reason=getattr(exc, "reason", None))
+                    log.warning(
+                        "read.failed",
+                        blob=str(obj.blob.key),
+                        offset=req.offset,
+                        length=req.length,
+                        error=str(exc),
+                        reason=getattr(exc, "reason", None),
+                    )
                 finally:
                     self._complete(fd, req.msg_id)
         except ClosedFdError:
@@ -307,8 +339,9 @@ class OnDemandDriver:
             log.info("read.object_closed", msg_id=req.msg_id, object_id=req.object_id)
             return
         if ok and self.engine.settings.readahead > 0:
-            self._ra_pool.submit(self._guard, self.engine.readahead, obj.blob,
-                                 req.offset + req.length, obj.sink)
+            self._ra_pool.submit(
+                self._guard, self.engine.readahead, obj.blob, req.offset + req.length, obj.sink
+            )
 
     def _complete(self, fd: int, msg_id: int) -> None:
         try:

@@ -1,0 +1,72 @@
+"""The configuration as values: what ``/etc/cachefilesd.conf`` says, after checking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KERNEL_DEFAULT_PERCENT = {"run": 7, "cull": 5, "stop": 1}
+THRESHOLDS = ("brun", "bcull", "bstop", "frun", "fcull", "fstop")
+
+
+@dataclass(frozen=True)
+class SourceRule:
+    """``source <pattern> <url-template>``: blobs matching the glob are fetched there."""
+
+    pattern: str
+    url_template: str
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """``<directive> <pattern> <size>`` (per-blob chunk size, per-volume cap)."""
+
+    pattern: str
+    size: int
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class HeaderRule:
+    """``source_headers <pattern> <file>``: extra request headers from a root-only file."""
+
+    pattern: str
+    path: str
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    # cachefilesd's own directives
+    dir: str | None = None
+    tag: str | None = None
+    secctx: str | None = None
+    debug: int | None = None
+    thresholds: dict[str, int] = field(default_factory=dict)
+    culltable: int = 12
+    resume_blocks: int | None = None
+    resume_files: int | None = 5
+    nocull: bool = False
+    # this project's directives
+    ondemand: bool = False
+    sources: tuple[SourceRule, ...] = ()
+    chunk_size: int = 256 * 1024
+    source_chunk_sizes: tuple[SizeRule, ...] = ()
+    readahead: int = 1024 * 1024
+    fetch_timeout: float = 30.0
+    fetch_retries: int = 3
+    fetch_concurrency: int = 8
+    ca_file: str | None = None
+    source_headers: tuple[HeaderRule, ...] = ()
+    cache_max_bytes: int | None = None
+    cache_max_objects: int | None = None
+    volume_max_bytes: tuple[SizeRule, ...] = ()
+    cull_policy: str = "s3fifo"
+    pins: tuple[str, ...] = ()
+
+    def threshold(self, name: str) -> int:
+        """The effective percentage: as configured, else the kernel's default."""
+        return self.thresholds.get(name, KERNEL_DEFAULT_PERCENT[name[1:]])

@@ -1,0 +1,333 @@
+"""Parse ``cachefilesd.conf`` text into a :class:`Config` (pure: no I/O).
+
+cachefilesd C hands most lines to the kernel as they stand and lets it decide, which
+means an error shows up as a bare ``EINVAL`` with the details in dmesg. Here every rule
+is checked *before* anything reaches the kernel, and every error reads
+``file:line: rule``:
+
+- one directive per line, starting in column 1; ``#`` comments and blank lines are
+  ignored; a missing final newline is accepted (cachefilesd refuses it);
+- CRLF line endings, trailing whitespace, NUL bytes and lines of 4095+ bytes are
+  refused with a rule naming the problem (the kernel would keep a ``\\r`` or a trailing
+  space in the value);
+- thresholds are ``N%`` exactly, and ``0 <= stop < cull < run < 100`` must hold for the
+  blocks and the files triple after the whole file is read;
+- a directive the kernel accepts once (``dir``, ``tag``, ``secctx``, thresholds...) may
+  appear once; ``bind`` is refused (the daemon binds itself);
+- sizes take binary suffixes ``K M G T``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from urllib.parse import urlsplit
+
+from cachefilesd_py.config.model import (
+    THRESHOLDS,
+    Config,
+    HeaderRule,
+    SizeRule,
+    SourceRule,
+)
+from cachefilesd_py.errors import ConfigError
+
+MAX_LINE = 4095
+PERCENT = re.compile(r"^(\d{1,3})%$")
+SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+POLICIES = ("s3fifo", "lru", "fifo")
+ONCE = {
+    "dir",
+    "tag",
+    "secctx",
+    "debug",
+    "culltable",
+    "resume_thresholds",
+    "nocull",
+    "ondemand",
+    "chunk_size",
+    "readahead",
+    "fetch_timeout",
+    "fetch_retries",
+    "fetch_concurrency",
+    "ca_file",
+    "cache_max_bytes",
+    "cache_max_objects",
+    "cull_policy",
+    *THRESHOLDS,
+}
+
+
+def parse_size(text: str) -> int:
+    m = SIZE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (digits with an optional K, M, G or T)")
+    return int(m.group(1)) * UNITS[m.group(2).upper()]
+
+
+def _count(text: str, what: str, lo: int, hi: int) -> int:
+    if not text.isdigit():
+        raise ValueError(f"{what} must be a whole number, not {text!r}")
+    value = int(text)
+    if not lo <= value <= hi:
+        raise ValueError(f"{what} must lie in {lo}..{hi}, not {value}")
+    return value
+
+
+def parse_config(text: str, filename: str = "<config>") -> Config:
+    cfg = Config()
+    seen: dict[str, int] = {}
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for number, raw in enumerate(lines, start=1):
+
+        def fail(rule: str, number: int = number) -> ConfigError:
+            return ConfigError(rule, filename, number)
+
+        if "\0" in raw:
+            raise fail("line contains a NUL character")
+        if len(raw.encode()) >= MAX_LINE:
+            raise fail(f"line too long (the kernel takes at most {MAX_LINE - 1} bytes)")
+        if raw.endswith("\r"):
+            raise fail("CRLF line ending: save the file with Unix (LF) line endings")
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if raw != raw.rstrip():
+            raise fail("trailing whitespace (the kernel would keep it in the value)")
+        if raw != raw.lstrip():
+            raise fail("leading whitespace: directives start in column 1")
+        word, _, rest = raw.partition(" ")
+        args = rest.split()
+        if rest != " ".join(args):
+            raise fail("arguments separated by more than one space or by tabs")
+        if word in ONCE:
+            if word in seen:
+                raise fail(f"'{word}' given twice (first on line {seen[word]})")
+            seen[word] = number
+        handler = HANDLERS.get(word)
+        if handler is None:
+            if word == "bind":
+                raise fail("'bind' command not permitted (the daemon binds the cache itself)")
+            raise fail(f"unknown directive '{word}'")
+        try:
+            cfg = handler(cfg, args, filename, number)
+        except ValueError as exc:
+            raise fail(f"{word}: {exc}") from exc
+    return _check_whole(cfg, filename, seen)
+
+
+def _check_whole(cfg: Config, filename: str, seen: dict[str, int]) -> Config:
+    if cfg.dir is None:
+        raise ConfigError("no 'dir' directive: the cache directory is mandatory", filename)
+    for kind in ("b", "f"):
+        run, cull, stop = (cfg.threshold(kind + n) for n in ("run", "cull", "stop"))
+        if not 0 <= stop < cull < run < 100:
+            where = max((seen.get(kind + n, 0) for n in ("run", "cull", "stop")), default=0)
+            raise ConfigError(
+                f"{kind}stop {stop}% < {kind}cull {cull}% < {kind}run {run}% < 100% does "
+                "not hold (unset values are the kernel's 1/5/7)",
+                filename,
+                where or None,
+            )
+    if cfg.ondemand and not cfg.sources:
+        raise ConfigError(
+            "'ondemand' needs at least one 'source' rule", filename, seen.get("ondemand")
+        )
+    return cfg
+
+
+Handler = Callable[[Config, list[str], str, int], Config]
+
+
+def _one(args: list[str], what: str) -> str:
+    if len(args) != 1:
+        raise ValueError(f"takes exactly one argument ({what})")
+    return args[0]
+
+
+def _none(args: list[str]) -> None:
+    if args:
+        raise ValueError("takes no argument")
+
+
+def _threshold(name: str) -> Handler:
+    def handle(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
+        m = PERCENT.match(_one(args, "N%"))
+        if not m:
+            raise ValueError(f"must be a whole percentage like 10%, not {args[0]!r}")
+        value = int(m.group(1))
+        if value >= 100:
+            raise ValueError(f"{value}% is not below 100%")
+        return replace(cfg, thresholds={**cfg.thresholds, name: value})
+
+    return handle
+
+
+def _dir(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
+    path = _one(args, "the cache directory")
+    if not path.startswith("/"):
+        raise ValueError(f"must be an absolute path, not {path!r}")
+    if len(path) > 4096 - 10:
+        raise ValueError("cache pathname is too long")
+    return replace(cfg, dir=path)
+
+
+def _resume(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
+    if len(args) != 2:
+        raise ValueError("takes two arguments: <blocks> <files> (either may be '-')")
+    values: list[int | None] = []
+    for what, text in zip(("blocks", "files"), args, strict=True):
+        if text == "-":
+            values.append(None)
+            continue
+        if not text.isdigit() or int(text) == 0:
+            raise ValueError(f"invalid resume threshold ({what}): {text!r}")
+        values.append(int(text))
+    return replace(cfg, resume_blocks=values[0], resume_files=values[1])
+
+
+def _source(cfg: Config, args: list[str], f: str, n: int) -> Config:
+    if len(args) != 2:
+        raise ValueError("takes two arguments: <pattern> <url-template>")
+    pattern, template = args
+    scheme = urlsplit(template).scheme
+    if scheme not in ("http", "https", "file"):
+        raise ValueError(f"URL scheme must be http, https or file, not {scheme!r}")
+    leftover = re.sub(r"\{(volume|cookie)\}", "", template)
+    if "{" in leftover or "}" in leftover:
+        raise ValueError("unknown placeholder: only {volume} and {cookie} exist")
+    return replace(cfg, sources=(*cfg.sources, SourceRule(pattern, template, f, n)))
+
+
+def _chunk(size_text: str) -> int:
+    size = parse_size(size_text)
+    if size < 4096 or size > 64 << 20 or size & (size - 1):
+        raise ValueError(f"chunk size must be a power of two from 4K to 64M, not {size_text}")
+    return size
+
+
+def _pattern_size(field_name: str, chunk: bool) -> Handler:
+    def handle(cfg: Config, args: list[str], f: str, n: int) -> Config:
+        if len(args) != 2:
+            raise ValueError("takes two arguments: <pattern> <size>")
+        size = _chunk(args[1]) if chunk else parse_size(args[1])
+        rule = SizeRule(args[0], size, f, n)
+        return replace(cfg, **{field_name: (*getattr(cfg, field_name), rule)})
+
+    return handle
+
+
+def _headers(cfg: Config, args: list[str], f: str, n: int) -> Config:
+    if len(args) != 2 or not args[1].startswith("/"):
+        raise ValueError("takes two arguments: <pattern> </absolute/path/of/headers-file>")
+    return replace(cfg, source_headers=(*cfg.source_headers, HeaderRule(args[0], args[1], f, n)))
+
+
+def _set(field_name: str, convert: Callable[[str], object]) -> Handler:
+    def handle(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
+        return replace(cfg, **{field_name: convert(_one(args, field_name))})
+
+    return handle
+
+
+def _flag(field_name: str) -> Handler:
+    def handle(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
+        _none(args)
+        return replace(cfg, **{field_name: True})
+
+    return handle
+
+
+def _debug(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ValueError(f"debug command requires a numeric mask, not {text!r}") from None
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, not {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise ValueError("must lie between 0.1 and 3600 seconds")
+    return value
+
+
+def _policy(text: str) -> str:
+    if text not in POLICIES:
+        raise ValueError(f"must be one of {', '.join(POLICIES)}, not {text!r}")
+    return text
+
+
+def _pin(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
+    return replace(cfg, pins=(*cfg.pins, _one(args, "a blob pattern")))
+
+
+HANDLERS: dict[str, Handler] = {
+    "dir": _dir,
+    "tag": _set("tag", str),
+    "secctx": _set("secctx", str),
+    "debug": _set("debug", _debug),
+    **{name: _threshold(name) for name in THRESHOLDS},
+    "culltable": _set("culltable", lambda t: _count(t, "culltable", 12, 20)),
+    "resume_thresholds": _resume,
+    "nocull": _flag("nocull"),
+    "ondemand": _flag("ondemand"),
+    "source": _source,
+    "chunk_size": _set("chunk_size", _chunk),
+    "source_chunk_size": _pattern_size("source_chunk_sizes", chunk=True),
+    "readahead": _set("readahead", parse_size),
+    "fetch_timeout": _set("fetch_timeout", _timeout),
+    "fetch_retries": _set("fetch_retries", lambda t: _count(t, "fetch_retries", 0, 20)),
+    "fetch_concurrency": _set(
+        "fetch_concurrency", lambda t: _count(t, "fetch_concurrency", 1, 256)
+    ),
+    "ca_file": _set("ca_file", str),
+    "source_headers": _headers,
+    "cache_max_bytes": _set("cache_max_bytes", parse_size),
+    "cache_max_objects": _set(
+        "cache_max_objects", lambda t: _count(t, "cache_max_objects", 1, 2**63)
+    ),
+    "volume_max_bytes": _pattern_size("volume_max_bytes", chunk=False),
+    "cull_policy": _set("cull_policy", _policy),
+    "pin": _pin,
+}
+
+
+def kernel_commands(cfg: Config) -> list[bytes]:
+    """The commands to send before ``bind``, one per write, no newline.
+
+    The kernel checks each threshold against the values it holds at that moment
+    (starting from 7/5/1), so the order matters: this picks, step by step, a threshold
+    whose new value keeps ``stop < cull < run`` true against the current ones. For a
+    valid target such a step always exists (lower ``stop`` first when going down,
+    raise ``run`` first when going up).
+    """
+    assert cfg.dir is not None
+    cmds = [b"dir " + cfg.dir.encode()]
+    if cfg.tag:
+        cmds.append(b"tag " + cfg.tag.encode())
+    if cfg.secctx:
+        cmds.append(b"secctx " + cfg.secctx.encode())
+    for kind in ("b", "f"):
+        current = {"run": 7, "cull": 5, "stop": 1}
+        pending = [n for n in ("run", "cull", "stop") if kind + n in cfg.thresholds]
+        while pending:
+            for n in pending:
+                trial = {**current, n: cfg.thresholds[kind + n]}
+                if 0 <= trial["stop"] < trial["cull"] < trial["run"] < 100:
+                    cmds.append(b"%s%s %d%%" % (kind.encode(), n.encode(), trial[n]))
+                    current = trial
+                    pending.remove(n)
+                    break
+            else:
+                raise AssertionError(f"no safe order for the {kind} thresholds")
+    if cfg.debug is not None:
+        cmds.append(b"debug %d" % cfg.debug)
+    return cmds

@@ -1,0 +1,56 @@
+"""cachefilesctl sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+
+from cachefilesd_py.config.load import load_config
+from cachefilesd_py.control.cli import register
+from cachefilesd_py.daemon.app import STATE_DIR_NAME
+from cachefilesd_py.engine.service import DEFAULT_CHUNK_SIZE
+from cachefilesd_py.kernel.layout import object_path
+from cachefilesd_py.presence.store import PresenceStore
+from cachefilesd_py.presence.verify import verify
+from cachefilesd_py.sources.open import SourceFactory
+from cachefilesd_py.sources.policy import Deadline
+from cachefilesd_py.sources.resolve import SourceResolver
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", default="/etc/cachefilesd.conf", metavar="FILE")
+    p.add_argument("volume", help="volume key, e.g. erofs,image.erofs")
+    p.add_argument("cookie", help="cookie key (blob name)")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Compare a blob's presence bitmap with its cache file and its source."""
+    cfg = load_config(args.f)
+    assert cfg.dir is not None
+    volume, cookie = args.volume.encode(), args.cookie.encode()
+    path = object_path(__import__("pathlib").Path(cfg.dir), volume, cookie)
+    url = SourceResolver(cfg.sources).resolve(volume, cookie)
+    if path is None or url is None or not path.exists():
+        print("no cache file or no source for that blob")
+        return 1
+    source = SourceFactory().open(url)
+    ident = source.identity(Deadline.after(cfg.fetch_timeout))
+    chunk = cfg.chunk_size or DEFAULT_CHUNK_SIZE
+    store = PresenceStore(__import__("pathlib").Path(cfg.dir) / STATE_DIR_NAME / "presence")
+    presence = store.load((volume, cookie), path, ident.size, chunk, ident.token())
+
+    def read_source(off: int, n: int) -> bytes:
+        buf = bytearray(n)
+        source.fetch_into(off, memoryview(buf), Deadline.after(cfg.fetch_timeout))
+        return bytes(buf)
+
+    report = verify(presence, path, read_source)
+    print(
+        f"trusted={presence.trusted} chunks={report.chunks} present={report.present} "
+        f"lagging={report.lagging} errors={len(report.errors)}"
+    )
+    for err in report.errors[:20]:
+        print("  " + err)
+    return 0 if report.ok and presence.trusted else 1
+
+
+register("verify", "compare a blob's bitmap with its cache file and source", _verify_args, _verify)

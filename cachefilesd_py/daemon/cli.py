@@ -1,0 +1,128 @@
+"""``cachefilesd-py``: the daemon's command line, compatible with cachefilesd's.
+
+    cachefilesd-py [-d]... [-s] [-n] [-N] [-f FILE] [-p PIDFILE] [-v]
+                   [--check-config] [--log-format {auto,console,journal,json}]
+
+Exit status as cachefilesd: 0 fine, 1 OS error, 2 configuration or option error,
+3 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import sys
+from dataclasses import dataclass
+
+from cachefilesd_py import __version__
+from cachefilesd_py.config.load import load_config
+from cachefilesd_py.config.model import Config
+from cachefilesd_py.config.parse import kernel_commands
+from cachefilesd_py.errors import CachefilesdError, ConfigError
+
+
+@dataclass(frozen=True)
+class Options:
+    debug: int = 0
+    stderr: bool = False
+    foreground: bool = False
+    nocull: bool = False
+    config_path: str = "/etc/cachefilesd.conf"
+    pidfile: str = "/run/cachefilesd.pid"
+    log_format: str = "auto"
+    check_config: bool = False
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    p = _Parser(prog="cachefilesd-py", description="cachefiles daemon (classic and on-demand)")
+    p.add_argument("-d", action="count", default=0, help="more debugging output (repeatable)")
+    p.add_argument("-s", action="store_true", help="log to stderr instead of syslog")
+    p.add_argument("-n", action="store_true", help="do not daemonise")
+    p.add_argument("-N", action="store_true", help="disable culling")
+    p.add_argument(
+        "-f",
+        default="/etc/cachefilesd.conf",
+        metavar="FILE",
+        help="configuration file (default %(default)s)",
+    )
+    p.add_argument(
+        "-p",
+        default="/run/cachefilesd.pid",
+        metavar="PIDFILE",
+        help="pid file, written when daemonising (default %(default)s)",
+    )
+    p.add_argument(
+        "-v", "--version", action="version", version=f"cachefilesd-py version {__version__}"
+    )
+    p.add_argument(
+        "--check-config", action="store_true", help="validate the configuration, print it and exit"
+    )
+    p.add_argument("--log-format", choices=("auto", "console", "journal", "json"), default="auto")
+    a = p.parse_args(argv)
+    return Options(a.d, a.s, a.n, a.N, a.f, a.p, a.log_format, a.check_config)
+
+
+def describe(cfg: Config) -> str:
+    lines = [f"{k} = {v!r}" for k, v in vars(cfg).items()]
+    lines.append("kernel commands, in order:")
+    lines += [f"  {c.decode()}" for c in kernel_commands(cfg)]
+    lines.append(f"  bind{' ondemand' if cfg.ondemand else ''}")
+    return "\n".join(lines)
+
+
+def daemonize(pidfile: str) -> None:
+    """Fork into the background like cachefilesd; the child writes the pidfile."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    with open(pidfile, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    atexit.register(lambda: os.path.exists(pidfile) and os.unlink(pidfile))
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    try:
+        cfg = load_config(opts.config_path)
+    except ConfigError as exc:
+        print(f"cachefilesd-py: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if opts.check_config:
+        print(describe(cfg))
+        return 0
+    from cachefilesd_py.daemon.logging import configure_logging
+
+    configure_logging(opts.debug + (1 if cfg.debug else 0), opts.log_format, opts.stderr)
+    if not opts.foreground:
+        daemonize(opts.pidfile)
+    from cachefilesd_py.daemon import app
+
+    try:
+        return app.run(cfg, opts)
+    except CachefilesdError as exc:
+        print(f"cachefilesd-py: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"cachefilesd-py: {exc.strerror or exc}: errno {exc.errno}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # pragma: no cover - last resort
+        print(f"cachefilesd-py: Internal error: {exc!r}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
