@@ -84,6 +84,7 @@ def start_nginx(root: Path, workdir: Path) -> Nginx:
     conf = prefix / "nginx.conf"
     conf.write_text(
         f"""daemon off;
+user root;
 worker_processes 2;
 pid {prefix}/nginx.pid;
 error_log {prefix}/logs/error.log warn;

@@ -86,6 +86,7 @@ def test_missing_blob_fails_mount_cleanly(
     cache = loop_fs(64)
     d = daemon(config(cache, f"file://{blobs}/{{cookie}}"))
     d.start()
+    (workdir / "mnt-absent").mkdir()
     res = run(
         "mount",
         "-t",
@@ -97,7 +98,7 @@ def test_missing_blob_fails_mount_cleanly(
         check=False,
     )
     assert res.returncode != 0
-    assert d.count("open.refused") == 1
+    assert d.count("open.refused") == 1, res.stderr
     # the daemon is still serving: a second attempt is answered again
     res = run(
         "mount",
