@@ -130,6 +130,7 @@ class Daemon:
     events: list[dict[str, object]] = field(default_factory=list)
 
     def start(self, timeout: float = 60) -> None:
+        readies = self.count("ready") if self.log_path.exists() else 0
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [
@@ -149,7 +150,7 @@ class Daemon:
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(e.get("event") == "ready" for e in self.read_events()):
+            if self.count("ready") > readies:
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(

@@ -1,0 +1,147 @@
+"""Configuration rules: each one good and bad, with file:line in every error."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cachefilesd_py.config.parse import kernel_commands, parse_config, parse_size
+from cachefilesd_py.errors import ConfigError
+
+BASE = "dir /var/cache/fscache\n"
+
+
+def err(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "test.conf")
+    return info.value
+
+
+def test_shipped_style_file_parses() -> None:
+    cfg = parse_config(
+        "# comment\n\ndir /var/cache/fscache\ntag mycache\nbrun 10%\nbcull 7%\nbstop 3%\n"
+        "frun 10%\nfcull 7%\nfstop 3%\nculltable 14\nresume_thresholds 100 -\nnocull\n",
+        "x.conf",
+    )
+    assert cfg.dir == "/var/cache/fscache" and cfg.tag == "mycache"
+    assert cfg.threshold("bcull") == 7 and cfg.threshold("fstop") == 3
+    assert cfg.culltable == 14 and cfg.resume_blocks == 100 and cfg.resume_files is None
+    assert cfg.nocull
+
+
+def test_missing_final_newline_is_accepted() -> None:
+    assert parse_config("dir /x\ntag t", "f").tag == "t"
+
+
+def test_ondemand_directives() -> None:
+    cfg = parse_config(
+        BASE + "ondemand\nsource img/* http://h:8080/{volume}/{cookie}\n"
+        "source * file:///srv/blobs/{cookie}\nchunk_size 1M\nsource_chunk_size big/* 4M\n"
+        "readahead 2M\nfetch_timeout 5\nfetch_retries 2\nfetch_concurrency 16\n"
+        "cache_max_bytes 10G\ncache_max_objects 1000\nvolume_max_bytes img 1G\n"
+        "cull_policy lru\npin img/base.erofs\n",
+        "f",
+    )
+    assert cfg.ondemand and [r.pattern for r in cfg.sources] == ["img/*", "*"]
+    assert cfg.sources[0].line == 3
+    assert cfg.chunk_size == 1 << 20 and cfg.source_chunk_sizes[0].size == 4 << 20
+    assert cfg.cache_max_bytes == 10 << 30 and cfg.cull_policy == "lru"
+    assert cfg.pins == ("img/base.erofs",)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "rule"),
+    [
+        (BASE + "brun 10\n", 2, "whole percentage"),
+        (BASE + "brun 10 %\n", 2, "exactly one argument"),
+        (BASE + "brun 100%\n", 2, "not below 100"),
+        (BASE + "brun 10%\nbrun 12%\n", 3, "given twice"),
+        (BASE + "bcull 8%\n", 2, "bstop 1% < bcull 8% < brun 7%"),
+        (BASE + "frun 3%\nfcull 3%\n", 3, "fstop 1% < fcull 3% < frun 3%"),
+        (BASE + "bogus 1\n", 2, "unknown directive 'bogus'"),
+        (BASE + "bind\n", 2, "'bind' command not permitted"),
+        (BASE + "tag x\r\n", 2, "CRLF"),
+        (BASE + "tag x \n", 2, "trailing whitespace"),
+        (BASE + " tag x\n", 2, "leading whitespace"),
+        (BASE + "tag  x\n", 2, "more than one space"),
+        (BASE + "tag\n", 2, "exactly one argument"),
+        (BASE + "dir /y\n", 2, "given twice"),
+        (BASE + "tag a\0b\n", 2, "NUL"),
+        (BASE + "tag " + "x" * 5000 + "\n", 2, "too long"),
+        (BASE + "culltable 11\n", 2, "12..20"),
+        (BASE + "culltable 1x\n", 2, "whole number"),
+        (BASE + "resume_thresholds 5\n", 2, "two arguments"),
+        (BASE + "resume_thresholds 0 5\n", 2, "invalid resume threshold (blocks)"),
+        (BASE + "resume_thresholds 5 x\n", 2, "invalid resume threshold (files)"),
+        (BASE + "debug zz\n", 2, "numeric mask"),
+        (BASE + "nocull yes\n", 2, "no argument"),
+        (BASE + "source * ftp://h/{cookie}\n", 2, "scheme"),
+        (BASE + "source * http://h/{blob}\n", 2, "placeholder"),
+        (BASE + "source *\n", 2, "two arguments"),
+        (BASE + "chunk_size 3000\n", 2, "power of two"),
+        (BASE + "chunk_size 1Q\n", 2, "not a size"),
+        (BASE + "cull_policy mru\n", 2, "one of s3fifo"),
+        (BASE + "fetch_timeout soon\n", 2, "seconds"),
+        (BASE + "ondemand\n", 2, "needs at least one 'source'"),
+        ("dir relative/path\n", 1, "absolute"),
+    ],
+)
+def test_rule_violations_name_file_line_and_rule(text: str, line: int, rule: str) -> None:
+    e = err(text)
+    assert e.file == "test.conf" and e.line == line, str(e)
+    assert rule in e.rule
+    assert str(e).startswith(f"test.conf:{line}: ")
+    assert e.exit_code == 2
+
+
+def test_missing_dir_names_the_file() -> None:
+    e = err("tag x\n")
+    assert str(e) == "test.conf: no 'dir' directive: the cache directory is mandatory"
+
+
+def test_sizes() -> None:
+    assert parse_size("4096") == 4096
+    assert parse_size("256K") == 256 << 10
+    assert parse_size("2g") == 2 << 30
+    with pytest.raises(ValueError):
+        parse_size("-1")
+
+
+@given(st.text(max_size=300))
+def test_garbage_raises_only_config_errors(text: str) -> None:
+    try:
+        parse_config(text, "fuzz.conf")
+    except ConfigError as e:
+        assert str(e).startswith("fuzz.conf")
+
+
+def kernel_accepts(cmds: list[bytes]) -> bool:
+    """A model of the kernel's per-command threshold check (daemon.c): every new
+    value is checked against the values held at that moment, from 7/5/1."""
+    held = {k: {"run": 7, "cull": 5, "stop": 1} for k in "bf"}
+    for cmd in cmds:
+        word, _, arg = cmd.decode().partition(" ")
+        if word[1:] in ("run", "cull", "stop"):
+            trial = {**held[word[0]], word[1:]: int(arg.rstrip("%"))}
+            if not 0 <= trial["stop"] < trial["cull"] < trial["run"] < 100:
+                return False
+            held[word[0]] = trial
+    return True
+
+
+@given(st.lists(st.integers(0, 99), min_size=3, max_size=3, unique=True),
+       st.lists(st.booleans(), min_size=3, max_size=3))
+def test_kernel_command_order_always_passes_the_kernel_checks(values, given_) -> None:  # type: ignore[no-untyped-def]
+    stop, cull, run = sorted(values)
+    lines = [f"b{n} {v}%" for n, v, g in zip(("run", "cull", "stop"), (run, cull, stop), given_,
+                                              strict=True) if g]
+    text = BASE + "".join(line + "\n" for line in lines)
+    try:
+        cfg = parse_config(text, "t")
+    except ConfigError:
+        return  # unset values fall back to 7/5/1 and the mix may be unordered: refused
+    cmds = kernel_commands(cfg)
+    assert cmds[0] == b"dir /var/cache/fscache"
+    assert kernel_accepts(cmds)
+    assert len([c for c in cmds if c.startswith(b"b")]) == sum(given_)
