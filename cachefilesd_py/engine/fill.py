@@ -16,9 +16,12 @@
    again while the deadline allows.
 
 A frontend asks for a range because the kernel saw a hole there. If every chunk of the
-range is marked present, the bitmap contradicts the kernel (the file was replaced, or a
-bit is wrong): the chunks are fetched again rather than trusting the bitmap, and the
-contradiction is logged.
+range is marked present, that is usually a READ the kernel queued while another
+worker's fill of the same chunks was still running: nothing to do. But if the cache
+file still has a hole there, the bitmap contradicts the file (the file was replaced, or
+a bit is wrong): the chunks are fetched again rather than trusting the bitmap, and the
+contradiction is logged. SEEK_DATA is consulted only for this cross-check, never to
+decide that data is present.
 
 Errors: :class:`SourceError` from the source (after its own retries) and ``OSError``
 from the sink propagate to the caller, which fails the kernel request (the reader sees
@@ -49,6 +52,10 @@ class Sink(Protocol):
     def write(self, offset: int, buf: AlignedBuffer, length: int) -> None:
         """Write ``buf[:length]`` at ``offset`` (chunk aligned) durably enough that the
         kernel sees data there, or raise ``OSError``."""
+
+    def has_hole(self, offset: int, length: int) -> bool:
+        """Whether the cache file has a hole in the range (SEEK_DATA/SEEK_HOLE). Used
+        only to tell a lying bitmap from a READ that raced with a finished fill."""
 
 
 class BufferPool:
@@ -110,7 +117,11 @@ class Filler:
         first, last = geom.chunks_for(offset, min(length, blob.size - offset))
         with self._stats_lock:
             self.stats.requests += 1
-        force = self._contradicted(blob, first, last)
+        force = self._all_marked(blob, first, last)
+        if force and not sink.has_hole(offset, min(length, blob.size - offset)):
+            return  # raced with a fill that has finished meanwhile
+        if force:
+            self._log_contradiction(blob, first, last)
         for _attempt in range(3):
             mine, theirs = self._claim(blob, first, last, force)
             force = False
@@ -141,10 +152,15 @@ class Filler:
 
     # -- internals -------------------------------------------------------------------
 
-    def _contradicted(self, blob: Blob, first: int, last: int) -> bool:
+    @staticmethod
+    def _all_marked(blob: Blob, first: int, last: int) -> bool:
         presence = blob.presence
         if presence is None or presence.missing_runs(first, last):
             return False
+        with blob.lock:
+            return not any(i in blob.inflight for i in range(first, last))
+
+    def _log_contradiction(self, blob: Blob, first: int, last: int) -> None:
         with self._stats_lock:
             self.stats.contradictions += 1
         log.warning(
@@ -152,9 +168,8 @@ class Filler:
             blob=str(blob.key),
             first=first,
             last=last,
-            note="kernel saw a hole where the bitmap says present; refetching",
+            note="the cache file has a hole where the bitmap says present; refetching",
         )
-        return True
 
     def _claim(
         self, blob: Blob, first: int, last: int, force: bool

@@ -20,7 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 
@@ -31,12 +31,15 @@ class ClosedFdError(OSError):
 class OwnedFd:
     """Owns one fd: CLOEXEC at once, borrowed by workers, closed exactly once."""
 
-    __slots__ = ("_borrows", "_closing", "_fd", "_lock")
+    __slots__ = ("_borrows", "_closer", "_closing", "_fd", "_lock")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, closer: Callable[[int], None] = os.close) -> None:
+        """``closer`` closes the number (``os.close``, or a device port's ``close_fd``
+        so that a fake kernel sees the close)."""
         flags = fcntl.fcntl(fd, fcntl.F_GETFD)  # raises EBADF for a bogus number
         fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
         self._fd = fd
+        self._closer = closer
         self._borrows = 0
         self._closing = False
         self._lock = threading.Lock()
@@ -69,7 +72,7 @@ class OwnedFd:
                 if last:
                     fd, self._fd = self._fd, -1
             if last:
-                os.close(fd)
+                self._closer(fd)
 
     def close(self) -> None:
         """Close now, or as soon as the last borrow ends. Idempotent."""
@@ -81,7 +84,7 @@ class OwnedFd:
                 return
             fd, self._fd = self._fd, -1
         if fd >= 0:
-            os.close(fd)
+            self._closer(fd)
 
     def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0 and not self._closing:

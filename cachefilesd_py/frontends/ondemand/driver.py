@@ -71,6 +71,17 @@ class DriverStats:
     unvouched_discarded: int = 0
 
 
+def has_hole(fd: int, offset: int, length: int) -> bool:
+    try:
+        if os.lseek(fd, offset, os.SEEK_DATA) != offset:
+            return True
+        return os.lseek(fd, offset, os.SEEK_HOLE) < offset + length
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data at or after offset
+            return True
+        raise
+
+
 class AnonFdSink:
     """Writes fetched runs into a cache file through the object's anonymous fd."""
 
@@ -178,7 +189,7 @@ class OnDemandDriver:
         if isinstance(req, wire.OpenRequest):
             # Own the fd before anything else can fail or fork.
             try:
-                fd = OwnedFd(req.fd)
+                fd = OwnedFd(req.fd, closer=self.device.close_fd)
             except OSError as exc:
                 log.error("open.bad_fd", msg_id=req.msg_id, fd=req.fd, error=str(exc))
                 self._reply_copen(req.msg_id, -errno.EBADF)

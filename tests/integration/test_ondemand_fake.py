@@ -1,0 +1,195 @@
+"""The on-demand driver and engine end to end against the fake kernel, with real
+sparse files, real sources (files, a loopback HTTP server with faults) and real
+presence sidecars."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cachefilesd_py.config.model import SourceRule
+from cachefilesd_py.engine.service import Engine, EngineSettings
+from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
+from cachefilesd_py.presence.store import PresenceStore
+from cachefilesd_py.sources.open import SourceFactory, SourceSettings
+from cachefilesd_py.sources.resolve import SourceResolver
+from cachefilesd_py.testing.fake_kernel import FakeCachefiles
+from cachefilesd_py.testing.fault_server import FaultServer
+from cachefilesd_py.testing.pattern import pattern_bytes
+
+CHUNK = 64 * 1024
+SIZE = 1_000_000 + 123
+DATA = pattern_bytes(9, 0, SIZE)
+
+
+class Daemon:
+    """The daemon's on-demand stack on a fake device, served by a thread."""
+
+    def __init__(self, cache: Path, url_template: str, readahead: int = 0) -> None:
+        self.fake = FakeCachefiles()
+        self.engine = Engine(
+            resolve=SourceResolver([SourceRule("*", url_template)]).resolve,
+            open_source=SourceFactory(SourceSettings(retries=2, timeout=2)).open,
+            presence=PresenceStore(cache / "cachefilesd-py" / "presence"),
+            settings=EngineSettings(chunk_size=CHUNK, readahead=readahead, fetch_timeout=3,
+                                    checkpoint_interval=0.2, buffers=6),
+        )
+        self.driver = OnDemandDriver(self.fake, self.engine, cache, workers=4,
+                                     fetch_timeout=3)
+        self.driver.bind([b"dir " + str(cache).encode(), b"tag t"])
+        self.engine.start()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.driver.serve, args=(self.stop, 0.05))
+        self.thread.start()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.driver.shutdown()
+        self.fake.close()
+
+
+@pytest.fixture
+def blobs(tmp_path: Path) -> Path:
+    d = tmp_path / "blobs"
+    d.mkdir()
+    (d / "img").write_bytes(DATA)
+    return d
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    c = tmp_path / "cache"
+    c.mkdir()
+    return c
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    made: list[Daemon] = []
+    yield made
+    for d in made:
+        if not d.stop.is_set():
+            d.shutdown()
+
+
+def start(daemons: list[Daemon], cache: Path, url: str, **kw: int) -> Daemon:
+    d = Daemon(cache, url, **kw)
+    daemons.append(d)
+    return d
+
+
+def test_serves_every_byte(blobs: Path, cache: Path, daemons: list[Daemon]) -> None:
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    obj = d.fake.lookup(b"erofs,img", b"img")
+    assert obj.size == SIZE
+    for off in (0, 4096, 500_000, SIZE - 5000):
+        assert obj.read(off, 70_000) == DATA[off : off + 70_000]
+    got = b"".join(obj.read(o, 100_000) for o in range(0, SIZE, 100_000))
+    assert got == DATA
+
+
+def test_missing_blob_refuses_open(blobs: Path, cache: Path, daemons: list[Daemon]) -> None:
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    with pytest.raises(OSError) as e:
+        d.fake.lookup(b"erofs,absent", b"absent")
+    assert e.value.errno == errno.ENOENT
+    assert d.fake.lookup(b"erofs,img", b"img").read(0, 10) == DATA[:10]
+
+
+def test_concurrent_readers_fetch_each_chunk_once(cache: Path, daemons: list[Daemon]) -> None:
+    with FaultServer({"img": DATA}) as srv:
+        d = start(daemons, cache, srv.url + "/{cookie}")
+        obj = d.fake.lookup(b"erofs,img", b"img")
+        errors: list[BaseException] = []
+
+        def reader(i: int) -> None:
+            try:
+                for off in range(i * 4096, SIZE, 8 * 4096):
+                    assert obj.read(off, 4096) == DATA[off : off + 4096]
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        gets = [r for r in srv.requests if r[0] == "GET"]
+        fetched = sum(int(r[2].split("-")[1]) - int(r[2].split("=")[1].split("-")[0]) + 1
+                      for r in gets if r[2])
+        assert fetched == SIZE, "a chunk was fetched twice or not at all"
+        assert d.engine.filler.stats.chunks_fetched == -(-SIZE // CHUNK)
+
+
+def test_faults_give_eio_then_recover(cache: Path, daemons: list[Daemon]) -> None:
+    with FaultServer({"img": DATA}) as srv:
+        d = start(daemons, cache, srv.url + "/{cookie}")
+        obj = d.fake.lookup(b"erofs,img", b"img")
+        srv.fault("img", "500", times=3)  # 1 try + 2 retries, all fail
+        with pytest.raises(OSError) as e:
+            obj.read(0, 4096)
+        assert e.value.errno == errno.EIO
+        for kinds in (("reset", "503"), ("truncate", "bad-range"), ("long", "500")):
+            for kind in kinds:
+                srv.fault("img", kind, times=1)
+            off = 100_000 * len(kinds[0])
+            assert obj.read(off, 200_000) == DATA[off : off + 200_000]
+        assert d.driver.stats.reads_failed == 1
+
+
+def test_malformed_message_is_logged_not_fatal(blobs: Path, cache: Path,
+                                               daemons: list[Daemon]) -> None:
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    d.driver._dispatch(b"\x01\x00\x00\x00garbage")
+    d.driver._dispatch(b"")
+    assert d.driver.stats.malformed == 2
+    assert d.fake.lookup(b"erofs,img", b"img").read(0, 100) == DATA[:100]
+
+
+def test_restart_serves_from_cache_without_reads(blobs: Path, cache: Path,
+                                                 daemons: list[Daemon]) -> None:
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    obj = d.fake.lookup(b"erofs,img", b"img")
+    assert obj.read(0, SIZE) == DATA
+    obj.withdraw()
+    d.shutdown()
+    d2 = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    obj2 = d2.fake.lookup(b"erofs,img", b"img")
+    assert obj2.read(0, SIZE) == DATA
+    assert d2.fake.reads_sent == 0
+    assert d2.driver.stats.unvouched_discarded == 0
+    [blob] = d2.engine.blobs()
+    assert blob.presence is not None and blob.presence.trusted
+
+
+def test_unvouched_file_is_discarded(blobs: Path, cache: Path, daemons: list[Daemon]) -> None:
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    obj = d.fake.lookup(b"erofs,img", b"img")
+    obj.read(0, SIZE)
+    obj.withdraw()
+    d.shutdown()
+    # the blob changes upstream while the daemon is down
+    new = pattern_bytes(10, 0, SIZE)
+    (blobs / "img").write_bytes(new)
+    d2 = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    obj2 = d2.fake.lookup(b"erofs,img", b"img")
+    assert obj2.read(0, SIZE) == new, "bytes of the old version were served"
+    assert d2.driver.stats.unvouched_discarded == 1
+
+
+def test_readahead_prefetches(blobs: Path, cache: Path, daemons: list[Daemon]) -> None:
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}", readahead=4 * CHUNK)
+    obj = d.fake.lookup(b"erofs,img", b"img")
+    obj.read(0, 4096)
+    for _ in range(100):
+        if d.engine.filler.stats.chunks_fetched >= 5:
+            break
+        threading.Event().wait(0.02)
+    assert obj.read(CHUNK, 3 * CHUNK) == DATA[CHUNK : 4 * CHUNK]
+    assert d.fake.reads_sent == 1
