@@ -55,7 +55,7 @@ class Config:
     sources: tuple[SourceRule, ...] = ()
     chunk_size: int = 256 * 1024
     source_chunk_sizes: tuple[SizeRule, ...] = ()
-    readahead: int = 1024 * 1024
+    readahead: int = 4 * 1024 * 1024
     fetch_timeout: float = 30.0
     fetch_retries: int = 3
     fetch_concurrency: int = 8

@@ -29,6 +29,7 @@ Checked against the real kernel by ``tests/vm/test_kernel_contract_guest.py``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -107,8 +108,7 @@ class FakeCachefiles:
         self._fd_object: dict[int, FakeObject] = {}
         self.dir: Path | None = None
         self.tag: str | None = None
-        self.thresholds = {"brun": 7, "bcull": 5, "bstop": 1, "frun": 7, "fcull": 5,
-                           "fstop": 1}
+        self.thresholds = {"brun": 7, "bcull": 5, "bstop": 1, "frun": 7, "fcull": 5, "fstop": 1}
         self.bound = False
         self.ondemand = False
         self.dead = False
@@ -126,10 +126,8 @@ class FakeCachefiles:
         if pending:
             os.eventfd_write(self._event, 1)
         else:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._event)
-            except BlockingIOError:
-                pass
 
     def read_message(self) -> bytes:
         with self._lock:
@@ -142,15 +140,16 @@ class FakeCachefiles:
             req.read = True
             if req.opcode == wire.OP_OPEN:
                 obj = self._objects[req.object_id]
-                fd = os.open(obj.path, os.O_WRONLY)  # no O_CLOEXEC, like the kernel
+                fd = os.open(obj.path, os.O_WRONLY)
+                os.set_inheritable(fd, True)  # the kernel's anon fd has no FD_CLOEXEC
                 obj.fds.add(fd)
                 self._fd_object[fd] = obj
-                msg = wire.encode_message(wire.OpenRequest(
-                    req.msg_id, obj.object_id, obj.volume, obj.cookie, fd, 0))
+                msg = wire.encode_message(
+                    wire.OpenRequest(req.msg_id, obj.object_id, obj.volume, obj.cookie, fd, 0)
+                )
             elif req.opcode == wire.OP_READ:
                 off, length = req.payload  # type: ignore[misc]
-                msg = wire.encode_message(wire.ReadRequest(req.msg_id, req.object_id, off,
-                                                           length))
+                msg = wire.encode_message(wire.ReadRequest(req.msg_id, req.object_id, off, length))
             else:
                 msg = wire.encode_message(wire.CloseRequest(req.msg_id, req.object_id))
                 del self._requests[req.msg_id]

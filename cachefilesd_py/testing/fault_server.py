@@ -59,6 +59,10 @@ class FaultServer:
         with self._lock:
             self._faults[name].extend([kind] * times)
 
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
     def replace(self, name: str, data: bytes, etag: str) -> None:
         with self._lock:
             self.blobs[name], self.etags[name] = data, etag
@@ -117,8 +121,9 @@ class FaultServer:
             h.wfile.write(body[: len(body) // 2])
             h.wfile.flush()
             if fault == "reset":
-                h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                        b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                h.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
             return
@@ -128,8 +133,9 @@ class FaultServer:
         self._thread.start()
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
 

@@ -7,8 +7,7 @@ _PERIOD = 65521  # prime: the pattern does not repeat at any power-of-two stride
 
 
 def _table(seed: int) -> bytes:
-    return bytes(((i * 131 + (i >> 7) * 17 + seed * 29) ^ (i >> 3)) & 0xFF
-                 for i in range(_PERIOD))
+    return bytes(((i * 131 + (i >> 7) * 17 + seed * 29) ^ (i >> 3)) & 0xFF for i in range(_PERIOD))
 
 
 _cache: dict[int, bytes] = {}

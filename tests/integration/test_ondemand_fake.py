@@ -35,11 +35,15 @@ class Daemon:
             resolve=SourceResolver([SourceRule("*", url_template)]).resolve,
             open_source=SourceFactory(SourceSettings(retries=2, timeout=2)).open,
             presence=PresenceStore(cache / "cachefilesd-py" / "presence"),
-            settings=EngineSettings(chunk_size=CHUNK, readahead=readahead, fetch_timeout=3,
-                                    checkpoint_interval=0.2, buffers=6),
+            settings=EngineSettings(
+                chunk_size=CHUNK,
+                readahead=readahead,
+                fetch_timeout=3,
+                checkpoint_interval=0.2,
+                buffers=6,
+            ),
         )
-        self.driver = OnDemandDriver(self.fake, self.engine, cache, workers=4,
-                                     fetch_timeout=3)
+        self.driver = OnDemandDriver(self.fake, self.engine, cache, workers=4, fetch_timeout=3)
         self.driver.bind([b"dir " + str(cache).encode(), b"tag t"])
         self.engine.start()
         self.stop = threading.Event()
@@ -111,7 +115,7 @@ def test_concurrent_readers_fetch_each_chunk_once(cache: Path, daemons: list[Dae
             try:
                 for off in range(i * 4096, SIZE, 8 * 4096):
                     assert obj.read(off, 4096) == DATA[off : off + 4096]
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
@@ -121,8 +125,11 @@ def test_concurrent_readers_fetch_each_chunk_once(cache: Path, daemons: list[Dae
             t.join()
         assert not errors
         gets = [r for r in srv.requests if r[0] == "GET"]
-        fetched = sum(int(r[2].split("-")[1]) - int(r[2].split("=")[1].split("-")[0]) + 1
-                      for r in gets if r[2])
+        fetched = sum(
+            int(r[2].split("-")[1]) - int(r[2].split("=")[1].split("-")[0]) + 1
+            for r in gets
+            if r[2]
+        )
         assert fetched == SIZE, "a chunk was fetched twice or not at all"
         assert d.engine.filler.stats.chunks_fetched == -(-SIZE // CHUNK)
 
@@ -143,8 +150,9 @@ def test_faults_give_eio_then_recover(cache: Path, daemons: list[Daemon]) -> Non
         assert d.driver.stats.reads_failed == 1
 
 
-def test_malformed_message_is_logged_not_fatal(blobs: Path, cache: Path,
-                                               daemons: list[Daemon]) -> None:
+def test_malformed_message_is_logged_not_fatal(
+    blobs: Path, cache: Path, daemons: list[Daemon]
+) -> None:
     d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
     d.driver._dispatch(b"\x01\x00\x00\x00garbage")
     d.driver._dispatch(b"")
@@ -152,8 +160,9 @@ def test_malformed_message_is_logged_not_fatal(blobs: Path, cache: Path,
     assert d.fake.lookup(b"erofs,img", b"img").read(0, 100) == DATA[:100]
 
 
-def test_restart_serves_from_cache_without_reads(blobs: Path, cache: Path,
-                                                 daemons: list[Daemon]) -> None:
+def test_restart_serves_from_cache_without_reads(
+    blobs: Path, cache: Path, daemons: list[Daemon]
+) -> None:
     d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
     obj = d.fake.lookup(b"erofs,img", b"img")
     assert obj.read(0, SIZE) == DATA

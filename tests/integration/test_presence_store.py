@@ -97,8 +97,12 @@ def test_mismatched_blob_is_a_miss(cache, changed) -> None:  # type: ignore[no-u
 
 @pytest.mark.parametrize(
     "point",
-    ["checkpoint.before_syncfs", "checkpoint.after_syncfs", "save.before_rename",
-     "bind.before_xattr"],
+    [
+        "checkpoint.before_syncfs",
+        "checkpoint.after_syncfs",
+        "save.before_rename",
+        "bind.before_xattr",
+    ],
 )
 def test_crash_at_every_step_never_lets_a_bit_lead_its_data(cache, point) -> None:  # type: ignore[no-untyped-def]
     store, f = cache

@@ -55,8 +55,9 @@ def test_http_source_conformance() -> None:
 @pytest.mark.parametrize("kind", ["500", "503", "reset", "truncate", "bad-range", "long"])
 def test_transient_faults_are_retried_to_correct_data(kind: str) -> None:
     with FaultServer({"b": DATA}) as srv:
-        src = HttpSource(srv.url + "/b", pool=urllib3.PoolManager(),
-                         retry=RetryPolicy(total=3, backoff=0.01))
+        src = HttpSource(
+            srv.url + "/b", pool=urllib3.PoolManager(), retry=RetryPolicy(total=3, backoff=0.01)
+        )
         src.identity(Deadline.after(5))
         srv.fault("b", kind, times=2)
         assert fetch(src, 8192, 100_000) == DATA[8192:108_192]
@@ -65,8 +66,9 @@ def test_transient_faults_are_retried_to_correct_data(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["500", "reset", "truncate", "bad-range"])
 def test_persistent_faults_end_in_a_clean_error(kind: str) -> None:
     with FaultServer({"b": DATA}) as srv:
-        src = HttpSource(srv.url + "/b", pool=urllib3.PoolManager(),
-                         retry=RetryPolicy(total=2, backoff=0.01))
+        src = HttpSource(
+            srv.url + "/b", pool=urllib3.PoolManager(), retry=RetryPolicy(total=2, backoff=0.01)
+        )
         src.identity(Deadline.after(5))
         srv.fault("b", kind, times=10)
         with pytest.raises(SourceError) as e:
@@ -85,8 +87,12 @@ def test_200_instead_of_206_is_refused() -> None:
 
 def test_stall_ends_within_the_deadline() -> None:
     with FaultServer({"b": DATA}, stall_seconds=3) as srv:
-        src = HttpSource(srv.url + "/b", pool=urllib3.PoolManager(),
-                         retry=RetryPolicy(total=5, backoff=0.01), timeout=30)
+        src = HttpSource(
+            srv.url + "/b",
+            pool=urllib3.PoolManager(),
+            retry=RetryPolicy(total=5, backoff=0.01),
+            timeout=30,
+        )
         src.identity(Deadline.after(5))
         srv.fault("b", "stall", times=10)
         start = time.monotonic()

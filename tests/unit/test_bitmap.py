@@ -72,8 +72,12 @@ TestBitmapModel = BitmapModel.TestCase
 TestBitmapModel.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 
 
-@given(st.integers(0, 10**13), st.sampled_from([4096, 65536, 262144, 1 << 20]),
-       st.integers(0, 10**13), st.integers(1, 1 << 24))
+@given(
+    st.integers(0, 10**13),
+    st.sampled_from([4096, 65536, 262144, 1 << 20]),
+    st.integers(0, 10**13),
+    st.integers(1, 1 << 24),
+)
 def test_geometry_covers_exactly(size: int, chunk: int, off: int, length: int) -> None:
     g = ChunkGeometry(size, chunk)
     first, last = g.chunks_for(off, length)

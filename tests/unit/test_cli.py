@@ -50,8 +50,11 @@ def test_shipped_sample_config_is_valid() -> None:
 def test_console_script_reports_errors_with_exit_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.conf"
     bad.write_text("dir /x\nbogus\n")
-    res = subprocess.run([sys.executable, "-m", "cachefilesd_py.daemon.cli", "--check-config",
-                          "-f", str(bad)], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "cachefilesd_py.daemon.cli", "--check-config", "-f", str(bad)],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2
     assert f"{bad}:2: unknown directive 'bogus'" in res.stderr
 

@@ -130,12 +130,17 @@ def kernel_accepts(cmds: list[bytes]) -> bool:
     return True
 
 
-@given(st.lists(st.integers(0, 99), min_size=3, max_size=3, unique=True),
-       st.lists(st.booleans(), min_size=3, max_size=3))
+@given(
+    st.lists(st.integers(0, 99), min_size=3, max_size=3, unique=True),
+    st.lists(st.booleans(), min_size=3, max_size=3),
+)
 def test_kernel_command_order_always_passes_the_kernel_checks(values, given_) -> None:  # type: ignore[no-untyped-def]
     stop, cull, run = sorted(values)
-    lines = [f"b{n} {v}%" for n, v, g in zip(("run", "cull", "stop"), (run, cull, stop), given_,
-                                              strict=True) if g]
+    lines = [
+        f"b{n} {v}%"
+        for n, v, g in zip(("run", "cull", "stop"), (run, cull, stop), given_, strict=True)
+        if g
+    ]
     text = BASE + "".join(line + "\n" for line in lines)
     try:
         cfg = parse_config(text, "t")

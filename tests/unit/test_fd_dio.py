@@ -29,9 +29,8 @@ def test_owned_fd_sets_cloexec_and_closes_once() -> None:
     holder.close()
     holder.close()
     assert holder.fileno() == -1 and not is_open(r)
-    with pytest.raises(ClosedFdError):
-        with holder.borrow():
-            pass
+    with pytest.raises(ClosedFdError), holder.borrow():
+        pass
     os.close(w)
 
 
@@ -82,8 +81,10 @@ def test_pads_to_pages_and_clips_to_the_blob() -> None:
     rec = Recorder([])
     assert pwrite_direct(rec, 5, buf, 100, 0, limit=10 * PAGE_SIZE) == PAGE_SIZE
     assert buf.view[100:PAGE_SIZE] == bytes(PAGE_SIZE - 100)
-    assert pwrite_direct(rec, 5, buf, PAGE_SIZE + 1, 2 * PAGE_SIZE,
-                         limit=3 * PAGE_SIZE + 1) == 2 * PAGE_SIZE
+    assert (
+        pwrite_direct(rec, 5, buf, PAGE_SIZE + 1, 2 * PAGE_SIZE, limit=3 * PAGE_SIZE + 1)
+        == 2 * PAGE_SIZE
+    )
     with pytest.raises(ValueError):
         pwrite_direct(rec, 5, buf, 10, 100, limit=10 * PAGE_SIZE)
     assert pwrite_direct(Recorder([4 * PAGE_SIZE]), 5, buf, 10, 0, limit=PAGE_SIZE) == PAGE_SIZE
@@ -95,8 +96,12 @@ def test_enobufs_retried_only_when_settling() -> None:
     with pytest.raises(OSError):
         pwrite_direct(Recorder([enobufs]), 5, buf, 10, 0, limit=PAGE_SIZE)
     rec = Recorder([enobufs, enobufs])
-    assert pwrite_direct(rec, 5, buf, 10, 0, limit=PAGE_SIZE, object_may_be_settling=True,
-                         retry_delay=0) == PAGE_SIZE
+    assert (
+        pwrite_direct(
+            rec, 5, buf, 10, 0, limit=PAGE_SIZE, object_may_be_settling=True, retry_delay=0
+        )
+        == PAGE_SIZE
+    )
     assert len(rec.calls) == 3
     with pytest.raises(OSError, match="short"):
         pwrite_direct(Recorder([100]), 5, buf, 10, 0, limit=PAGE_SIZE)
@@ -116,4 +121,4 @@ def test_real_odirect_write_from_aligned_buffer(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     data = path.read_bytes()
-    assert data[PAGE_SIZE:PAGE_SIZE + 5] == b"hello" and len(data) == 2 * PAGE_SIZE
+    assert data[PAGE_SIZE : PAGE_SIZE + 5] == b"hello" and len(data) == 2 * PAGE_SIZE

@@ -9,8 +9,15 @@ from hypothesis import strategies as st
 from cachefilesd_py.errors import PresenceCorrupt
 from cachefilesd_py.presence import format as fmt
 
-SC = fmt.Sidecar(262144, 5_000_000, 20, b"\x01" * 16, fmt.key_digest((b"erofs,a", b"a")),
-                 "5000000:abc", bytes([0xFF, 0x0F, 0x05]))
+SC = fmt.Sidecar(
+    262144,
+    5_000_000,
+    20,
+    b"\x01" * 16,
+    fmt.key_digest((b"erofs,a", b"a")),
+    "5000000:abc",
+    bytes([0xFF, 0x0F, 0x05]),
+)
 
 
 def test_round_trip() -> None:

@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 from cachefilesd_py.config.model import SourceRule
 from cachefilesd_py.sources.resolve import SourceResolver
 
-R = SourceResolver([
-    SourceRule("img/*", "http://h/{volume}/{cookie}"),
-    SourceRule("*", "file:///srv/blobs/{cookie}"),
-])
+R = SourceResolver(
+    [
+        SourceRule("img/*", "http://h/{volume}/{cookie}"),
+        SourceRule("*", "file:///srv/blobs/{cookie}"),
+    ]
+)
 
 
 def test_first_match_wins_and_prefix_is_stripped() -> None:

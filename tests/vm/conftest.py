@@ -96,4 +96,6 @@ def daemon(workdir: Path) -> Iterator[Callable[[str], Daemon]]:
         if results and d.log_path.exists():
             dest = Path(results) / "logs"
             dest.mkdir(exist_ok=True)
-            (dest / f"{d.log_path.parent.name}-{d.log_path.name}").write_bytes(d.log_path.read_bytes())
+            (dest / f"{d.log_path.parent.name}-{d.log_path.name}").write_bytes(
+                d.log_path.read_bytes()
+            )

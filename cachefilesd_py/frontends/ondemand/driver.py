@@ -125,7 +125,7 @@ class OnDemandDriver:
         cache_dir: Path,
         *,
         workers: int = 8,
-        readahead_workers: int = 2,
+        readahead_workers: int = 4,
         fetch_timeout: float = 30.0,
     ) -> None:
         self.device = device
