@@ -243,8 +243,7 @@ class Filler:
         start, _ = geom.chunk_range(first)
         last_start, last_len = geom.chunk_range(run[-1][0])
         length = last_start + last_len - start
-        with self.buffers.borrow() as buf:
-            view = buf.view[:length]
+        with self.buffers.borrow() as buf, buf.view[:length] as view:
             blob.source.fetch_into(start, view, deadline)
             sink.write(start, buf, length)
         if blob.presence is not None:

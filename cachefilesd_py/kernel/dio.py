@@ -40,9 +40,14 @@ class AlignedBuffer:
         self.view = memoryview(self._map)
 
     def close(self) -> None:
+        """Unmap now, or leave it to the garbage collector if a slice of the buffer is
+        still referenced somewhere (a traceback, a library's internal reference)."""
         if self._map is not None:
             self.view.release()
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                return
             self._map = None
 
 

@@ -59,6 +59,11 @@ class FaultServer:
         with self._lock:
             self._faults[name].extend([kind] * times)
 
+    def pending(self, name: str) -> int:
+        """Faults queued for ``name`` and not used yet."""
+        with self._lock:
+            return len(self._faults.get(name, ()))
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()

@@ -30,8 +30,9 @@ class FakeMount:
             self.obj = self.h.device.lookup(b"erofs," + fsid.encode(), fsid.encode(), 30)
             self.obj.read(0, 4096, 30)
             self.error = 0
-        except OSError as exc:
-            self.error = exc.errno or errno.EIO
+        except OSError:
+            # EROFS reports any failed cookie lookup or superblock read as EIO
+            self.error = errno.EIO
         finally:
             self.done.set()
 

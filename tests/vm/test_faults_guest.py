@@ -53,10 +53,13 @@ def test_transient_faults_recover(served, workdir: Path, mounts: list[Path]) -> 
     mnt = workdir / "mnt"
     mount_erofs(mnt, "img.erofs")
     mounts.append(mnt)
-    for kind in ("500", "reset", "truncate", "bad-range", "long", "503") * 3:
-        srv.fault("img.erofs", kind)
     want = tree_digests(src)
-    assert read_all(mnt, want) == (len(want), 0)
+    kinds = ("500", "reset", "truncate", "bad-range", "long", "503")
+    run("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
+    for i, (rel, digest) in enumerate(sorted(want.items())):
+        if not srv.pending("img.erofs"):  # at most one fault outstanding at a time
+            srv.fault("img.erofs", kinds[i % len(kinds)])
+        assert sha256_file(mnt / rel) == digest, rel
     run("umount", str(mnt))
     mounts.remove(mnt)
     assert d.stop() == 0

@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import os
-import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from cachefilesd_py.frontends.ondemand import wire
 from cachefilesd_py.kernel.device import CachefilesDevice
 from cachefilesd_py.testing.kernel_contract import CASES, KernelHarness
 from cachefilesd_py.testing.pattern import pattern_bytes
@@ -18,34 +21,29 @@ from tests.vm.rig import mkfs_erofs, run
 
 pytestmark = pytest.mark.guest
 
-STRERROR = {os.strerror(i): i for i in range(1, 134)}
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class RealMount:
+    """mount(2) called directly (util-linux would turn ENOENT into "special device
+    none does not exist"), in a thread, because it blocks until the daemon answers."""
+
     def __init__(self, mnt: Path, fsid: str) -> None:
         self.mnt = mnt
         mnt.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["mount", "-t", "erofs", "none", "-o", f"fsid={fsid}", str(mnt)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        self.result: int | None = None
         self.mounted = False
+        self._thread = threading.Thread(target=self._mount, args=(fsid,), daemon=True)
+        self._thread.start()
+
+    def _mount(self, fsid: str) -> None:
+        ret = _libc.mount(b"none", str(self.mnt).encode(), b"erofs", 0, f"fsid={fsid}".encode())
+        self.result = 0 if ret == 0 else ctypes.get_errno()
+        self.mounted = ret == 0
 
     def wait(self, timeout: float) -> int:
-        try:
-            self.proc.wait(timeout if timeout > 0 else 0.001)
-        except subprocess.TimeoutExpired:
-            return errno.ETIMEDOUT
-        if self.proc.returncode == 0:
-            self.mounted = True
-            return 0
-        err = self.proc.stderr.read() if self.proc.stderr else ""
-        for text, number in STRERROR.items():
-            if text in err:
-                return number
-        return errno.EIO
+        self._thread.join(timeout if timeout > 0 else 0.001)
+        return errno.ETIMEDOUT if self.result is None else self.result
 
     def read(self, offset: int, length: int) -> bytes:
         fd = os.open(self.mnt / "payload.bin", os.O_RDONLY)
@@ -59,6 +57,34 @@ class RealMount:
         self.mounted = False
 
 
+class RecordingDevice(CachefilesDevice):
+    """The real device, remembering every anonymous fd handed out so that a failed
+    case cannot leave one open (an open anon fd keeps /dev/cachefiles busy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anon: set[int] = set()
+
+    def read_message(self) -> bytes:
+        buf = super().read_message()
+        if buf:
+            req = wire.decode(buf)
+            if isinstance(req, wire.OpenRequest):
+                self.anon.add(req.fd)
+        return buf
+
+    def close_fd(self, fd: int) -> None:
+        self.anon.discard(fd)
+        super().close_fd(fd)
+
+    def close(self) -> None:
+        for fd in self.anon:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.anon.clear()
+        super().close()
+
+
 class RealHarness:
     def __init__(self, work: Path, cache: Path) -> None:
         self.work = work
@@ -70,7 +96,7 @@ class RealHarness:
         self.image = image.read_bytes()
         self.payload_offset = self.image.find(self.payload[:8192])
         assert self.payload_offset > 0 and self.payload_offset % 4096 == 0
-        self.device = CachefilesDevice()
+        self.device = RecordingDevice()
         for cmd in (b"dir " + str(cache).encode(), b"tag contract", b"bind ondemand"):
             self.device.write_command(cmd)
         self.mounts: list[RealMount] = []
