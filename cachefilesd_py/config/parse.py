@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 from urllib.parse import urlsplit
 
 from cachefilesd_py.config.model import (
@@ -216,7 +217,8 @@ def _pattern_size(field_name: str, chunk: bool) -> Handler:
             raise ValueError("takes two arguments: <pattern> <size>")
         size = _chunk(args[1]) if chunk else parse_size(args[1])
         rule = SizeRule(args[0], size, f, n)
-        return replace(cfg, **{field_name: (*getattr(cfg, field_name), rule)})
+        changes: dict[str, Any] = {field_name: (*getattr(cfg, field_name), rule)}
+        return replace(cfg, **changes)
 
     return handle
 
@@ -229,7 +231,8 @@ def _headers(cfg: Config, args: list[str], f: str, n: int) -> Config:
 
 def _set(field_name: str, convert: Callable[[str], object]) -> Handler:
     def handle(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
-        return replace(cfg, **{field_name: convert(_one(args, field_name))})
+        changes: dict[str, Any] = {field_name: convert(_one(args, field_name))}
+        return replace(cfg, **changes)
 
     return handle
 
@@ -237,7 +240,8 @@ def _set(field_name: str, convert: Callable[[str], object]) -> Handler:
 def _flag(field_name: str) -> Handler:
     def handle(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
         _none(args)
-        return replace(cfg, **{field_name: True})
+        changes: dict[str, Any] = {field_name: True}
+        return replace(cfg, **changes)
 
     return handle
 

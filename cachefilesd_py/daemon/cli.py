@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -91,7 +92,12 @@ def daemonize(pidfile: str) -> None:
     os.close(devnull)
     with open(pidfile, "w") as f:
         f.write(f"{os.getpid()}\n")
-    atexit.register(lambda: os.path.exists(pidfile) and os.unlink(pidfile))
+
+    def remove_pidfile() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pidfile)
+
+    atexit.register(remove_pidfile)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,5 +51,5 @@ class RetryPolicy:
     def sleep_for(self, rng: Callable[[], float] = random.random) -> float:
         if self.attempt == 0:
             return 0.0
-        base = min(self.backoff_max, self.backoff * (2 ** (self.attempt - 1)))
-        return base + self.jitter * base * rng()
+        base = min(self.backoff_max, self.backoff * float(2 ** (self.attempt - 1)))
+        return float(base + self.jitter * base * rng())

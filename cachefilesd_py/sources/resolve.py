@@ -30,8 +30,11 @@ SCHEMES = ("http", "https", "file")
 
 
 class RuleLike(Protocol):
-    pattern: str
-    url_template: str
+    @property
+    def pattern(self) -> str: ...
+
+    @property
+    def url_template(self) -> str: ...
 
 
 def key_problem(key: bytes) -> str | None:

@@ -35,6 +35,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from cachefilesd_py.frontends.ondemand import wire
 from cachefilesd_py.kernel.layout import object_path
@@ -148,7 +149,7 @@ class FakeCachefiles:
                     wire.OpenRequest(req.msg_id, obj.object_id, obj.volume, obj.cookie, fd, 0)
                 )
             elif req.opcode == wire.OP_READ:
-                off, length = req.payload  # type: ignore[misc]
+                off, length = cast(tuple[int, int], req.payload)
                 msg = wire.encode_message(wire.ReadRequest(req.msg_id, req.object_id, off, length))
             else:
                 msg = wire.encode_message(wire.CloseRequest(req.msg_id, req.object_id))

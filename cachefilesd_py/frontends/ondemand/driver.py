@@ -101,6 +101,11 @@ class AnonFdSink:
                 object_may_be_settling=True,
             )
 
+    def has_hole(self, offset: int, length: int) -> bool:
+        """lseek on the anonymous fd is passed to the backing cache file."""
+        with self._obj.fd.borrow() as fd:
+            return has_hole(fd, offset, length)
+
 
 @dataclass(eq=False)
 class OnDemandObject:
