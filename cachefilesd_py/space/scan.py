@@ -1,0 +1,90 @@
+"""Streaming scan of a cachefiles tree for cull candidates, in bounded memory.
+
+Layout (Linux ≥ 5.17): ``<dir>/cache/I<volume>/@<xx>/<object>`` where object names start
+with ``D``, ``S``, ``T`` or ``E`` (data files) and fan-out directories are ``@00``..``@ff``.
+Older NFS trees nest index directories (``J``/``K`` names), which the scan walks too.
+
+cachefilesd C keeps two sorted arrays of 2^culltable entries and re-walks the whole tree
+for every table's worth of victims. Here a fixed-size heap keeps the ``limit`` oldest
+objects by atime in one pass (``O(n log limit)`` time, ``O(limit)`` memory), and the
+caller asks for as many as it needs to free the space it must; strays (names that are
+not cachefiles objects) are reported so they can be removed as cachefilesd does.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+OBJECT_PREFIXES = ("D", "S", "T", "E")
+INDEX_PREFIXES = ("I", "J", "K", "@")
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    atime_ns: int
+    blocks: int = field(compare=False)
+    directory: str = field(compare=False)
+    name: str = field(compare=False)
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory, self.name)
+
+
+@dataclass
+class ScanResult:
+    oldest: list[Candidate]
+    objects: int = 0
+    blocks: int = 0
+    strays: list[str] = field(default_factory=list)
+    empty_dirs: list[str] = field(default_factory=list)
+
+
+def walk_objects(cache_dir: str, result: ScanResult) -> Iterator[Candidate]:
+    stack = [cache_dir]
+    while stack:
+        directory = stack.pop()
+        entries = 0
+        try:
+            it = os.scandir(directory)
+        except OSError:
+            continue
+        with it:
+            for entry in it:
+                entries += 1
+                name = entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if name.startswith(INDEX_PREFIXES):
+                            stack.append(entry.path)
+                        else:
+                            result.strays.append(entry.path)
+                        continue
+                    if not name.startswith(OBJECT_PREFIXES) or directory == cache_dir:
+                        result.strays.append(entry.path)
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                yield Candidate(st.st_atime_ns, st.st_blocks, directory, name)
+        if entries == 0 and os.path.basename(directory).startswith("@"):
+            result.empty_dirs.append(directory)
+
+
+def scan(cache_dir: str, limit: int) -> ScanResult:
+    """One pass over ``cache_dir``; keeps the ``limit`` least recently used objects."""
+    result = ScanResult(oldest=[])
+    heap: list[tuple[int, int, Candidate]] = []  # max-heap on atime via negation
+    for n, cand in enumerate(walk_objects(cache_dir, result)):
+        result.objects += 1
+        result.blocks += cand.blocks
+        item = (-cand.atime_ns, n, cand)
+        if len(heap) < limit:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            heapq.heapreplace(heap, item)
+    result.oldest = sorted(c for _, _, c in heap)
+    return result
