@@ -32,6 +32,7 @@ from cachefilesd_py.config.parse import kernel_commands
 from cachefilesd_py.daemon import systemd
 from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
+from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
 from cachefilesd_py.kernel.device import CachefilesDevice
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory, SourceSettings
@@ -150,6 +151,10 @@ class Daemon:
             workers=self.config.fetch_concurrency,
             fetch_timeout=self.config.fetch_timeout,
         )
+        if not self.nocull:
+            driver.culler = OnDemandCuller(
+                device, self.cache_dir, presence, self.config, driver.in_use_keys
+            )
         driver.bind(kernel_commands(self.config))
         engine.start()
         systemd.ready()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from typing import Protocol
 
 from cachefilesd_py.kernel import _sys
@@ -78,3 +79,32 @@ class CachefilesDevice:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
+
+
+class _Commands(Protocol):
+    def write_command(self, cmd: bytes) -> None: ...
+
+
+_cwd_lock = threading.Lock()
+
+
+def cull_one(device: _Commands, directory: str, name: str) -> str:
+    """``cull <name>`` from inside ``directory`` (the kernel resolves the name against
+    the process's working directory, and a ``/`` in it is EINVAL). Returns "culled",
+    "busy" (EBUSY: the object is in use and stays), "gone" (ESTALE/ENOENT) or "failed".
+    """
+    with _cwd_lock:
+        old = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.chdir(directory)
+            device.write_command(b"cull " + name.encode())
+            return "culled"
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                return "busy"
+            if exc.errno in (errno.ESTALE, errno.ENOENT):
+                return "gone"
+            return "failed"
+        finally:
+            os.fchdir(old)
+            os.close(old)

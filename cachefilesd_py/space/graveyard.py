@@ -42,7 +42,7 @@ class GraveyardWatch:
         self._inotify.add_watch(graveyard, flags.MOVED_TO | flags.CREATE)
 
     def fileno(self) -> int:
-        return self._inotify.fileno()
+        return int(self._inotify.fileno())
 
     def changed(self) -> bool:
         try:

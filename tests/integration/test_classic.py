@@ -53,7 +53,7 @@ def test_culls_back_to_run_never_in_use_and_reaps(tmp_path: Path) -> None:
     assert all(p.exists() for p in paths[:5]), "an object in use was culled"
     assert drv.stats.busy >= 5
     assert list((tmp_path / "graveyard").iterdir()) == []
-    assert dev.commands[-1 - drv.stats.culled - drv.stats.busy - drv.stats.gone:][0] == b"bind"
+    assert dev.commands[-1 - drv.stats.culled - drv.stats.busy - drv.stats.gone :][0] == b"bind"
 
 
 def test_nocull_never_culls(tmp_path: Path) -> None:

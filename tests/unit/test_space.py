@@ -11,8 +11,9 @@ from cachefilesd_py.space.stats import Limits, SpaceSnapshot, bytes_to_free, cul
 
 
 def test_state_line_from_the_real_kernel() -> None:
-    s = parse_state(b"cull=0 frun=237 fcull=195 fstop=51 brun=1e3c bcull=1428 bstop=a14 "
-                    b"freleased=0 breleased=0")
+    s = parse_state(
+        b"cull=0 frun=237 fcull=195 fstop=51 brun=1e3c bcull=1428 bstop=a14 freleased=0 breleased=0"
+    )
     assert not s.cull and s.get("brun") == 0x1E3C and s.get("fstop") == 0x51
     old = parse_state(b"cull=1 frun=1 fcull=1 fstop=1 brun=1 bcull=1 bstop=1")
     assert old.cull and old.get("freleased") == 0
@@ -27,8 +28,9 @@ def test_state_line_garbage_never_raises(line: bytes) -> None:
 
 def test_thresholds_and_hysteresis() -> None:
     snap = SpaceSnapshot(4096, 100_000, 6_000, 10_000, 9_000)
-    lim = Limits.from_percent(snap, {"brun": 10, "bcull": 7, "bstop": 3, "frun": 10,
-                                     "fcull": 7, "fstop": 3})
+    lim = Limits.from_percent(
+        snap, {"brun": 10, "bcull": 7, "bstop": 3, "frun": 10, "fcull": 7, "fstop": 3}
+    )
     assert lim.bcull == 7_000 and lim.frun == 1_000
     assert cull_needed(snap, lim, culling=False)
     mid = SpaceSnapshot(4096, 100_000, 8_000, 10_000, 9_000)
@@ -67,10 +69,13 @@ def test_s3fifo_evicts_one_hit_wonders_before_reused_objects() -> None:
     assert len(victims) == 80 and all(v[0] == "scan" for v in victims)
 
 
-@given(st.sampled_from(sorted(POLICIES)),
-       st.lists(st.tuples(st.sampled_from(["admit", "touch", "remove"]), st.integers(0, 30)),
-                max_size=200),
-       st.sets(st.integers(0, 30)))
+@given(
+    st.sampled_from(sorted(POLICIES)),
+    st.lists(
+        st.tuples(st.sampled_from(["admit", "touch", "remove"]), st.integers(0, 30)), max_size=200
+    ),
+    st.sets(st.integers(0, 30)),
+)
 def test_policies_never_evict_pinned_keys_and_name_each_victim_once(name, ops, pinned) -> None:  # type: ignore[no-untyped-def]
     p = POLICIES[name]()
     live: set[int] = set()

@@ -18,7 +18,6 @@ batches; when nothing is cullable it backs off instead of spinning.
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import threading
@@ -31,6 +30,7 @@ import structlog
 
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.frontends.classic.commands import parse_state
+from cachefilesd_py.kernel.device import cull_one
 from cachefilesd_py.space.graveyard import GraveyardWatch, reap
 from cachefilesd_py.space.scan import scan
 
@@ -55,25 +55,6 @@ class ClassicStats:
     failed: int = 0
     reaped: int = 0
     strays_removed: int = 0
-
-
-def cull_one(device: ClassicDevice, directory: str, name: str) -> str:
-    """``cull <name>`` from inside ``directory``: "culled", "busy", "gone" or "failed"."""
-    old = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.chdir(directory)
-        device.write_command(b"cull " + name.encode())
-        return "culled"
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            return "busy"
-        if exc.errno in (errno.ESTALE, errno.ENOENT):
-            return "gone"
-        log.warning("cull.failed", directory=directory, name=name, errno=exc.errno, error=str(exc))
-        return "failed"
-    finally:
-        os.fchdir(old)
-        os.close(old)
 
 
 class ClassicDriver:

@@ -46,6 +46,7 @@ from cachefilesd_py.engine.blob import Blob, BlobKey
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import CachefilesdError, KernelProtocolError, SourceError
 from cachefilesd_py.frontends.ondemand import wire
+from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
 from cachefilesd_py.kernel import layout
 from cachefilesd_py.kernel.device import Device
 from cachefilesd_py.kernel.dio import AlignedBuffer, pwrite_direct
@@ -132,8 +133,13 @@ class OnDemandDriver:
         workers: int = 8,
         readahead_workers: int = 4,
         fetch_timeout: float = 30.0,
+        culler: OnDemandCuller | None = None,
     ) -> None:
         self.device = device
+        self.culler = culler
+        self._cull_kick = threading.Event()
+        self._cull_idle = threading.Event()
+        self._cull_idle.set()
         self.engine = engine
         self.cache_dir = cache_dir
         self.fetch_timeout = fetch_timeout
@@ -159,12 +165,66 @@ class OnDemandDriver:
     # -- the loop --------------------------------------------------------------------
 
     def serve(self, stop: threading.Event, poll_interval: float = 0.5) -> None:
+        """Poll for requests (POLLIN) and, when culling is on, for space pressure
+        (POLLOUT, level-triggered while below *cull*: it is only asked for while no
+        cull pass is running or backing off, so a full disk cannot spin the loop)."""
         poller = select.poll()
-        poller.register(self.device.fileno(), select.POLLIN)
+        fd = self.device.fileno()
+        space = None
+        if self.culler is not None:
+            space = threading.Thread(
+                target=self._space_loop, args=(stop,), name="space", daemon=True
+            )
+            space.start()
+        watching_out = False
+        poller.register(fd, select.POLLIN)
         while not stop.is_set():
-            if not poller.poll(int(poll_interval * 1000)):
-                continue
-            self.drain()
+            want_out = self.culler is not None and self._cull_idle.is_set()
+            if want_out != watching_out:
+                poller.register(fd, select.POLLIN | (select.POLLOUT if want_out else 0))
+                watching_out = want_out
+            events = poller.poll(int(poll_interval * 1000))
+            for _fd, ev in events:
+                if ev & select.POLLOUT and self.culler is not None:
+                    self.kick_cull("pollout")
+                    watching_out = False
+                    poller.register(fd, select.POLLIN)
+                if ev & select.POLLIN:
+                    self.drain()
+        self._cull_kick.set()
+        if space is not None:
+            space.join(timeout=30)
+
+    def kick_cull(self, why: str) -> None:
+        if self.culler is not None and self._cull_idle.is_set():
+            log.info("space.pressure", signal=why)
+            self._cull_idle.clear()
+            self._cull_kick.set()
+
+    def _space_loop(
+        self, stop: threading.Event, period: float = 30.0, backoff: float = 5.0
+    ) -> None:
+        assert self.culler is not None
+        passes = 0
+        while not stop.is_set():
+            kicked = self._cull_kick.wait(period)
+            self._cull_kick.clear()
+            if stop.is_set():
+                break
+            try:
+                outcome = self.culler.cull_pass()
+                passes += 1
+                if passes % 20 == 0:
+                    self.culler.remove_orphan_sidecars()
+            except Exception:
+                log.exception("space.cull_failed")
+                outcome = None
+            if kicked and (outcome is None or outcome.culled == 0):
+                stop.wait(backoff)  # nothing cullable: do not spin on POLLOUT
+            self._cull_idle.set()
+
+    def in_use_keys(self) -> set[tuple[bytes, bytes]]:
+        return {(o.blob.key.volume, o.blob.key.cookie) for o in self.objects()}
 
     def drain(self) -> int:
         """Read and dispatch messages until the kernel has none pending."""
@@ -263,6 +323,8 @@ class OnDemandDriver:
             stale.fd.close()
             self.engine.release(stale.blob)
         if self._reply_copen(req.msg_id, blob.size):
+            if self.culler is not None:
+                self.culler.opened((key.volume, key.cookie), blob.size)
             log.info(
                 "open",
                 blob=str(key),
@@ -320,6 +382,8 @@ class OnDemandDriver:
         self.stats.reads += 1
         with self._lock:
             obj = self._objects.get(req.object_id)
+        if obj is not None and self.culler is not None:
+            self.culler.missed((obj.blob.key.volume, obj.blob.key.cookie))
         if obj is None:
             # Without an fd of that object (6.10 rule) it cannot be completed; this
             # only happens if the kernel broke protocol or we lost track of an OPEN.
@@ -340,6 +404,8 @@ class OnDemandDriver:
                     ok = True
                 except (CachefilesdError, OSError) as exc:
                     self.stats.reads_failed += 1
+                    if isinstance(exc, OSError) and exc.errno == errno.ENOBUFS:
+                        self.kick_cull("enobufs")
                     log.warning(
                         "read.failed",
                         blob=str(obj.blob.key),
