@@ -18,6 +18,7 @@ batches; when nothing is cullable it backs off instead of spinning.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -97,10 +98,8 @@ class ClassicDriver:
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
             culled += outcome == "culled"
         for empty in result.empty_dirs:
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(empty)
-            except OSError:
-                pass
         log.info(
             "cull.pass",
             scanned=result.objects,
