@@ -147,8 +147,9 @@ def case_copen_errors(h: KernelHarness) -> None:
     h.device.write_command(wire.encode_copen(req.msg_id, -errno.ENOENT))
     got = m.wait(20)
     # EROFS does not pass the OPEN's errno through: the cookie lookup fails and the
-    # superblock read then fails with EIO (seen on 6.12).
-    assert got == errno.EIO, f"mount failed with {got} ({os.strerror(got)})"
+    # superblock read then fails with EIO, or with ENOBUFS when it finds no cache object
+    # (both seen on 6.12, depending on timing).
+    assert got in (errno.EIO, errno.ENOBUFS), f"mount failed with {got} ({os.strerror(got)})"
     h.device.close_fd(req.fd)
 
 
