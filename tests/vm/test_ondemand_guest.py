@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cachefilesd_py.kernel.layout import object_path
 from tests.vm.rig import Daemon, Nginx, mkfs_erofs, mount_erofs, run, tree_digests
 
 pytestmark = pytest.mark.guest
@@ -74,6 +75,12 @@ def test_serves_image_identical(
     assert d.stop() == 0
     assert d.count("read.failed") == 0
     assert d.count("open") == 1
+    # the kernel recorded the object size of our copen reply in its coherency xattr
+    # (big-endian u64 first), and checks it at the next mount
+    committed = object_path(cache, b"erofs,img.erofs", b"img.erofs")
+    assert committed is not None and committed.exists()
+    aux = os.getxattr(committed, "user.CacheFiles.cache")
+    assert int.from_bytes(aux[:8], "big") == (blobs / "img.erofs").stat().st_size
 
 
 def test_missing_blob_fails_mount_cleanly(
