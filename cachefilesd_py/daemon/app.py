@@ -29,7 +29,7 @@ import structlog
 from cachefilesd_py.config.load import load_config
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.config.parse import kernel_commands
-from cachefilesd_py.daemon import systemd
+from cachefilesd_py.daemon import host, systemd
 from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
 from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
@@ -158,6 +158,7 @@ class Daemon:
         driver.bind(kernel_commands(self.config))
         engine.start()
         systemd.ready()
+        log.info("cache.device", **host.cache_device(str(self.cache_dir)))
         log.info(
             "ready",
             mode="ondemand",
@@ -171,7 +172,7 @@ class Daemon:
         finally:
             systemd.stopping()
             driver.shutdown()
-            log.info("stats", **vars(driver.stats), **vars(engine.filler.stats))
+            log.info("stats", **vars(driver.stats), **vars(engine.filler.stats), **host.footprint())
         return 0
 
     def _run_classic(self, device: CachefilesDevice) -> int:
