@@ -214,3 +214,28 @@ def test_restart_serves_from_cache_without_reads(
     assert d2.stop() == 0
     stats = [e for e in d2.read_events() if e.get("event") == "stats"]
     assert stats and stats[-1]["reads"] == 0, stats
+
+
+def test_cache_on_xfs(
+    workdir: Path,
+    loop_fs: Callable[..., Path],
+    daemon: Callable[[str], Daemon],
+    mounts: list[Path],
+) -> None:
+    """The same serving with the cache directory on xfs (user xattrs, O_DIRECT, tmpfiles
+    and SEEK_DATA all exist there too)."""
+    src = make_tree(workdir / "src", seed=8)
+    blobs = workdir / "blobs"
+    blobs.mkdir()
+    mkfs_erofs(blobs / "img.erofs", src)
+    cache = loop_fs(320, "xfs")
+    d = daemon(config(cache, f"file://{blobs}/{{cookie}}"))
+    d.start()
+    mnt = workdir / "mnt"
+    mount_erofs(mnt, "img.erofs")
+    mounts.append(mnt)
+    assert tree_digests(mnt) == tree_digests(src)
+    run("umount", str(mnt))
+    mounts.remove(mnt)
+    assert d.stop() == 0
+    assert d.count("presence.bound") == 1

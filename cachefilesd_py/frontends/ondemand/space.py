@@ -128,10 +128,18 @@ class OnDemandCuller:
     # -- doing -----------------------------------------------------------------------
 
     def cull_pass(self, need_bytes: int | None = None, need_objects: int = 0) -> CullOutcome:
+        """Cull toward the limits. The cache tree is scanned only when there is
+        something to free (statvfs is cheap; a scan of a big cache is not), or when
+        absolute caps are configured (they need the tree's totals)."""
+        out = CullOutcome()
+        caps = self.config.cache_max_bytes is not None or self.config.cache_max_objects
+        if need_bytes is None and not caps:
+            need_bytes, need_objects = self.bytes_needed(0, 0)
+            if need_bytes <= 0:
+                return out
         result = scan(str(self.cache_dir / "cache"), 1 << 20)
         if need_bytes is None:
             need_bytes, need_objects = self.bytes_needed(result.blocks * 512, result.objects)
-        out = CullOutcome()
         if need_bytes <= 0 and need_objects <= 0:
             return out
         busy_keys = self.in_use()
