@@ -239,3 +239,28 @@ def test_culler_removes_unused_blobs_never_pinned_or_in_use(
 
 def obj_ok(obj) -> bool:  # type: ignore[no-untyped-def]
     return obj.read(0, 4096) == DATA[:4096]
+
+
+def test_volume_cap_culls_only_that_volume(blobs: Path, cache: Path, daemons: list[Daemon]) -> None:
+    from dataclasses import replace
+
+    from cachefilesd_py.config.model import Config, SizeRule
+    from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
+
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    for name in ("a1", "a2", "a3", "b1"):
+        (blobs / name).write_bytes(pattern_bytes(7, 0, 200_000))
+        vol = b"erofs,vol" + name[:1].encode()
+        obj = d.fake.lookup(vol, name.encode())
+        obj.read(0, 200_000)
+        obj.withdraw()
+    cfg = replace(Config(dir=str(cache)), volume_max_bytes=(SizeRule("vola", 250_000),))
+    culler = OnDemandCuller(d.fake, cache, d.engine.presence, cfg, d.driver.in_use_keys)
+    out = culler.cull_pass(need_bytes=0)
+    left = sorted(p.name for p in (cache / "cache").rglob("D*"))
+    assert (
+        (out.culled == 2 and left == ["Da3", "Db1"])
+        or left == ["Da1", "Db1"]
+        or left == ["Da2", "Db1"]
+    ), left
+    assert "Db1" in left

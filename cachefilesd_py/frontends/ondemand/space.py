@@ -14,7 +14,7 @@ POLLOUT on the device (free blocks or files below *cull*) and by ENOBUFS on writ
 - a culled blob's presence sidecar is removed after the kernel moved the file to the
   graveyard, and the graveyard is emptied;
 - culling aims at *run* plus a headroom, and at the absolute caps
-  (``cache_max_bytes``/``cache_max_objects``).
+  (``cache_max_bytes``/``cache_max_objects``, and ``volume_max_bytes`` per volume).
 
 Not done here yet: chunk-level hole punching inside blobs (the store's
 ``clear_chunks`` is the durable half of it).
@@ -109,6 +109,26 @@ class OnDemandCuller:
             objects = max(0, scanned_objects - self.config.cache_max_objects)
         return need, objects
 
+    def volumes_over_cap(self, candidates: list[Candidate]) -> dict[bytes, int]:
+        """Bytes above its ``volume_max_bytes`` cap, per volume key (first matching rule
+        wins; the glob sees the volume without its ``erofs,`` prefix)."""
+        if not self.config.volume_max_bytes:
+            return {}
+        used: dict[bytes, int] = {}
+        for cand in candidates:
+            key = key_of(cand)
+            if key is not None:
+                used[key[0]] = used.get(key[0], 0) + cand.blocks * 512
+        over: dict[bytes, int] = {}
+        for volume, total in used.items():
+            name = volume.decode("utf-8", "replace").removeprefix("erofs,")
+            for rule in self.config.volume_max_bytes:
+                if fnmatch.fnmatchcase(name, rule.pattern):
+                    if total > rule.size:
+                        over[volume] = total - rule.size
+                    break
+        return over
+
     def order(self, candidates: list[Candidate]) -> list[Candidate]:
         """Blobs unknown to the policy (cached before this start) first, oldest atime
         first; then the policy's eviction order."""
@@ -132,7 +152,11 @@ class OnDemandCuller:
         something to free (statvfs is cheap; a scan of a big cache is not), or when
         absolute caps are configured (they need the tree's totals)."""
         out = CullOutcome()
-        caps = self.config.cache_max_bytes is not None or self.config.cache_max_objects
+        caps = (
+            self.config.cache_max_bytes is not None
+            or self.config.cache_max_objects
+            or self.config.volume_max_bytes
+        )
         if need_bytes is None and not caps:
             need_bytes, need_objects = self.bytes_needed(0, 0)
             if need_bytes <= 0:
@@ -140,14 +164,18 @@ class OnDemandCuller:
         result = scan(str(self.cache_dir / "cache"), 1 << 20)
         if need_bytes is None:
             need_bytes, need_objects = self.bytes_needed(result.blocks * 512, result.objects)
-        if need_bytes <= 0 and need_objects <= 0:
+        over = self.volumes_over_cap(result.oldest)
+        if need_bytes <= 0 and need_objects <= 0 and not over:
             return out
         busy_keys = self.in_use()
         for cand in self.order(result.oldest):
-            if out.freed_bytes >= need_bytes and out.culled >= need_objects:
-                break
             key = key_of(cand)
             if key is None:
+                continue
+            globally_done = out.freed_bytes >= need_bytes and out.culled >= need_objects
+            if globally_done and over.get(key[0], 0) <= 0:
+                if not any(v > 0 for v in over.values()):
+                    break
                 continue
             if self.pinned(key):
                 out.pinned += 1
@@ -159,6 +187,8 @@ class OnDemandCuller:
             if outcome == "culled":
                 out.culled += 1
                 out.freed_bytes += cand.blocks * 512
+                if key[0] in over:
+                    over[key[0]] -= cand.blocks * 512
                 self.presence.remove(key)
                 with self._lock:
                     self.policy.remove(key)
