@@ -258,9 +258,6 @@ def test_volume_cap_culls_only_that_volume(blobs: Path, cache: Path, daemons: li
     culler = OnDemandCuller(d.fake, cache, d.engine.presence, cfg, d.driver.in_use_keys)
     out = culler.cull_pass(need_bytes=0)
     left = sorted(p.name for p in (cache / "cache").rglob("D*"))
-    assert (
-        (out.culled == 2 and left == ["Da3", "Db1"])
-        or left == ["Da1", "Db1"]
-        or left == ["Da2", "Db1"]
-    ), left
-    assert "Db1" in left
+    # volume "vola" holds 3 × ~200 KB over a 250 KB cap: two go; "volb" has no cap
+    assert out.culled == 2
+    assert len(left) == 2 and "Db1" in left, left
