@@ -172,6 +172,7 @@ class Daemon:
         finally:
             systemd.stopping()
             driver.shutdown()
+            factory.close()
             log.info("stats", **vars(driver.stats), **vars(engine.filler.stats), **host.footprint())
         return 0
 

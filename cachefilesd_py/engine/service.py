@@ -78,6 +78,7 @@ class Engine:
             self._checkpointer.join(timeout=30)
         self.checkpoint()
         self.filler.buffers.close()
+        self.presence.close()
 
     # -- blobs -----------------------------------------------------------------------
 
