@@ -112,6 +112,11 @@ class S3FifoPolicy:
         while True:
             victim = self._pick(exempt, skipped)
             if victim is None:
+                # the second-chance walk gave up (its step budget ran out on touched or
+                # exempt keys): the rest, in queue order, so no evictable key is missed
+                victim = next((k for k in (*self._small, *self._main)
+                               if k not in skipped and not exempt(k)), None)
+            if victim is None:
                 return
             skipped.add(victim)
             yield victim
