@@ -36,7 +36,6 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,40 +86,21 @@ def has_hole(fd: int, offset: int, length: int) -> bool:
 class AnonFdSink:
     """Writes fetched runs into a cache file through the object's anonymous fd."""
 
-    def __init__(
-        self,
-        device: Device,
-        obj: OnDemandObject,
-        make_room: Callable[[], bool] | None = None,
-    ) -> None:
+    def __init__(self, device: Device, obj: OnDemandObject) -> None:
         self._device = device
         self._obj = obj
-        self._make_room = make_room
 
     def write(self, offset: int, buf: AlignedBuffer, length: int) -> None:
-        """ENOBUFS that outlives the short "object settling" retries means the cache
-        is below *stop*: ask the culler for room once, wait for its pass, write again."""
-        for attempt in range(2):
-            try:
-                with self._obj.fd.borrow() as fd:
-                    pwrite_direct(
-                        self._device.pwrite,
-                        fd,
-                        buf,
-                        length,
-                        offset,
-                        limit=self._obj.blob.size,
-                        object_may_be_settling=True,
-                    )
-                return
-            except OSError as exc:
-                if (
-                    exc.errno != errno.ENOBUFS
-                    or attempt
-                    or self._make_room is None
-                    or not self._make_room()
-                ):
-                    raise
+        with self._obj.fd.borrow() as fd:
+            pwrite_direct(
+                self._device.pwrite,
+                fd,
+                buf,
+                length,
+                offset,
+                limit=self._obj.blob.size,
+                object_may_be_settling=True,
+            )
 
     def has_hole(self, offset: int, length: int) -> bool:
         """lseek on the anonymous fd is passed to the backing cache file."""
@@ -215,12 +195,6 @@ class OnDemandDriver:
         if space is not None:
             space.join(timeout=30)
 
-    def make_room(self, timeout: float = 10.0) -> bool:
-        """Start a cull pass (or join the running one) and wait for it to end; True if
-        it ended in time. Called by fills that hit ENOBUFS."""
-        self.kick_cull("enobufs")
-        return self._cull_idle.wait(timeout)
-
     def kick_cull(self, why: str) -> None:
         if self.culler is not None and self._cull_idle.is_set():
             log.info("space.pressure", signal=why)
@@ -245,12 +219,8 @@ class OnDemandDriver:
             except Exception:
                 log.exception("space.cull_failed")
                 outcome = None
-            if kicked and (outcome is None or (outcome.needed and outcome.culled == 0)):
+            if kicked and (outcome is None or outcome.culled == 0):
                 stop.wait(backoff)  # nothing cullable: do not spin on POLLOUT
-            elif kicked and outcome is not None and outcome.culled == 0:
-                # the kernel counts blocks still being written against free space, so
-                # it may signal pressure before statvfs shows any: look again soon
-                stop.wait(0.5)
             self._cull_idle.set()
 
     def in_use_keys(self) -> set[tuple[bytes, bytes]]:
@@ -344,7 +314,7 @@ class OnDemandDriver:
         ):
             stale_ino = self._discard_unvouched(key, cache_path)
         obj = OnDemandObject(req.object_id, fd, blob, cache_path, stale_ino)
-        obj.sink = AnonFdSink(self.device, obj, self.make_room if self.culler else None)
+        obj.sink = AnonFdSink(self.device, obj)
         with self._lock:
             stale = self._objects.get(req.object_id)
             self._objects[req.object_id] = obj
