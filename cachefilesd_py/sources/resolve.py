@@ -11,7 +11,7 @@ Keys are untrusted input (any process that can mount EROFS picks them). Refused,
 the reason logged: empty keys, ``.`` and ``..``, bytes that are not printable ASCII
 (NUL, control characters, spaces, non-UTF-8), and keys longer than 255 bytes. For
 ``file://`` templates the resulting path must also stay inside the template's fixed
-directory part.
+directory part, strictly below it.
 """
 
 from __future__ import annotations
@@ -83,4 +83,6 @@ def _file_url_contained(template: str, url: str) -> bool:
     fixed = template.split("{", 1)[0]
     base = os.path.dirname(unquote(urlsplit(fixed).path)) or "/"
     path = os.path.normpath(unquote(urlsplit(url).path))
-    return path == base or path.startswith(base.rstrip("/") + "/")
+    # strictly below the base: a key of only slashes (``/`` → ``%2F``) would otherwise
+    # name the base directory itself
+    return path != base and path.startswith(base.rstrip("/") + "/")
