@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cachefilesd_py.config.load import load_config
 from cachefilesd_py.control.cli import register
-from cachefilesd_py.daemon.app import STATE_DIR_NAME
-from cachefilesd_py.engine.service import DEFAULT_CHUNK_SIZE
+from cachefilesd_py.daemon.app import STATE_DIR_NAME, engine_settings, source_settings
+from cachefilesd_py.engine.blob import BlobKey
+from cachefilesd_py.engine.service import chunk_size_for
 from cachefilesd_py.kernel.layout import object_path
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.presence.verify import verify
@@ -27,15 +29,15 @@ def _verify(args: argparse.Namespace) -> int:
     cfg = load_config(args.f)
     assert cfg.dir is not None
     volume, cookie = args.volume.encode(), args.cookie.encode()
-    path = object_path(__import__("pathlib").Path(cfg.dir), volume, cookie)
+    path = object_path(Path(cfg.dir), volume, cookie)
     url = SourceResolver(cfg.sources).resolve(volume, cookie)
     if path is None or url is None or not path.exists():
         print("no cache file or no source for that blob")
         return 1
-    source = SourceFactory().open(url)
+    source = SourceFactory(source_settings(cfg)).open(url)
     ident = source.identity(Deadline.after(cfg.fetch_timeout))
-    chunk = cfg.chunk_size or DEFAULT_CHUNK_SIZE
-    store = PresenceStore(__import__("pathlib").Path(cfg.dir) / STATE_DIR_NAME / "presence")
+    chunk = chunk_size_for(engine_settings(cfg), BlobKey(volume, cookie))
+    store = PresenceStore(Path(cfg.dir) / STATE_DIR_NAME / "presence")
     presence = store.load((volume, cookie), path, ident.size, chunk, ident.token())
 
     def read_source(off: int, n: int) -> bytes:

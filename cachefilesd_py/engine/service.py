@@ -83,11 +83,7 @@ class Engine:
     # -- blobs -----------------------------------------------------------------------
 
     def chunk_size_for(self, key: BlobKey) -> int:
-        name = blob_match_name(key)
-        for pattern, size in self.settings.chunk_size_rules:
-            if fnmatch.fnmatchcase(name, pattern):
-                return size
-        return self.settings.chunk_size
+        return chunk_size_for(self.settings, key)
 
     def open_blob(self, key: BlobKey, cache_file: Path | None, deadline: Deadline) -> Blob:
         """The blob for ``key``, shared with other kernel objects of the same key.
@@ -196,6 +192,16 @@ class Engine:
     def _checkpoint_loop(self) -> None:
         while not self._stop.wait(self.settings.checkpoint_interval):
             self.checkpoint()
+
+
+def chunk_size_for(settings: EngineSettings, key: BlobKey) -> int:
+    """The blob's chunk size: the first matching ``source_chunk_size`` rule, else the
+    default. Sidecars record it, so every reader of a sidecar must use this."""
+    name = blob_match_name(key)
+    for pattern, size in settings.chunk_size_rules:
+        if fnmatch.fnmatchcase(name, pattern):
+            return size
+    return settings.chunk_size
 
 
 def blob_match_name(key: BlobKey) -> str:
