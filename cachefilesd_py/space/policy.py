@@ -114,8 +114,10 @@ class S3FifoPolicy:
             if victim is None:
                 # the second-chance walk gave up (its step budget ran out on touched or
                 # exempt keys): the rest, in queue order, so no evictable key is missed
-                victim = next((k for k in (*self._small, *self._main)
-                               if k not in skipped and not exempt(k)), None)
+                victim = next(
+                    (k for k in (*self._small, *self._main) if k not in skipped and not exempt(k)),
+                    None,
+                )
             if victim is None:
                 return
             skipped.add(victim)

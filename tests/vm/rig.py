@@ -63,6 +63,17 @@ def mount_erofs(
     run("mount", "-t", "erofs", "none", "-o", ",".join(opts), str(mnt), timeout=timeout)
 
 
+def mount_tracked(mnt: Path, fsid: str, mounts: list[Path], **kw: object) -> None:
+    """Mount and remember the mount point, so the fixture unmounts it if the test fails."""
+    mount_erofs(mnt, fsid, **kw)  # type: ignore[arg-type]
+    mounts.append(mnt)
+
+
+def umount_tracked(mnt: Path, mounts: list[Path]) -> None:
+    run("umount", str(mnt))
+    mounts.remove(mnt)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

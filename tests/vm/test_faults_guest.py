@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from cachefilesd_py.testing.fault_server import FaultServer
-from tests.vm.rig import Daemon, mkfs_erofs, mount_erofs, run, sha256_file, tree_digests
+from tests.vm.rig import (
+    Daemon,
+    mkfs_erofs,
+    mount_tracked,
+    run,
+    sha256_file,
+    tree_digests,
+    umount_tracked,
+)
 from tests.vm.test_ondemand_guest import make_tree
 
 pytestmark = pytest.mark.guest
@@ -51,8 +59,7 @@ def served(workdir: Path, loop_fs: Callable[..., Path], daemon: Callable[[str], 
 def test_transient_faults_recover(served, workdir: Path, mounts: list[Path]) -> None:  # type: ignore[no-untyped-def]
     src, srv, d = served
     mnt = workdir / "mnt"
-    mount_erofs(mnt, "img.erofs")
-    mounts.append(mnt)
+    mount_tracked(mnt, "img.erofs", mounts)
     want = tree_digests(src)
     kinds = ("500", "reset", "truncate", "bad-range", "long", "503")
     run("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
@@ -60,8 +67,7 @@ def test_transient_faults_recover(served, workdir: Path, mounts: list[Path]) -> 
         if not srv.pending("img.erofs"):  # at most one fault outstanding at a time
             srv.fault("img.erofs", kinds[i % len(kinds)])
         assert sha256_file(mnt / rel) == digest, rel
-    run("umount", str(mnt))
-    mounts.remove(mnt)
+    umount_tracked(mnt, mounts)
     assert d.stop() == 0
     stats = [e for e in d.read_events() if e.get("event") == "stats"][-1]
     assert stats["reads_failed"] == 0
@@ -75,8 +81,7 @@ def test_persistent_faults_give_eio_then_recover(
 ) -> None:
     src, srv, d = served
     mnt = workdir / "mnt"
-    mount_erofs(mnt, "img.erofs")
-    mounts.append(mnt)
+    mount_tracked(mnt, "img.erofs", mounts)
     srv.fault("img.erofs", "500", times=100_000)
 
     want = tree_digests(src)
@@ -86,16 +91,14 @@ def test_persistent_faults_give_eio_then_recover(
     srv.clear_faults()
     run("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
     assert read_all(mnt, want) == (len(want), 0)
-    run("umount", str(mnt))
-    mounts.remove(mnt)
+    umount_tracked(mnt, mounts)
     assert d.stop() == 0
 
 
 def test_stall_ends_in_eio_not_a_hang(served, workdir: Path, mounts: list[Path]) -> None:  # type: ignore[no-untyped-def]
     src, srv, d = served
     mnt = workdir / "mnt"
-    mount_erofs(mnt, "img.erofs")
-    mounts.append(mnt)
+    mount_tracked(mnt, "img.erofs", mounts)
     srv.fault("img.erofs", "stall", times=100)
     start = time.monotonic()
     with pytest.raises(OSError) as e, open(mnt / "big.bin", "rb") as f:
@@ -106,22 +109,19 @@ def test_stall_ends_in_eio_not_a_hang(served, workdir: Path, mounts: list[Path])
     assert d.proc is not None and d.proc.poll() is None
     with open(mnt / "big.bin", "rb") as f, open(src / "big.bin", "rb") as g:
         assert f.read() == g.read()
-    run("umount", str(mnt))
-    mounts.remove(mnt)
+    umount_tracked(mnt, mounts)
     assert d.stop() == 0
 
 
 def test_blob_changed_upstream_is_refused(served, workdir: Path, mounts: list[Path]) -> None:  # type: ignore[no-untyped-def]
     src, srv, d = served
     mnt = workdir / "mnt"
-    mount_erofs(mnt, "img.erofs")
-    mounts.append(mnt)
+    mount_tracked(mnt, "img.erofs", mounts)
     data = srv.blobs["img.erofs"]
     srv.replace("img.erofs", data[:4096] + os.urandom(len(data) - 4096), '"v2"')
     want = tree_digests(src)
     _ok, eio = read_all(mnt, want)
     assert eio > 0
     assert d.count("read.failed") > 0
-    run("umount", str(mnt))
-    mounts.remove(mnt)
+    umount_tracked(mnt, mounts)
     assert d.stop() == 0
