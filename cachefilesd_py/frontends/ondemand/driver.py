@@ -36,6 +36,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,21 +87,44 @@ def has_hole(fd: int, offset: int, length: int) -> bool:
 class AnonFdSink:
     """Writes fetched runs into a cache file through the object's anonymous fd."""
 
-    def __init__(self, device: Device, obj: OnDemandObject) -> None:
+    #: writes retried after asking the culler for room (ENOBUFS below *stop*)
+    ROOM_ATTEMPTS = 4
+
+    def __init__(
+        self,
+        device: Device,
+        obj: OnDemandObject,
+        make_room: Callable[[], bool] | None = None,
+    ) -> None:
         self._device = device
         self._obj = obj
+        self._make_room = make_room
 
     def write(self, offset: int, buf: AlignedBuffer, length: int) -> None:
-        with self._obj.fd.borrow() as fd:
-            pwrite_direct(
-                self._device.pwrite,
-                fd,
-                buf,
-                length,
-                offset,
-                limit=self._obj.blob.size,
-                object_may_be_settling=True,
-            )
+        """ENOBUFS that outlives the short "object settling" retries means the cache
+        is below *stop*: ask the culler for room, wait for its pass, write again (a
+        few times: the kernel also counts blocks still being written, which drain)."""
+        for attempt in range(self.ROOM_ATTEMPTS + 1):
+            try:
+                with self._obj.fd.borrow() as fd:
+                    pwrite_direct(
+                        self._device.pwrite,
+                        fd,
+                        buf,
+                        length,
+                        offset,
+                        limit=self._obj.blob.size,
+                        object_may_be_settling=True,
+                    )
+                return
+            except OSError as exc:
+                if (
+                    exc.errno != errno.ENOBUFS
+                    or attempt == self.ROOM_ATTEMPTS
+                    or self._make_room is None
+                    or not self._make_room()
+                ):
+                    raise
 
     def has_hole(self, offset: int, length: int) -> bool:
         """lseek on the anonymous fd is passed to the backing cache file."""
@@ -140,6 +164,8 @@ class OnDemandDriver:
         self._cull_kick = threading.Event()
         self._cull_idle = threading.Event()
         self._cull_idle.set()
+        #: set when serving ends: nothing may wait for a cull pass after that
+        self._stopping = threading.Event()
         self.engine = engine
         self.cache_dir = cache_dir
         self.fetch_timeout = fetch_timeout
@@ -191,9 +217,23 @@ class OnDemandDriver:
                     poller.register(fd, select.POLLIN)
                 if ev & select.POLLIN:
                     self.drain()
+        self._stopping.set()
         self._cull_kick.set()
+        self._cull_idle.set()  # release fills waiting in make_room
         if space is not None:
             space.join(timeout=30)
+
+    def make_room(self, timeout: float = 10.0) -> bool:
+        """Start a cull pass (or join the running one), wait for it to end, then pause
+        briefly. False when the daemon is stopping (no pass will come) or the pass
+        did not end in time. Called by fills that hit ENOBUFS."""
+        if self._stopping.is_set():
+            return False
+        self.kick_cull("enobufs")
+        if not self._cull_idle.wait(timeout) or self._stopping.is_set():
+            return False
+        self._stopping.wait(0.2)
+        return not self._stopping.is_set()
 
     def kick_cull(self, why: str) -> None:
         if self.culler is not None and self._cull_idle.is_set():
@@ -219,8 +259,12 @@ class OnDemandDriver:
             except Exception:
                 log.exception("space.cull_failed")
                 outcome = None
-            if kicked and (outcome is None or outcome.culled == 0):
+            if kicked and (outcome is None or (outcome.needed and outcome.culled == 0)):
                 stop.wait(backoff)  # nothing cullable: do not spin on POLLOUT
+            elif kicked and outcome is not None and outcome.culled == 0:
+                # statvfs shows no shortage but the kernel signalled one (it also
+                # counts blocks still being written): look again soon, not in 5 s
+                stop.wait(0.5)
             self._cull_idle.set()
 
     def in_use_keys(self) -> set[tuple[bytes, bytes]]:
@@ -314,7 +358,7 @@ class OnDemandDriver:
         ):
             stale_ino = self._discard_unvouched(key, cache_path)
         obj = OnDemandObject(req.object_id, fd, blob, cache_path, stale_ino)
-        obj.sink = AnonFdSink(self.device, obj)
+        obj.sink = AnonFdSink(self.device, obj, self.make_room if self.culler else None)
         with self._lock:
             stale = self._objects.get(req.object_id)
             self._objects[req.object_id] = obj

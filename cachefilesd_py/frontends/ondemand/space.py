@@ -58,6 +58,8 @@ class CullOutcome:
     freed_bytes: int = 0
     busy: int = 0
     pinned: int = 0
+    #: whether the limits asked for anything to be freed at all
+    needed: bool = False
 
 
 class OnDemandCuller:
@@ -167,6 +169,7 @@ class OnDemandCuller:
         over = self.volumes_over_cap(result.oldest)
         if need_bytes <= 0 and need_objects <= 0 and not over:
             return out
+        out.needed = True
         busy_keys = self.in_use()
         for cand in self.order(result.oldest):
             key = key_of(cand)
