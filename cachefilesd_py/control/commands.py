@@ -29,7 +29,10 @@ def _verify(args: argparse.Namespace) -> int:
     cfg = load_config(args.f)
     assert cfg.dir is not None
     volume, cookie = args.volume.encode(), args.cookie.encode()
-    path = object_path(Path(cfg.dir), volume, cookie)
+    try:
+        path: Path | None = object_path(Path(cfg.dir), volume, cookie)
+    except ValueError:  # a key the kernel could not have stored
+        path = None
     url = SourceResolver(cfg.sources).resolve(volume, cookie)
     if path is None or url is None or not path.exists():
         print("no cache file or no source for that blob")

@@ -31,8 +31,6 @@ EIO). Nothing is marked present for a run whose fetch or write failed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,7 +38,7 @@ import structlog
 
 from cachefilesd_py.engine.blob import Blob, InFlight
 from cachefilesd_py.errors import SourceError
-from cachefilesd_py.kernel.dio import AlignedBuffer
+from cachefilesd_py.kernel.dio import AlignedBuffer, BufferPool
 from cachefilesd_py.sources.policy import Deadline
 
 log = structlog.get_logger("engine")
@@ -56,35 +54,6 @@ class Sink(Protocol):
     def has_hole(self, offset: int, length: int) -> bool:
         """Whether the cache file has a hole in the range (SEEK_DATA/SEEK_HOLE). Used
         only to tell a lying bitmap from a READ that raced with a finished fill."""
-
-
-class BufferPool:
-    """A fixed set of page-aligned buffers of ``size`` bytes; ``borrow`` blocks when
-    all are in use, which bounds the memory the fills hold at once."""
-
-    def __init__(self, size: int, count: int) -> None:
-        self.size = size
-        self._free = [AlignedBuffer(size) for _ in range(count)]
-        self._cond = threading.Condition()
-
-    @contextmanager
-    def borrow(self) -> Iterator[AlignedBuffer]:
-        with self._cond:
-            while not self._free:
-                self._cond.wait()
-            buf = self._free.pop()
-        try:
-            yield buf
-        finally:
-            with self._cond:
-                self._free.append(buf)
-                self._cond.notify()
-
-    def close(self) -> None:
-        with self._cond:
-            for buf in self._free:
-                buf.close()
-            self._free.clear()
 
 
 @dataclass

@@ -25,8 +25,9 @@ from pathlib import Path
 import structlog
 
 from cachefilesd_py.engine.blob import Blob, BlobKey
-from cachefilesd_py.engine.fill import BufferPool, Filler, Sink
+from cachefilesd_py.engine.fill import Filler, Sink
 from cachefilesd_py.errors import SourceError, SourceNotFound
+from cachefilesd_py.kernel.dio import BufferPool
 from cachefilesd_py.presence.bitmap import ChunkGeometry
 from cachefilesd_py.presence.store import BlobPresence, PresenceStore
 from cachefilesd_py.sources.base import BlobIdentity, Source

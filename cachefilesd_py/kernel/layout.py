@@ -1,39 +1,69 @@
-"""Where cachefiles puts a cache object on disk (Linux ≥ 5.17 layout).
+"""Where cachefiles puts a cache object on disk (the Linux >= 5.17 layout). Pure.
+
+::
 
     <dir>/cache/I<volume key>/@<xx>/<object name>
 
-- the volume directory is ``I`` + the volume key (for EROFS ``erofs,<fsid>`` or
-  ``erofs,<domain_id>``); the key becomes a directory name, so it cannot hold ``/``;
-- ``xx`` is the low byte of the cookie's hash, in two lowercase hex digits (256
-  fan-out directories ``@00``..``@ff`` per volume);
-- the object name is ``D`` + the cookie key when every byte of the key is printable
-  (``!``..``~``) and not ``/``. Other keys get ``S``/``T``/``E`` encodings, which this
-  module does not compute: :func:`object_path` returns None for them, and the daemon
-  then simply does not bind presence sidecars for such blobs (it still serves them).
+Restated from ondemand-protocol.md §3.5 and the kernel's ``fs/cachefiles/volume.c``,
+``key.c`` and ``fs/netfs/fscache_{main,volume,cookie}.c`` (read, not copied):
 
-The hash is fscache's (fs/netfs/fscache_main.c, restated from
-shared/reference/ondemand-protocol.md §3.5): words of the key are mixed two ways
-(``x ^= w; y ^= x; x = rol(x, 7); x += y; y = rol(y, 20); y *= 9``, all modulo 2**32) and
-folded as ``h(y ^ h(x))`` with ``h(v) = v * 0x61C88647``. The volume hash hashes, from a
-zero salt, the volume key prefixed with its length byte and zero-padded to a 4-byte
-multiple with at least one NUL; the cookie hash hashes the cookie key, zero-padded to a
-4-byte multiple, salted with the volume hash.
+**Volume directory.** ``I`` followed by the volume key's bytes as they are: no escaping.
+For EROFS the key is ``erofs,<fsid>`` or ``erofs,<domain_id>``. A key holding ``/`` or
+NUL, or one so long that ``I`` + key exceeds NAME_MAX, cannot become a directory.
+
+**Fan-out directory.** ``@`` and the low byte of the cookie's hash as two lowercase hex
+digits; every volume has all 256 (``@00``..``@ff``).
+
+**The hash** (``fscache_hash``) reads its input as little-endian 32-bit words (the
+input is always a whole number of words) and keeps two 32-bit accumulators, ``x = 0``
+and ``y = salt``. For each word ``w``: ``x ^= w``, ``y ^= x``, ``x`` is rotated left
+by 7, ``x += y``, ``y`` is rotated left by 20, ``y *= 9`` (all modulo 2**32). The result
+folds the two with the 32-bit golden-ratio multiply ``h(v) = v * 0x61C88647``:
+``h(y ^ h(x))``.
+
+- The *volume hash* hashes, with salt 0, the volume key laid out as one length byte,
+  the key bytes, then zero bytes up to a multiple of 4 with at least one of them.
+- The *cookie hash* hashes the cookie key padded with zero bytes to a multiple of 4,
+  salted with the volume hash.
+
+**Object name** (``cachefiles_cook_key``), from the cookie key ``k``:
+
+- ``D`` + ``k`` if every byte is "printable" for a file name: 0x21..0x2E or 0x30..0x7F
+  (space, controls and ``/`` excluded; note that 0x7F *is* accepted);
+- otherwise the key, zero-padded to whole 32-bit words, is considered as a list of
+  words, once read big-endian and once little-endian. Each word costs one separator
+  plus its count of hex digits without leading zeros (a zero word costs only the
+  separator). The base64-like form costs ``2 + 4 * ceil(len(k) / 3)`` characters. If
+  either word form is shorter than that, the cheaper one wins (big-endian on a tie):
+  ``S`` (big-endian) or ``T`` (little-endian), then the words in lowercase hex without
+  leading zeros, separated by commas, a zero word written as nothing (``S,1`` is the
+  words 0 and 1);
+- otherwise ``E``, the digit ``'0' + pad`` (pad = bytes missing from the last 3-byte
+  group), then four characters per 3-byte group: the group read little-endian as a
+  24-bit number, its 6-bit pieces from the lowest up, each mapped through
+  ``0-9 a-z A-Z _ -``.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
+from typing import Final
 
-_MASK = 0xFFFFFFFF
-GOLDEN_RATIO_32 = 0x61C88647
+_MASK: Final = 0xFFFFFFFF
+GOLDEN_RATIO_32: Final = 0x61C88647
+NAME_MAX: Final = 255
+#: the 64 characters of the ``E`` encoding, by 6-bit value
+B64_ALPHABET: Final = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-"
+assert len(B64_ALPHABET) == 64
 
 
 def _rol32(v: int, n: int) -> int:
     return ((v << n) | (v >> (32 - n))) & _MASK
 
 
-def _h32(v: int) -> int:
+def _golden(v: int) -> int:
     return (v * GOLDEN_RATIO_32) & _MASK
 
 
@@ -42,7 +72,7 @@ def _pad4(data: bytes) -> bytes:
 
 
 def fscache_hash(salt: int, data: bytes) -> int:
-    """fscache's hash of ``data`` (a multiple of 4 bytes) with ``salt``."""
+    """fscache's hash of ``data`` (a whole number of 32-bit words) with ``salt``."""
     if len(data) % 4:
         raise ValueError("fscache_hash needs whole 32-bit words")
     x, y = 0, salt & _MASK
@@ -53,42 +83,89 @@ def fscache_hash(salt: int, data: bytes) -> int:
         x = (x + y) & _MASK
         y = _rol32(y, 20)
         y = (y * 9) & _MASK
-    return _h32(y ^ _h32(x))
+    return _golden(y ^ _golden(x))
+
+
+def _volume_key(volume_key: bytes) -> bytes:
+    """The key without its C terminator (one trailing NUL is tolerated)."""
+    key = volume_key[:-1] if volume_key.endswith(b"\0") else volume_key
+    if b"\0" in key:
+        raise ValueError(f"volume key {volume_key!r} holds a NUL")
+    if len(key) > 255:
+        raise ValueError(f"volume key of {len(key)} bytes: fscache allows at most 255")
+    return key
 
 
 def volume_hash(volume_key: bytes) -> int:
-    key = volume_key.rstrip(b"\0")
-    if len(key) > 255:
-        raise ValueError("volume key longer than 255 bytes")
-    buf = bytes([len(key)]) + key + b"\0"
-    return fscache_hash(0, _pad4(buf))
+    key = _volume_key(volume_key)
+    return fscache_hash(0, _pad4(bytes([len(key)]) + key + b"\0"))
 
 
 def cookie_hash(volume_key: bytes, cookie_key: bytes) -> int:
     return fscache_hash(volume_hash(volume_key), _pad4(cookie_key))
 
 
-def _printable(key: bytes) -> bool:
-    return bool(key) and all(0x21 <= b <= 0x7E and b != 0x2F for b in key)
+def fanout_dir_name(volume_key: bytes, cookie_key: bytes) -> str:
+    return f"@{cookie_hash(volume_key, cookie_key) & 0xFF:02x}"
 
 
-def object_file_name(cookie_key: bytes) -> str | None:
-    """``D<key>`` for printable keys, None for keys that need another encoding."""
-    return "D" + cookie_key.decode("ascii") if _printable(cookie_key) else None
+def _printable(byte: int) -> bool:
+    return 0x21 <= byte <= 0x7F and byte != 0x2F
 
 
-def volume_dir_name(volume_key: bytes) -> str | None:
-    key = volume_key.rstrip(b"\0")
-    if not key or b"/" in key or b"\0" in key:
-        return None
-    return "I" + key.decode("utf-8", "surrogateescape")
+def _hex_digits(word: int) -> int:
+    return (word.bit_length() + 3) // 4
 
 
-def object_path(cache_dir: Path, volume_key: bytes, cookie_key: bytes) -> Path | None:
-    """The path the kernel gives the object's file, or None if not computable here."""
-    vol = volume_dir_name(volume_key)
+def object_file_name(cookie_key: bytes) -> str:
+    """The kernel's file name for a cookie key: ``D``, ``S``, ``T`` or ``E`` form.
+
+    Returned as ``str`` for :class:`pathlib.Path` (bytes >= 0x80 never reach a name;
+    0x7F is decoded as itself)."""
+    if not cookie_key:
+        raise ValueError("empty cookie key")
+    if all(_printable(b) for b in cookie_key):
+        return "D" + cookie_key.decode("ascii")
+    padded = _pad4(cookie_key)
+    be = [w for (w,) in struct.iter_unpack(">I", padded)]
+    le = [w for (w,) in struct.iter_unpack("<I", padded)]
+    cost_be = sum(1 + _hex_digits(w) for w in be)
+    cost_le = sum(1 + _hex_digits(w) for w in le)
+    groups = -(-len(cookie_key) // 3)
+    cost_b64 = 2 + 4 * groups
+    if cost_be < cost_b64 or cost_le < cost_b64:
+        words, mark = (be, "S") if cost_be <= cost_le else (le, "T")
+        return mark + ",".join(f"{w:x}" if w else "" for w in words)
+    pad = groups * 3 - len(cookie_key)
+    out = ["E", str(pad)]
+    for i in range(0, len(cookie_key), 3):
+        acc = int.from_bytes(cookie_key[i : i + 3], "little")
+        out.extend(B64_ALPHABET[(acc >> shift) & 63] for shift in (0, 6, 12, 18))
+    return "".join(out)
+
+
+def volume_dir_name(volume_key: bytes) -> str:
+    """``I`` + the volume key, as a ``str`` path component (undecodable bytes are kept
+    through the filesystem encoding's surrogate escapes). ValueError if the kernel
+    could not make such a directory."""
+    key = _volume_key(volume_key)
+    if b"/" in key:
+        raise ValueError(f"volume key {volume_key!r} holds a '/'")
+    if 1 + len(key) > NAME_MAX:
+        raise ValueError(f"volume key of {len(key)} bytes makes a name over NAME_MAX")
+    return "I" + os.fsdecode(key)
+
+
+def object_path(cache_dir: Path | str, volume_key: bytes, cookie_key: bytes) -> Path:
+    """``<cache_dir>/cache/I<volume>/@xx/<name>``: where the kernel keeps (commits) the
+    object's file. ValueError for keys the kernel cannot store."""
     name = object_file_name(cookie_key)
-    if vol is None or name is None:
-        return None
-    fan = f"@{cookie_hash(volume_key, cookie_key) & 0xFF:02x}"
-    return Path(cache_dir) / "cache" / vol / fan / name
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise ValueError(f"object name of {len(name)} characters exceeds NAME_MAX")
+    return (
+        Path(cache_dir)
+        / "cache"
+        / volume_dir_name(volume_key)
+        / fanout_dir_name(volume_key, cookie_key)
+        / name
+    )

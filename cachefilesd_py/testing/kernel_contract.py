@@ -1,10 +1,20 @@
 """Kernel contract cases: the same expectations, run against the fake and the real kernel.
 
 Each ``case_*`` function takes a :class:`KernelHarness` and checks one piece of the
-on-demand protocol as the *kernel* implements it (not the daemon). The integration
-tier runs them on :class:`~cachefilesd_py.testing.fake_kernel.FakeCachefiles`; the guest
-tier runs them on the real 6.12 kernel with EROFS mounts. When both pass, the fake is
-honest about what it models.
+on-demand protocol as the *kernel* implements it (not the daemon): the integration
+tier runs them on :class:`~cachefilesd_py.testing.fake_kernel.FakeCachefiles`
+(``FakeHarness``), the guest tier on the real 6.12 kernel with EROFS mounts. When both
+pass, the fake is honest about what it models. :data:`CASES` lists them all.
+
+A case drives the device itself with :class:`MiniDaemon`, a few lines of protocol
+handling (OPEN → ``copen`` with the image size, READ → fill from the image and
+READ_COMPLETE, CLOSE → note it) whose behaviour a case can override per request. It is
+deliberately not the project's engine: these cases test the kernel side.
+
+Blocking actions (a mount waits for the OPEN to be answered, a read for its READ, an
+umount for its CLOSE to be read) run in background threads while the case serves the
+device. Every wait is bounded; a case that runs out of time fails with a message.
+Each case uses its own fsids, so a harness may run several cases on one cache.
 """
 
 from __future__ import annotations
@@ -12,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import mmap
 import os
 import select
 import time
@@ -21,183 +30,415 @@ from typing import Protocol
 
 from cachefilesd_py.frontends.ondemand import wire
 from cachefilesd_py.kernel.device import Device
+from cachefilesd_py.kernel.dio import PAGE_SIZE, AlignedBuffer, pwrite_direct, round_up
+from cachefilesd_py.testing.fake_kernel import Background
+
+#: how long any single step may take (TCG-emulated guests are slow)
+STEP_TIMEOUT = 60.0
 
 
 class MountHandle(Protocol):
     def wait(self, timeout: float) -> int:
-        """0 once mounted, or the errno the mount failed with."""
+        """0 once mounted, or the errno the mount failed with (ETIMEDOUT: not yet)."""
+        ...
 
     def read(self, offset: int, length: int) -> bytes:
-        """Read ``payload[offset:offset+length]`` through the mount (raises OSError)."""
+        """Read ``payload[offset:offset+length]`` through the mount (OSError on
+        failure); blocks until the kernel has what it needs."""
+        ...
 
     def umount(self) -> None: ...
 
 
 class KernelHarness(Protocol):
+    #: already bound in on-demand mode
     device: Device
-    image: bytes  #: the primary blob the kernel asks for
-    payload_offset: int  #: where the payload's bytes sit in ``image``
+    #: the primary blob's full bytes (an EROFS image on the real kernel)
+    image: bytes
+    #: where the payload's bytes sit in ``image``
+    payload_offset: int
     payload: bytes
 
-    def mount(self, fsid: str) -> MountHandle: ...
+    def mount(self, fsid: str) -> MountHandle:
+        """Start mounting ``fsid`` in the background (volume ``erofs,<fsid>``, cookie
+        ``<fsid>``)."""
+        ...
 
 
-def next_message(h: KernelHarness, timeout: float = 20) -> wire.Request:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        buf = h.device.read_message()
-        if buf:
-            return wire.decode(buf)
-        select.select([h.device.fileno()], [], [], 0.05)
-    raise TimeoutError("no message from the kernel")
+ReadHook = Callable[[wire.ReadRequest, int], None]
+OpenHook = Callable[[wire.OpenRequest], None]
 
 
-def fill(h: KernelHarness, fd: int, req: wire.ReadRequest) -> None:
-    end = min(len(h.image), req.offset + req.length)
-    padded = -(-(end - req.offset) // 4096) * 4096
-    buf = mmap.mmap(-1, max(padded, 4096))
-    buf[: end - req.offset] = h.image[req.offset : end]
-    h.device.pwrite(fd, memoryview(buf)[:padded], req.offset)
-    buf.close()
+class MiniDaemon:
+    """Minimal protocol handling for contract cases (see the module docstring)."""
 
+    def __init__(self, h: KernelHarness) -> None:
+        self.h = h
+        #: object_id → anonymous fd, for every OPEN seen
+        self.fds: dict[int, int] = {}
+        #: every request read, in order
+        self.seen: list[wire.Request] = []
+        #: overrides the default answer to a READ; must complete it itself
+        self.on_read: ReadHook | None = None
+        #: overrides the default answer to an OPEN; must copen it itself
+        self.on_open: OpenHook | None = None
+        self._mounts: list[tuple[str, MountHandle]] = []
+        self._unmounted: set[int] = set()
 
-def serve(
-    h: KernelHarness,
-    until: Callable[[], bool],
-    fds: dict[int, int],
-    on_read: Callable[[wire.ReadRequest, int], None] | None = None,
-) -> list[wire.Request]:
-    """A minimal daemon: answer OPEN with the image size, fill READs (or let
-    ``on_read`` decide), note CLOSEs; until ``until()`` is true."""
-    seen: list[wire.Request] = []
-    end = time.monotonic() + 60
-    while not until() and time.monotonic() < end:
-        buf = h.device.read_message()
-        if not buf:
-            select.select([h.device.fileno()], [], [], 0.02)
-            continue
-        req = wire.decode(buf)
-        seen.append(req)
+    # -- requests -----------------------------------------------------------------------
+
+    def next_request(self, timeout: float = STEP_TIMEOUT) -> wire.Request:
+        """The next request, recorded but not answered."""
+        end = time.monotonic() + timeout
+        while True:
+            buf = self.h.device.read_message()
+            if buf:
+                req = wire.decode(buf)
+                self.seen.append(req)
+                if isinstance(req, wire.OpenRequest):
+                    self.fds[req.object_id] = req.fd
+                return req
+            if time.monotonic() > end:
+                raise AssertionError("no request from the kernel in time")
+            select.select([self.h.device.fileno()], [], [], 0.05)
+
+    def answer(self, req: wire.Request) -> None:
+        """The default answer, or the case's hook."""
         if isinstance(req, wire.OpenRequest):
-            fds[req.object_id] = req.fd
-            h.device.write_command(wire.encode_copen(req.msg_id, len(h.image)))
-        elif isinstance(req, wire.ReadRequest):
-            fd = fds[req.object_id]
-            if on_read is not None:
-                on_read(req, fd)
+            if self.on_open is not None:
+                self.on_open(req)
             else:
-                fill(h, fd, req)
-                h.device.read_complete(fd, req.msg_id)
-    return seen
+                self.h.device.write_command(wire.encode_copen(req.msg_id, len(self.h.image)))
+        elif isinstance(req, wire.ReadRequest):
+            fd = self.fds[req.object_id]
+            if self.on_read is not None:
+                self.on_read(req, fd)
+            else:
+                self.fill(req, fd)
+                self.h.device.read_complete(fd, req.msg_id)
+
+    def fill(self, req: wire.ReadRequest, fd: int) -> None:
+        """Write the image's bytes for ``req`` through ``fd`` (page-aligned buffer,
+        padded and clipped for direct I/O)."""
+        end = min(len(self.h.image), req.offset + req.length)
+        if end <= req.offset:
+            return
+        with AlignedBuffer(round_up(end - req.offset)) as buf:
+            buf.view[: end - req.offset] = self.h.image[req.offset : end]
+            pwrite_direct(
+                self.h.device.pwrite,
+                fd,
+                buf,
+                end - req.offset,
+                req.offset,
+                limit=len(self.h.image),
+                object_may_be_settling=True,
+            )
+
+    def serve_until(
+        self, done: Callable[[], bool], what: str, timeout: float = STEP_TIMEOUT
+    ) -> list[wire.Request]:
+        """Answer requests until ``done()``; returns the requests handled meanwhile."""
+        start = len(self.seen)
+        end = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > end:
+                raise AssertionError(f"timed out serving until {what}")
+            buf = self.h.device.read_message()
+            if not buf:
+                select.select([self.h.device.fileno()], [], [], 0.02)
+                continue
+            req = wire.decode(buf)
+            self.seen.append(req)
+            if isinstance(req, wire.OpenRequest):
+                self.fds[req.object_id] = req.fd
+            self.answer(req)
+        return self.seen[start:]
+
+    def run(self, fn: Callable[[], object], what: str) -> list[wire.Request]:
+        """Run a blocking call in the background while serving; re-raise its error."""
+        job: Background[object] = Background(fn)
+        handled = self.serve_until(job.done, what)
+        job.result(0)
+        return handled
+
+    # -- mounts -------------------------------------------------------------------------
+
+    def mount(self, fsid: str) -> MountHandle:
+        """Mount and serve until the mount succeeded (AssertionError otherwise)."""
+        m = self.start_mount(fsid)
+        self.serve_until(lambda: m.wait(0) != errno.ETIMEDOUT, f"{fsid} is mounted")
+        result = m.wait(0)
+        assert result == 0, f"mount of {fsid} failed: {os.strerror(result)}"
+        return m
+
+    def start_mount(self, fsid: str) -> MountHandle:
+        m = self.h.mount(fsid)
+        self._mounts.append((fsid, m))
+        return m
+
+    def read(self, m: MountHandle, offset: int, length: int) -> bytes | int:
+        """Read through a mount while serving: the bytes, or the errno it failed with."""
+        job = Background(m.read, offset, length)
+        self.serve_until(job.done, f"a read of {length} at {offset}")
+        try:
+            return job.result(0)
+        except OSError as exc:
+            return exc.errno or -1
+
+    def umount(self, m: MountHandle) -> list[wire.Request]:
+        self._unmounted.add(id(m))
+        return self.run(m.umount, "umount")
+
+    def finish(self) -> None:
+        """Umount what is still mounted (serving its CLOSEs), close every anon fd."""
+        for _fsid, m in self._mounts:
+            if id(m) not in self._unmounted and m.wait(0) == 0:
+                self.umount(m)
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                self.h.device.close_fd(fd)
+        self.fds.clear()
 
 
-def _mounted(handle: MountHandle) -> Callable[[], bool]:
-    state = {"done": False}
-
-    def check() -> bool:
-        if not state["done"]:
-            state["done"] = handle.wait(0) == 0
-        return state["done"]
-
-    return check
+def _payload_via(d: MiniDaemon, m: MountHandle) -> bytes:
+    got = d.read(m, 0, len(d.h.payload))
+    assert isinstance(got, bytes), f"payload read failed: {os.strerror(got)}"
+    return got
 
 
-def _close_all(h: KernelHarness, fds: dict[int, int]) -> None:
-    for fd in fds.values():
-        with contextlib.suppress(OSError):
-            h.device.close_fd(fd)
-
-
-def case_open_message_and_full_serve(h: KernelHarness) -> None:
-    m = h.mount("contract.img")
-    req = next_message(h)
-    assert isinstance(req, wire.OpenRequest), req
-    assert req.volume_key == b"erofs,contract.img" and req.cookie_key == b"contract.img"
-    assert not fcntl.fcntl(req.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC, "kernel set CLOEXEC"
-    fds = {req.object_id: req.fd}
-    h.device.write_command(wire.encode_copen(req.msg_id, len(h.image)))
-    serve(h, _mounted(m), fds)
-    assert m.wait(10) == 0
-    got: list[bytes] = []
-    import threading
-
-    t = threading.Thread(target=lambda: got.append(m.read(0, len(h.payload))))
-    t.start()
-    serve(h, lambda: not t.is_alive(), fds)
-    t.join()
-    assert got == [h.payload]
-    closes: list[wire.Request] = []
-    u = threading.Thread(target=m.umount)
-    u.start()
-    closes = serve(h, lambda: not u.is_alive(), fds)
-    u.join()
-    assert [r.object_id for r in closes if isinstance(r, wire.CloseRequest)] == list(fds)
-    _close_all(h, fds)
-
-
-def case_copen_errors(h: KernelHarness) -> None:
-    m = h.mount("refused.img")
-    req = next_message(h)
-    assert isinstance(req, wire.OpenRequest)
+def _expect_errno(call: Callable[[], object], expected: int, what: str) -> None:
     try:
-        h.device.write_command(wire.encode_copen(req.msg_id + 1000, 4096))
-        raise AssertionError("copen of an unknown id succeeded")
+        call()
     except OSError as exc:
-        assert exc.errno == errno.EINVAL, exc
-    h.device.write_command(wire.encode_copen(req.msg_id, -errno.ENOENT))
-    got = m.wait(20)
-    # EROFS does not pass the OPEN's errno through: the cookie lookup fails and the
-    # superblock read then fails with EIO, or with ENOBUFS when it finds no cache object
-    # (both seen on 6.12, depending on timing).
-    assert got in (errno.EIO, errno.ENOBUFS), f"mount failed with {got} ({os.strerror(got)})"
-    h.device.close_fd(req.fd)
+        assert exc.errno == expected, (
+            f"{what}: {errno.errorcode.get(exc.errno or 0)}, expected {errno.errorcode[expected]}"
+        )
+        return
+    raise AssertionError(f"{what} succeeded, expected {errno.errorcode[expected]}")
 
 
-def case_unfilled_read_gives_eio_and_bad_completions(h: KernelHarness) -> None:
-    import threading
-
-    m = h.mount("eio.img")
-    fds: dict[int, int] = {}
-    serve(h, _mounted(m), fds)
-    result: list[object] = []
-
-    def reader() -> None:
-        try:
-            result.append(m.read(0, 4096))
-        except OSError as exc:
-            result.append(exc.errno)
-
-    t = threading.Thread(target=reader)
-    t.start()
-    checks: list[str] = []
-
-    def on_read(req: wire.ReadRequest, fd: int) -> None:
-        try:
-            h.device.read_complete(fd, req.msg_id + 1000)
-            checks.append("unknown id accepted")
-        except OSError as exc:
-            checks.append("EINVAL" if exc.errno == errno.EINVAL else f"errno {exc.errno}")
-        unaligned = mmap.mmap(-1, 4096)
-        try:
-            h.device.pwrite(fd, memoryview(unaligned), req.offset + 512)
-            checks.append("unaligned write accepted")
-        except OSError as exc:
-            checks.append("ENOBUFS" if exc.errno == errno.ENOBUFS else f"errno {exc.errno}")
-        h.device.read_complete(fd, req.msg_id)  # no data written
-
-    serve(h, lambda: not t.is_alive(), fds, on_read)
-    t.join()
-    assert result == [errno.EIO], result
-    assert checks[:2] == ["EINVAL", "ENOBUFS"], checks
-    u = threading.Thread(target=m.umount)
-    u.start()
-    serve(h, lambda: not u.is_alive(), fds)
-    u.join()
-    _close_all(h, fds)
+# == the cases ===========================================================================
 
 
-CASES = [
-    case_open_message_and_full_serve,
-    case_copen_errors,
-    case_unfilled_read_gives_eio_and_bad_completions,
+def case_open_message(h: KernelHarness) -> None:
+    """OPEN carries volume ``erofs,<fsid>``, cookie ``<fsid>``, flags 0 and a valid fd
+    that is not close-on-exec; ``copen`` with the image size lets the mount finish."""
+    d = MiniDaemon(h)
+    try:
+        m = d.start_mount("open.img")
+        req = d.next_request()
+        assert isinstance(req, wire.OpenRequest), req
+        assert req.volume_key == b"erofs,open.img", req.volume_key
+        assert req.cookie_key == b"open.img", req.cookie_key
+        assert req.flags == 0, req.flags
+        os.fstat(req.fd)  # EBADF if the kernel did not install it
+        assert not fcntl.fcntl(req.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC, "fd is CLOEXEC"
+        d.answer(req)
+        d.serve_until(lambda: m.wait(0) != errno.ETIMEDOUT, "mounted")
+        assert m.wait(0) == 0
+    finally:
+        d.finish()
+
+
+def case_copen_unknown_id_is_einval(h: KernelHarness) -> None:
+    """``copen`` naming no pending OPEN fails with EINVAL and touches nothing: the
+    real OPEN is still there to be answered."""
+    d = MiniDaemon(h)
+    try:
+        m = d.start_mount("unknown-id.img")
+        req = d.next_request()
+        assert isinstance(req, wire.OpenRequest), req
+        bogus = (req.msg_id + 1000) % wire.U32_LIMIT
+        _expect_errno(
+            lambda: h.device.write_command(wire.encode_copen(bogus, len(h.image))),
+            errno.EINVAL,
+            "copen of an unknown id",
+        )
+        d.answer(req)
+        d.serve_until(lambda: m.wait(0) != errno.ETIMEDOUT, "mounted")
+        assert m.wait(0) == 0
+    finally:
+        d.finish()
+
+
+def case_refused_open_fails_the_mount(h: KernelHarness) -> None:
+    """``copen <id>,-ENOENT`` succeeds as a write and fails the lookup. EROFS does not
+    pass the errno on: 6.12 fails the mount with EIO, or with ENOBUFS when the
+    superblock read finds no cache object (both seen, depending on timing)."""
+    d = MiniDaemon(h)
+    try:
+        m = d.start_mount("refused.img")
+        req = d.next_request()
+        assert isinstance(req, wire.OpenRequest), req
+        h.device.write_command(wire.encode_copen(req.msg_id, -errno.ENOENT))
+        d.serve_until(lambda: m.wait(0) != errno.ETIMEDOUT, "the mount failed")
+        got = m.wait(0)
+        assert got in (errno.EIO, errno.ENOBUFS), f"mount ended with {os.strerror(got)}"
+    finally:
+        d.finish()
+
+
+def case_serve_everything(h: KernelHarness) -> None:
+    """Filling every READ from the image makes the payload read back identical."""
+    d = MiniDaemon(h)
+    try:
+        m = d.mount("all.img")
+        assert _payload_via(d, m) == h.payload
+        assert any(isinstance(r, wire.ReadRequest) for r in d.seen), "no READ at all"
+    finally:
+        d.finish()
+
+
+def case_unfilled_read_gives_eio(h: KernelHarness) -> None:
+    """A READ completed without writing gives the reader EIO; the object stays usable:
+    the same range read again is asked for again and served."""
+    d = MiniDaemon(h)
+    try:
+        m = d.mount("eio.img")
+        failed: list[int] = []
+
+        def complete_empty(req: wire.ReadRequest, fd: int) -> None:
+            failed.append(req.msg_id)
+            h.device.read_complete(fd, req.msg_id)
+
+        d.on_read = complete_empty
+        got = d.read(m, 0, PAGE_SIZE)
+        assert got == errno.EIO, f"unfilled READ gave {got!r}, expected EIO"
+        assert failed, "no READ was sent for the read"
+        d.on_read = None
+        assert d.read(m, 0, PAGE_SIZE) == h.payload[:PAGE_SIZE]
+    finally:
+        d.finish()
+
+
+def case_unaligned_pwrite_is_enobufs(h: KernelHarness) -> None:
+    """A write through the anon fd at an offset that is not page aligned fails with
+    ENOBUFS (a DIO misfit); an aligned one then succeeds."""
+    d = MiniDaemon(h)
+    try:
+        m = d.mount("misfit.img")
+        checked: list[bool] = []
+
+        def misaligned_first(req: wire.ReadRequest, fd: int) -> None:
+            if not checked:
+                with AlignedBuffer(PAGE_SIZE) as buf:
+                    _expect_errno(
+                        lambda: h.device.pwrite(fd, buf.view, req.offset + 512),
+                        errno.ENOBUFS,
+                        "unaligned pwrite",
+                    )
+                checked.append(True)
+            d.fill(req, fd)
+            h.device.read_complete(fd, req.msg_id)
+
+        d.on_read = misaligned_first
+        assert _payload_via(d, m) == h.payload
+        assert checked, "no READ came to check with"
+    finally:
+        d.finish()
+
+
+def case_read_complete_unknown_id_is_einval(h: KernelHarness) -> None:
+    """READ_COMPLETE of an id that is no pending request fails with EINVAL; the real
+    READ is unaffected."""
+    d = MiniDaemon(h)
+    try:
+        m = d.mount("cread.img")
+        checked: list[bool] = []
+
+        def bogus_first(req: wire.ReadRequest, fd: int) -> None:
+            if not checked:
+                bogus = (req.msg_id + 1000) % wire.U32_LIMIT
+                _expect_errno(
+                    lambda: h.device.read_complete(fd, bogus),
+                    errno.EINVAL,
+                    "READ_COMPLETE of an unknown id",
+                )
+                checked.append(True)
+            d.fill(req, fd)
+            h.device.read_complete(fd, req.msg_id)
+
+        d.on_read = bogus_first
+        assert _payload_via(d, m) == h.payload
+        assert checked
+    finally:
+        d.finish()
+
+
+def case_read_complete_needs_the_objects_fd(h: KernelHarness) -> None:
+    """Since 6.10 a READ can be completed only through an fd of its own object:
+    completing object A's READ through object B's fd fails with EINVAL."""
+    d = MiniDaemon(h)
+    try:
+        a = d.mount("object-a.img")
+        d.mount("object-b.img")
+        opens = [r for r in d.seen if isinstance(r, wire.OpenRequest)]
+        assert len(opens) == 2, opens
+        fd_of = {r.cookie_key: r.fd for r in opens}
+        checked: list[bool] = []
+
+        def through_b_first(req: wire.ReadRequest, fd: int) -> None:
+            assert fd == fd_of[b"object-a.img"], "READ for the wrong object"
+            if not checked:
+                _expect_errno(
+                    lambda: h.device.read_complete(fd_of[b"object-b.img"], req.msg_id),
+                    errno.EINVAL,
+                    "READ_COMPLETE through another object's fd",
+                )
+                checked.append(True)
+            d.fill(req, fd)
+            h.device.read_complete(fd, req.msg_id)
+
+        d.on_read = through_b_first
+        assert _payload_via(d, a) == h.payload
+        assert checked
+    finally:
+        d.finish()
+
+
+def case_umount_sends_close_per_object(h: KernelHarness) -> None:
+    """Each umount brings one CLOSE, carrying the id of the object that mount opened."""
+    d = MiniDaemon(h)
+    try:
+        mounts = {fsid: d.mount(fsid) for fsid in ("close-a.img", "close-b.img")}
+        ids = {r.cookie_key: r.object_id for r in d.seen if isinstance(r, wire.OpenRequest)}
+        for fsid, m in mounts.items():
+            handled = d.umount(m)
+            closes = [r.object_id for r in handled if isinstance(r, wire.CloseRequest)]
+            assert closes == [ids[fsid.encode()]], (fsid, closes, ids)
+    finally:
+        d.finish()
+
+
+def case_second_mount_is_served_from_the_cache(h: KernelHarness) -> None:
+    """What was filled before an umount is committed to the cache: mounting the same
+    blob again (same ``copen`` size) and reading the same bytes sends no READ."""
+    d = MiniDaemon(h)
+    try:
+        first = d.mount("again.img")
+        assert _payload_via(d, first) == h.payload
+        d.umount(first)
+        d.finish()  # the first object's fd is closed, as a daemon does on CLOSE
+        start = len(d.seen)
+        second = d.mount("again.img")
+        assert _payload_via(d, second) == h.payload
+        reads = [r for r in d.seen[start:] if isinstance(r, wire.ReadRequest)]
+        assert reads == [], f"READs for cached data: {reads}"
+        assert any(isinstance(r, wire.OpenRequest) for r in d.seen[start:]), "no second OPEN"
+    finally:
+        d.finish()
+
+
+CASES: list[Callable[[KernelHarness], None]] = [
+    case_open_message,
+    case_copen_unknown_id_is_einval,
+    case_refused_open_fails_the_mount,
+    case_serve_everything,
+    case_unfilled_read_gives_eio,
+    case_unaligned_pwrite_is_enobufs,
+    case_read_complete_unknown_id_is_einval,
+    case_read_complete_needs_the_objects_fd,
+    case_umount_sends_close_per_object,
+    case_second_mount_is_served_from_the_cache,
 ]

@@ -1,8 +1,7 @@
-"""The on-demand wire codec: golden bytes, round-trips, and garbage."""
+"""The on-demand wire codec: golden bytes, round-trips, malformed input, commands."""
 
 from __future__ import annotations
 
-import contextlib
 import struct
 
 import pytest
@@ -17,23 +16,67 @@ volume_keys = st.binary(min_size=0, max_size=255).filter(lambda b: b"\0" not in 
 cookie_keys = st.binary(min_size=1, max_size=255)
 
 
-def test_open_golden_worked_example() -> None:
-    """fsid test.img: vks 15 (with NUL), cks 8, total len 55 (protocol §3.2)."""
+def header(msg_id: int, opcode: int, length: int, object_id: int) -> bytes:
+    return struct.pack("=IIII", msg_id, opcode, length, object_id)
+
+
+def open_msg(vks: int, cks: int, data: bytes, *, length: int | None = None) -> bytes:
+    body = struct.pack("=IIII", vks, cks, 3, 0) + data
+    return header(1, 0, 16 + len(body) if length is None else length, 1) + body
+
+
+# -- golden messages ---------------------------------------------------------------------
+
+
+def test_open_worked_example_has_len_55() -> None:
+    """fsid test.img, no domain: vks 15 (with the NUL), cks 8, len 32+15+8 = 55 (§3.2)."""
     raw = (
         struct.pack("=IIII", 7, 0, 55, 3)
         + struct.pack("=IIII", 15, 8, 9, 0)
         + b"erofs,test.img\0"
         + b"test.img"
     )
+    assert len(raw) == 55
     req = wire.decode(raw)
     assert req == wire.OpenRequest(7, 3, b"erofs,test.img", b"test.img", 9, 0)
     assert wire.encode_message(req) == raw
 
 
-def test_read_and_close_golden() -> None:
-    raw = struct.pack("=IIIIQQ", 1, 2, 32, 4, 8192, 131072)
-    assert wire.decode(raw) == wire.ReadRequest(1, 4, 8192, 131072)
-    assert wire.decode(struct.pack("=IIII", 5, 1, 16, 4)) == wire.CloseRequest(5, 4)
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            struct.pack("=IIIIQQ", 1, 2, 32, 4, 8192, 131072),
+            wire.ReadRequest(1, 4, 8192, 131072),
+        ),
+        (
+            struct.pack("=IIIIQQ", 2**32 - 1, 2, 32, 2**31 - 1, 2**63, 2**63 - 1),
+            wire.ReadRequest(2**32 - 1, 2**31 - 1, 2**63, 2**63 - 1),
+        ),
+        (struct.pack("=IIII", 5, 1, 16, 4), wire.CloseRequest(5, 4)),
+        (struct.pack("=IIII", 6, 1, 16, 0xFFFFFFFF), wire.CloseRequest(6, 0xFFFFFFFF)),
+        (
+            open_msg(2, 3, b"x\0" + b"a\0b"),
+            wire.OpenRequest(1, 1, b"x", b"a\0b", 3, 0),
+        ),
+        (open_msg(1, 1, b"\0k"), wire.OpenRequest(1, 1, b"", b"k", 3, 0)),
+    ],
+)
+def test_golden_messages(raw: bytes, expected: wire.Request) -> None:
+    assert wire.decode(raw) == expected
+    assert wire.decode(bytearray(raw)) == expected
+    assert wire.decode(memoryview(raw)) == expected
+    assert wire.encode_message(expected) == raw
+
+
+def test_struct_sizes_match_the_uapi() -> None:
+    assert (wire.HEADER.size, wire.OPEN.size, wire.READ.size) == (16, 16, 16)
+    assert (wire.OPEN_LEN_MIN, wire.READ_LEN, wire.CLOSE_LEN) == (32, 32, 16)
+
+
+def test_largest_open_fits_the_kernels_message_limit() -> None:
+    req = wire.OpenRequest(1, 1, b"v" * 255, b"c" * 255, 3, 0)
+    assert len(wire.encode_message(req)) == 32 + 256 + 255 <= wire.MSG_MAX_SIZE
 
 
 def test_cookie_key_is_bytes_not_a_c_string() -> None:
@@ -42,27 +85,57 @@ def test_cookie_key_is_bytes_not_a_c_string() -> None:
     assert wire.decode(wire.encode_message(req)).cookie_key == cookie
 
 
+# -- round trips ---------------------------------------------------------------------------
+
+
 @given(u32, u32, volume_keys, cookie_keys, u32, u32)
-def test_open_round_trip(msg_id, obj, vol, cookie, fd, flags) -> None:  # type: ignore[no-untyped-def]
+def test_open_round_trip(
+    msg_id: int, obj: int, vol: bytes, cookie: bytes, fd: int, flags: int
+) -> None:
     req = wire.OpenRequest(msg_id, obj, vol, cookie, fd, flags)
-    assert wire.decode(wire.encode_message(req)) == req
+    raw = wire.encode_message(req)
+    assert len(raw) == 32 + len(vol) + 1 + len(cookie)
+    assert wire.decode(raw) == req
 
 
-@given(u32, u32, st.integers(0, 2**63), st.integers(0, 2**62))
-def test_read_round_trip(msg_id, obj, off, length) -> None:  # type: ignore[no-untyped-def]
-    req = wire.ReadRequest(msg_id, obj, off, length)
-    assert wire.decode(wire.encode_message(req)) == req
+@given(u32, u32, st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
+def test_read_round_trip_or_overflow(msg_id: int, obj: int, off: int, length: int) -> None:
+    raw = wire.encode_message(wire.ReadRequest(msg_id, obj, off, length))
+    if off + length < 2**64:
+        assert wire.decode(raw) == wire.ReadRequest(msg_id, obj, off, length)
+    else:
+        with pytest.raises(KernelProtocolError, match="overflows"):
+            wire.decode(raw)
+
+
+@given(u32, u32)
+def test_close_round_trip(msg_id: int, obj: int) -> None:
+    assert wire.decode(wire.encode_message(wire.CloseRequest(msg_id, obj))) == (
+        wire.CloseRequest(msg_id, obj)
+    )
+
+
+# -- malformed input -------------------------------------------------------------------
 
 
 @given(st.binary(max_size=600))
-def test_garbage_only_raises_protocol_errors(buf: bytes) -> None:
-    with contextlib.suppress(KernelProtocolError):
-        wire.decode(buf)
+def test_garbage_raises_only_protocol_errors(buf: bytes) -> None:
+    try:
+        req = wire.decode(buf)
+    except KernelProtocolError:
+        return
+    assert wire.encode_message(req) == buf, "a decoded message must be canonical"
 
 
-def _open(vks: int, cks: int, payload: bytes, length: int | None = None) -> bytes:
-    body = struct.pack("=IIII", vks, cks, 3, 0) + payload
-    return struct.pack("=IIII", 1, 0, length if length is not None else 16 + len(body), 1) + body
+@given(st.binary(max_size=64), u32, st.sampled_from([0, 1, 2, 3, 0xFFFFFFFF]), u32)
+def test_garbage_with_a_consistent_length(tail: bytes, msg_id: int, op: int, obj: int) -> None:
+    """Headers whose len is right get past the first check: the rest must still hold."""
+    buf = header(msg_id, op, 16 + len(tail), obj) + tail
+    try:
+        req = wire.decode(buf)
+    except KernelProtocolError:
+        return
+    assert wire.encode_message(req) == buf
 
 
 @pytest.mark.parametrize(
@@ -70,18 +143,23 @@ def _open(vks: int, cks: int, payload: bytes, length: int | None = None) -> byte
     [
         (b"", "shorter than its header"),
         (b"\0" * 15, "shorter than its header"),
-        (struct.pack("=IIII", 1, 2, 40, 1) + b"\0" * 16, "header len"),
-        (struct.pack("=IIII", 1, 9, 16, 1), "unknown opcode"),
-        (struct.pack("=IIII", 1, 1, 20, 1) + b"\0" * 4, "CLOSE of 20"),
-        (struct.pack("=IIII", 1, 2, 24, 1) + b"\0" * 8, "READ of 24"),
-        (struct.pack("=IIIIQQ", 1, 2, 32, 1, 2**64 - 1, 2), "overflows"),
-        (_open(0, 1, b"a"), "volume_key_size 0"),
-        (_open(300, 1, b"x" * 301), "volume_key_size 300"),
-        (_open(2, 0, b"a\0"), "cookie_key_size 0"),
-        (_open(3, 1, b"ab\0cd"), "do not fill"),
-        (_open(3, 1, b"abcd"), "NUL-terminated"),
-        (_open(3, 1, b"a\0\0d"), "NUL-terminated"),
-        (struct.pack("=IIII", 1, 0, 20, 1) + b"\0" * 4, "shorter than its payload"),
+        (header(1, 2, 40, 1) + b"\0" * 16, "header len 40"),
+        (header(1, 2, 16, 1) + b"\0" * 16, "header len 16"),
+        (header(1, 9, 16, 1), "unknown opcode 9"),
+        (header(1, 1, 20, 1) + b"\0" * 4, "CLOSE of 20"),
+        (header(1, 2, 24, 1) + b"\0" * 8, "READ of 24"),
+        (header(1, 2, 40, 1) + b"\0" * 24, "READ of 40"),
+        (struct.pack("=IIIIQQ", 1, 2, 32, 1, 2**64 - 1, 1), "overflows"),
+        (struct.pack("=IIIIQQ", 1, 2, 32, 1, 2**63, 2**63), "overflows"),
+        (header(1, 0, 20, 1) + b"\0" * 4, "shorter than its payload"),
+        (open_msg(0, 1, b"a"), "volume_key_size 0"),
+        (open_msg(257, 1, b"x" * 257 + b"c"), "volume_key_size 257"),
+        (open_msg(2, 0, b"a\0"), "cookie_key_size 0"),
+        (open_msg(2, 256, b"a\0" + b"c" * 256), "cookie_key_size 256"),
+        (open_msg(3, 1, b"ab\0cd"), "do not add up"),
+        (open_msg(3, 3, b"ab\0c"), "do not add up"),
+        (open_msg(3, 1, b"abcd"), "not NUL-terminated"),
+        (open_msg(3, 1, b"a\0\0d"), "NUL before its end"),
     ],
 )
 def test_malformed_messages(buf: bytes, why: str) -> None:
@@ -90,30 +168,60 @@ def test_malformed_messages(buf: bytes, why: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "req",
+    [
+        wire.OpenRequest(1, 1, b"a\0b", b"c", 3, 0),
+        wire.OpenRequest(1, 1, b"v" * 256, b"c", 3, 0),
+        wire.OpenRequest(1, 1, b"v", b"", 3, 0),
+        wire.OpenRequest(1, 1, b"v", b"c" * 256, 3, 0),
+    ],
+)
+def test_encoder_refuses_what_the_kernel_cannot_send(req: wire.Request) -> None:
+    with pytest.raises(ValueError):
+        wire.encode_message(req)
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
     ("encoded", "expected"),
     [
         (wire.encode_copen(7, 4096), b"copen 7,4096"),
-        (wire.encode_copen(2**32 - 1, 0), b"copen 4294967295,0"),
+        (wire.encode_copen(0, 0), b"copen 0,0"),
+        (wire.encode_copen(2**32 - 1, 2**63 - 1), b"copen 4294967295,9223372036854775807"),
         (wire.encode_copen(8, -2), b"copen 8,-2"),
+        (wire.encode_copen(8, -4095), b"copen 8,-4095"),
         (wire.encode_bind(ondemand=True), b"bind ondemand"),
         (wire.encode_bind(ondemand=False), b"bind"),
         (wire.encode_restore(), b"restore"),
         (wire.encode_dir("/var/cache/fscache"), b"dir /var/cache/fscache"),
+        (wire.encode_dir(b"/caches/\xff"), b"dir /caches/\xff"),
         (wire.encode_tag("mycache"), b"tag mycache"),
+        (
+            wire.encode_secctx("system_u:system_r:cachefiles_kernel_t:s0"),
+            b"secctx system_u:system_r:cachefiles_kernel_t:s0",
+        ),
         (wire.encode_threshold("bcull", 7), b"bcull 7%"),
+        (wire.encode_threshold("fstop", 0), b"fstop 0%"),
+        (wire.encode_threshold("brun", 99), b"brun 99%"),
         (wire.encode_cull("Dimg.erofs"), b"cull Dimg.erofs"),
+        (wire.encode_cull("S1,2"), b"cull S1,2"),
         (wire.encode_inuse("Dimg.erofs"), b"inuse Dimg.erofs"),
     ],
 )
 def test_command_encodings(encoded: bytes, expected: bytes) -> None:
     assert encoded == expected
-    assert b"\n" not in encoded
+    assert b"\n" not in encoded and b"\0" not in encoded
 
 
-@given(u32, st.integers(0, 2**62))
-def test_copen_never_zero_padded(msg_id: int, size: int) -> None:
-    _, args = wire.encode_copen(msg_id, size).split(b" ")
-    for number in args.split(b","):
+@given(u32, st.integers(-4095, 2**63 - 1))
+def test_copen_is_decimal_and_never_zero_padded(msg_id: int, value: int) -> None:
+    word, args = wire.encode_copen(msg_id, value).split(b" ")
+    assert word == b"copen"
+    id_text, size_text = args.split(b",")
+    assert int(id_text) == msg_id and int(size_text) == value
+    for number in (id_text, size_text.lstrip(b"-")):
         assert number == b"0" or not number.startswith(b"0")
 
 
@@ -123,11 +231,25 @@ def test_copen_never_zero_padded(msg_id: int, size: int) -> None:
         lambda: wire.encode_copen(-1, 5),
         lambda: wire.encode_copen(2**32, 5),
         lambda: wire.encode_copen(1, -4096),
+        lambda: wire.encode_copen(1, 2**63),
         lambda: wire.encode_cull("a/b"),
         lambda: wire.encode_cull("x\ny"),
+        lambda: wire.encode_cull("x\0y"),
+        lambda: wire.encode_cull(" Dx"),
+        lambda: wire.encode_cull("Dx "),
+        lambda: wire.encode_cull(""),
+        lambda: wire.encode_cull("."),
+        lambda: wire.encode_cull(".."),
+        lambda: wire.encode_cull("D" * 256),
+        lambda: wire.encode_inuse("a/b"),
         lambda: wire.encode_tag(" padded"),
+        lambda: wire.encode_tag("two\nlines"),
         lambda: wire.encode_dir(""),
+        lambda: wire.encode_dir("/cache\t"),
+        lambda: wire.encode_dir("/" + "d" * 4100),
+        lambda: wire.encode_secctx(""),
         lambda: wire.encode_threshold("brun", 100),
+        lambda: wire.encode_threshold("brun", -1),
         lambda: wire.encode_threshold("nope", 5),
     ],
 )
