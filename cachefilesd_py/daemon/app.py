@@ -153,7 +153,7 @@ class Daemon:
         )
         if not self.nocull:
             driver.culler = OnDemandCuller(
-                device, self.cache_dir, presence, self.config, driver.in_use_keys
+                device, self.cache_dir, presence, self.config, engine.leases
             )
         driver.bind(kernel_commands(self.config))
         engine.start()
@@ -173,7 +173,17 @@ class Daemon:
             systemd.stopping()
             driver.shutdown()
             factory.close()
-            log.info("stats", **vars(driver.stats), **vars(engine.filler.stats), **host.footprint())
+            space = {}
+            if driver.culler is not None:
+                t = driver.culler.totals
+                space = {"culled": t.culled, "trimmed": t.trimmed, "cull_freed": t.freed_bytes}
+            log.info(
+                "stats",
+                **vars(driver.stats),
+                **vars(engine.filler.stats),
+                **space,
+                **host.footprint(),
+            )
         return 0
 
     def _run_classic(self, device: CachefilesDevice) -> int:

@@ -26,6 +26,7 @@ import structlog
 
 from cachefilesd_py.engine.blob import Blob, BlobKey
 from cachefilesd_py.engine.fill import Filler, Sink
+from cachefilesd_py.engine.leases import BlobLeases
 from cachefilesd_py.errors import SourceError, SourceNotFound
 from cachefilesd_py.kernel.dio import BufferPool
 from cachefilesd_py.presence.bitmap import ChunkGeometry
@@ -60,6 +61,8 @@ class Engine:
     def __post_init__(self) -> None:
         self._blobs: dict[BlobKey, Blob] = {}
         self._lock = threading.Lock()
+        #: who may touch a blob's cache file: frontends take use leases, trims trim leases
+        self.leases = BlobLeases()
         self.filler = Filler(BufferPool(self.settings.max_run, self.settings.buffers))
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None

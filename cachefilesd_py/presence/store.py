@@ -199,11 +199,42 @@ class PresenceStore:
         fsync_path(cache_file)
         bp.trusted = True
 
+    def load_bound(self, key: BlobKeyBytes, cache_file: Path) -> BlobPresence | None:
+        """The presence of an idle blob as its sidecar records it (geometry and source
+        token from the sidecar's header), or None unless the sidecar is intact, belongs
+        to ``key`` and ``cache_file`` is bound to it. For trimming, which needs no
+        source: it only ever clears bits."""
+        try:
+            sc = fmt.decode(self.sidecar_path(key).read_bytes())
+            bound = os.getxattr(cache_file, BINDING_XATTR)
+        except (OSError, PresenceCorrupt):
+            return None
+        if bound != sc.binding_id.hex().encode() or sc.key_hash != fmt.key_digest(key):
+            return None
+        geometry = ChunkGeometry(sc.blob_size, sc.chunk_size)
+        if geometry.nchunks != sc.nchunks:
+            return None
+        bp = BlobPresence(
+            key,
+            geometry,
+            sc.token,
+            sc.binding_id,
+            ChunkBitmap(sc.nchunks, sc.bitmap),
+            trusted=True,
+        )
+        bp.saved_version = bp.version
+        return bp
+
     def clear_chunks(self, bp: BlobPresence, first: int, count: int) -> None:
         """Forget chunks durably; only after this returns may their bytes go."""
+        self.clear_runs(bp, [(first, count)])
+
+    def clear_runs(self, bp: BlobPresence, runs: list[tuple[int, int]]) -> None:
+        """Forget runs ``(first, count)`` of chunks durably, in one sidecar save."""
         with self._io_lock:
             with bp.lock:
-                bp.bitmap.clear_range(first, count)
+                for first, count in runs:
+                    bp.bitmap.clear_range(first, count)
                 bp.version += 1
                 version, bitmap = bp.version, bp.bitmap.to_bytes()
             self._save(bp, bitmap)

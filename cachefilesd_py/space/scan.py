@@ -41,12 +41,14 @@ class ScanResult:
     blocks: int = 0
     strays: list[str] = field(default_factory=list)
     empty_dirs: list[str] = field(default_factory=list)
+    #: 512-byte blocks per volume directory (``I...``) under ``cache/``
+    volume_blocks: dict[str, int] = field(default_factory=dict)
 
 
 def walk_objects(cache_dir: str, result: ScanResult) -> Iterator[Candidate]:
-    stack = [cache_dir]
+    stack: list[tuple[str, str]] = [(cache_dir, "")]
     while stack:
-        directory = stack.pop()
+        directory, volume = stack.pop()
         entries = 0
         try:
             it = os.scandir(directory)
@@ -59,7 +61,7 @@ def walk_objects(cache_dir: str, result: ScanResult) -> Iterator[Candidate]:
                 try:
                     if entry.is_dir(follow_symlinks=False):
                         if name.startswith(INDEX_PREFIXES):
-                            stack.append(entry.path)
+                            stack.append((entry.path, volume or name))
                         else:
                             result.strays.append(entry.path)
                         continue
@@ -69,6 +71,7 @@ def walk_objects(cache_dir: str, result: ScanResult) -> Iterator[Candidate]:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
+                result.volume_blocks[volume] = result.volume_blocks.get(volume, 0) + st.st_blocks
                 yield Candidate(st.st_atime_ns, st.st_blocks, directory, name)
         if entries == 0 and os.path.basename(directory).startswith("@"):
             result.empty_dirs.append(directory)

@@ -69,3 +69,58 @@ def test_nocull_never_culls(tmp_path: Path) -> None:
     t.join()
     dev.close()
     assert dev.objects() == 50 and drv.stats.culled == 0
+
+
+def test_caps_cull_oldest_of_the_volume_over_its_cap_only(tmp_path: Path) -> None:
+    from cachefilesd_py.config.model import SizeRule
+    from cachefilesd_py.space.caps import Caps
+
+    def volume(name: str, n: int, t0: int) -> list[Path]:
+        paths = []
+        for i in range(n):
+            d = tmp_path / "cache" / f"I{name}" / f"@{i % 4:02x}"
+            d.mkdir(parents=True, exist_ok=True)
+            p = d / f"D{i}"
+            p.write_bytes(b"x" * 8192)
+            os.utime(p, ns=(10**9 * (t0 + i), 10**9 * (t0 + i)))
+            paths.append(p)
+        return paths
+
+    # "nfs,big" holds the newest objects: a cache-wide scan would find only "9p,old"
+    old = volume("9p,old", 20, t0=1)
+    big = volume("nfs,big", 20, t0=1000)
+    dev = FakeClassic(tmp_path, cull_above=10**6, run_at=0)  # the kernel never asks
+    dev.in_use = {big[0]}
+    per_object = os.stat(big[1]).st_blocks * 512
+    caps = Caps(volume_rules=(SizeRule("nfs,*", 12 * per_object),))
+    drv = ClassicDriver(dev, str(tmp_path), nocull=False, table_size=5, caps=caps)
+    drv.bind([])
+    # 8 over the cap; the oldest is busy and stays; a table of 5 takes several rounds
+    assert drv.cap_pass() == 8
+    assert all(p.exists() for p in old)
+    assert big[0].exists() and drv.stats.busy >= 1
+    assert [p.exists() for p in big[1:9]] == [False] * 8
+    assert all(p.exists() for p in big[9:])
+    assert drv.cap_pass() == 0  # holds now
+
+    # the cache-wide object cap takes the oldest of any volume
+    drv.caps = Caps(max_objects=25)
+    assert drv.cap_pass() == 7
+    assert [p.exists() for p in old[:7]] == [False] * 7 and old[7].exists()
+
+
+def test_nocull_skips_caps_too(tmp_path: Path) -> None:
+    from cachefilesd_py.space.caps import Caps
+
+    make_tree(tmp_path, 30)
+    dev = FakeClassic(tmp_path, cull_above=10**6, run_at=0)
+    drv = ClassicDriver(dev, str(tmp_path), nocull=True, caps=Caps(max_objects=5))
+    drv.bind([])
+    stop = threading.Event()
+    t = threading.Thread(target=drv.serve, args=(stop, 0.05))
+    t.start()
+    time.sleep(0.4)
+    stop.set()
+    t.join()
+    dev.close()
+    assert dev.objects() == 30 and drv.stats.cap_passes == 0

@@ -225,9 +225,10 @@ def test_culler_removes_unused_blobs_never_pinned_or_in_use(
         if len(list(d.engine.presence.root.glob("*.presence"))) >= 4:
             break
         threading.Event().wait(0.05)
+    wait_idle(d)
     objs["img"] = d.fake.lookup(b"erofs,img", b"img")  # mounted again: in use
     cfg = replace(Config(dir=str(cache)), pins=("b/*",))
-    culler = OnDemandCuller(d.fake, cache, d.engine.presence, cfg, d.driver.in_use_keys)
+    culler = OnDemandCuller(d.fake, cache, d.engine.presence, cfg, d.engine.leases)
     out = culler.cull_pass(need_bytes=10**12)  # ask for more than there is
     remaining = {p.name for p in (cache / "cache").rglob("D*")}
     assert remaining == {"Db", "Dimg"}, remaining  # b pinned, img in use
@@ -235,6 +236,14 @@ def test_culler_removes_unused_blobs_never_pinned_or_in_use(
     assert len(list(d.engine.presence.root.glob("*.presence"))) == 2  # sidecars of a, c gone
     assert list((cache / "graveyard").iterdir()) == []
     assert obj_ok(objs["img"])
+
+
+def wait_idle(d: Daemon) -> None:
+    for _ in range(200):
+        if not d.engine.leases.in_use():
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError(f"blobs still in use: {d.engine.leases.in_use()}")
 
 
 def obj_ok(obj) -> bool:  # type: ignore[no-untyped-def]
@@ -254,10 +263,62 @@ def test_volume_cap_culls_only_that_volume(blobs: Path, cache: Path, daemons: li
         obj = d.fake.lookup(vol, name.encode())
         obj.read(0, 200_000)
         obj.withdraw()
+    wait_idle(d)  # every object closed and its presence bound
     cfg = replace(Config(dir=str(cache)), volume_max_bytes=(SizeRule("vola", 250_000),))
-    culler = OnDemandCuller(d.fake, cache, d.engine.presence, cfg, d.driver.in_use_keys)
+    culler = OnDemandCuller(d.fake, cache, d.engine.presence, cfg, d.engine.leases)
     out = culler.cull_pass(need_bytes=0)
     left = sorted(p.name for p in (cache / "cache").rglob("D*"))
     # volume "vola" holds 3 × ~200 KB over a 250 KB cap: two go; "volb" has no cap
     assert out.culled == 2
     assert len(left) == 2 and "Db1" in left, left
+
+
+def test_trim_punches_tail_chunks_of_an_idle_blob_only(
+    blobs: Path, cache: Path, daemons: list[Daemon]
+) -> None:
+    import os
+    from dataclasses import replace
+
+    from cachefilesd_py.config.model import Config
+    from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
+    from cachefilesd_py.presence.verify import verify
+
+    big = pattern_bytes(5, 0, 40 * CHUNK + 777)
+    (blobs / "big").write_bytes(big)
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    key = (b"erofs,v", b"big")
+    obj = d.fake.lookup(*key)
+    assert obj.read(0, len(big)) == big
+    culler = OnDemandCuller(
+        d.fake, cache, d.engine.presence, replace(Config(dir=str(cache))), d.engine.leases
+    )
+    obj.withdraw()
+    path = next((cache / "cache").rglob("Dbig"))
+    for _ in range(100):
+        if d.engine.presence.load_bound(key, path) is not None:
+            break
+        threading.Event().wait(0.05)
+    blocks = os.stat(path).st_blocks
+    obj = d.fake.lookup(*key)  # mounted again: the committed file is in use
+    out = culler.cull_pass(need_bytes=5 * CHUNK)
+    assert out.busy == 1 and out.trimmed == 0 and out.culled == 0  # in use: untouched
+    assert os.stat(path).st_blocks == blocks
+    obj.withdraw()
+    wait_idle(d)
+
+    out = culler.cull_pass(need_bytes=5 * CHUNK)
+    assert (out.trimmed, out.culled) == (1, 0)
+    assert out.freed_bytes >= 5 * CHUNK
+    assert os.stat(path).st_blocks * 512 <= blocks * 512 - 5 * CHUNK
+    bp = d.engine.presence.load_bound(key, path)
+    assert bp is not None
+    gone = [i for i in range(bp.geometry.nchunks) if not bp.is_present(i)]
+    assert gone == list(range(35, 41)), gone  # the tail, whole chunks, head kept
+    report = verify(bp, path, lambda off, n: big[off : off + n])
+    assert report.ok, report
+
+    # served again: the trimmed tail is fetched anew, the rest comes from the cache
+    sent = d.fake.reads_sent
+    obj = d.fake.lookup(*key)
+    assert obj.read(0, len(big)) == big
+    assert d.fake.reads_sent > sent

@@ -92,3 +92,21 @@ def test_policies_never_evict_pinned_keys_and_name_each_victim_once(name, ops, p
     assert len(victims) == len(set(victims))
     assert not set(victims) & pinned
     assert set(victims) == live - pinned
+
+
+def test_caps_table() -> None:
+    from cachefilesd_py.config.model import SizeRule
+    from cachefilesd_py.space.caps import Caps, volume_name
+
+    assert volume_name("Ierofs,imgs") == "imgs" and volume_name("Infs,4.2") == "nfs,4.2"
+    caps = Caps(
+        max_bytes=1000,
+        max_objects=10,
+        volume_rules=(SizeRule("img*", 300), SizeRule("*", 10_000)),
+    )
+    n = caps.needs(1500, 12, {"Ierofs,imgA": 400, "Ierofs,other": 900, "Infs,x": 200})
+    assert (n.bytes, n.objects, n.volumes) == (500, 2, {"Ierofs,imgA": 100})
+    assert n.any
+    assert not Caps().configured and not Caps().needs(10**15, 10**9, {"Ix": 10**15}).any
+    # first matching rule wins, even when a later one is tighter
+    assert Caps(volume_rules=(SizeRule("*", 10), SizeRule("a", 1))).volume_cap("Ierofs,a") == 10

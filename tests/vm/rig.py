@@ -185,6 +185,15 @@ class Daemon:
     def count(self, event: str) -> int:
         return sum(1 for e in self.read_events() if e.get("event") == event)
 
+    def wait_for(self, event: str, timeout: float) -> bool:
+        """Whether ``event`` shows up in the log within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.count(event):
+                return True
+            time.sleep(0.2)
+        return False
+
     def stop(self, timeout: float = 60) -> int:
         if self.proc is None:
             return 0

@@ -14,6 +14,11 @@ Unlike cachefilesd C, which culls one object per loop pass and re-walks the tree
 every 4096 victims, each pass here scans once into a bounded heap of the oldest objects
 and culls in a batch toward *run* plus a headroom, re-reading the state between
 batches; when nothing is cullable it backs off instead of spinning.
+
+The absolute caps (``cache_max_bytes``, ``cache_max_objects``, ``volume_max_bytes``;
+``space/caps.py``), which the kernel knows nothing about, are checked by a scan every
+``caps_period`` seconds and after every cull pass; the oldest objects go (of the
+volumes over their caps, or of any volume for the cache-wide caps) until they hold.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ import structlog
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.frontends.classic.commands import parse_state
 from cachefilesd_py.kernel.device import cull_one
+from cachefilesd_py.space.caps import Caps
 from cachefilesd_py.space.graveyard import GraveyardWatch, reap
-from cachefilesd_py.space.scan import scan
+from cachefilesd_py.space.scan import Candidate, scan
 
 log = structlog.get_logger("classic")
 
@@ -56,16 +62,27 @@ class ClassicStats:
     failed: int = 0
     reaped: int = 0
     strays_removed: int = 0
+    cap_passes: int = 0
+    culled_for_caps: int = 0
 
 
 class ClassicDriver:
     def __init__(
-        self, device: ClassicDevice, cache_dir: str, *, nocull: bool, table_size: int = 4096
+        self,
+        device: ClassicDevice,
+        cache_dir: str,
+        *,
+        nocull: bool,
+        table_size: int = 4096,
+        caps: Caps | None = None,
+        caps_period: float = 30.0,
     ) -> None:
         self.device = device
         self.cache_dir = cache_dir
         self.nocull = nocull
         self.table_size = table_size
+        self.caps = caps or Caps()
+        self.caps_period = caps_period
         self.stats = ClassicStats()
 
     def bind(self, commands: list[bytes]) -> None:
@@ -110,6 +127,71 @@ class ClassicDriver:
         )
         return culled
 
+    def cap_pass(self, max_rounds: int = 64) -> int:
+        """Cull the oldest objects until the absolute caps hold; returns how many went.
+        Each round scans into the bounded table and culls from it, so a pass takes as
+        many rounds as the excess needs, and stops early when a round frees nothing."""
+        self.stats.cap_passes += 1
+        total = 0
+        for _ in range(max_rounds):
+            culled = self._cap_round()
+            total += culled
+            if culled == 0:
+                break
+        return total
+
+    def _cap_round(self) -> int:
+        """One scan and the culls it allows. A volume over its cap is rescanned on its
+        own, so its oldest objects are found even when they are not among the oldest
+        of the whole cache."""
+        cache = os.path.join(self.cache_dir, "cache")
+        result = scan(cache, self.table_size)
+        volume_bytes = {v: b * 512 for v, b in result.volume_blocks.items()}
+        needs = self.caps.needs(result.blocks * 512, result.objects, volume_bytes)
+        if not needs.any:
+            return 0
+        culled, freed = 0, dict.fromkeys(needs.volumes, 0)
+        if needs.bytes > 0 or needs.objects > 0:
+            culled += self._cull_oldest(cache, result.oldest, needs.bytes, needs.objects, freed)
+        for vdir, excess in needs.volumes.items():
+            if excess - freed[vdir] > 0:
+                vol = scan(os.path.join(cache, vdir), self.table_size)
+                culled += self._cull_oldest(cache, vol.oldest, excess - freed[vdir], 0, freed)
+        self.stats.culled_for_caps += culled
+        log.info(
+            "cull.caps",
+            scanned=result.objects,
+            need_bytes=needs.bytes,
+            need_objects=needs.objects,
+            volumes_over=len(needs.volumes),
+            culled=culled,
+        )
+        return culled
+
+    def _cull_oldest(
+        self,
+        cache: str,
+        candidates: list[Candidate],
+        need_bytes: int,
+        need_objects: int,
+        freed_by_volume: dict[str, int],
+    ) -> int:
+        culled = 0
+        for cand in candidates:
+            if need_bytes <= 0 and need_objects <= 0:
+                break
+            outcome = cull_one(self.device, cand.directory, cand.name)
+            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+            if outcome != "culled":
+                continue
+            culled += 1
+            need_bytes -= cand.blocks * 512
+            need_objects -= 1
+            vdir = os.path.relpath(cand.directory, cache).split(os.sep, 1)[0]
+            if vdir in freed_by_volume:
+                freed_by_volume[vdir] += cand.blocks * 512
+        return culled
+
     def serve(self, stop: threading.Event, poll_interval: float = 1.0) -> None:
         graveyard = os.path.join(self.cache_dir, "graveyard")
         self.stats.reaped += reap(graveyard)
@@ -118,11 +200,16 @@ class ClassicDriver:
         poller.register(self.device.fileno(), select.POLLIN)
         poller.register(watch.fileno(), select.POLLIN)
         backoff_until = 0.0
+        next_caps = 0.0 if self.caps.configured and not self.nocull else float("inf")
         try:
             while not stop.is_set():
                 poller.poll(int(poll_interval * 1000))
                 if watch.changed():
                     self.stats.reaped += reap(graveyard)
+                if time.monotonic() >= next_caps:
+                    next_caps = time.monotonic() + self.caps_period
+                    if self.cap_pass():
+                        self.stats.reaped += reap(graveyard)
                 culling = self.read_state()
                 if not culling or self.nocull or time.monotonic() < backoff_until:
                     continue
@@ -144,7 +231,13 @@ def run_classic(
     on_ready: Callable[[], object] = lambda: None,
 ) -> int:
     assert config.dir is not None
-    driver = ClassicDriver(device, config.dir, nocull=nocull, table_size=1 << config.culltable)
+    driver = ClassicDriver(
+        device,
+        config.dir,
+        nocull=nocull,
+        table_size=1 << config.culltable,
+        caps=Caps.from_config(config),
+    )
     driver.bind(commands)
     on_ready()
     try:

@@ -259,16 +259,13 @@ class OnDemandDriver:
             except Exception:
                 log.exception("space.cull_failed")
                 outcome = None
-            if kicked and (outcome is None or (outcome.needed and outcome.culled == 0)):
+            if kicked and (outcome is None or (outcome.needed and outcome.acted == 0)):
                 stop.wait(backoff)  # nothing cullable: do not spin on POLLOUT
-            elif kicked and outcome is not None and outcome.culled == 0:
+            elif kicked and outcome is not None and outcome.acted == 0:
                 # statvfs shows no shortage but the kernel signalled one (it also
                 # counts blocks still being written): look again soon, not in 5 s
                 stop.wait(0.5)
             self._cull_idle.set()
-
-    def in_use_keys(self) -> set[tuple[bytes, bytes]]:
-        return {(o.blob.key.volume, o.blob.key.cookie) for o in self.objects()}
 
     def drain(self) -> int:
         """Read and dispatch messages until the kernel has none pending."""
@@ -318,7 +315,25 @@ class OnDemandDriver:
     # -- OPEN ------------------------------------------------------------------------
 
     def _on_open(self, req: wire.OpenRequest, fd: OwnedFd) -> None:
+        """Take the blob's use lease (waiting out a trim of its cache file: the kernel
+        cannot read the file before our ``copen``), then open it; the lease is given
+        back when the object closes, or at once if the OPEN fails."""
         self.stats.opens += 1
+        lease = (req.volume_key, req.cookie_key)
+        if not self.engine.leases.acquire_use(lease, timeout=self.fetch_timeout):
+            log.warning("open.lease_timeout", msg_id=req.msg_id)
+            self._reply_copen(req.msg_id, -errno.EIO)
+            fd.close()
+            return
+        opened = False
+        try:
+            opened = self._open_object(req, fd)
+        finally:
+            if not opened:
+                self.engine.leases.release_use(lease)
+
+    def _open_object(self, req: wire.OpenRequest, fd: OwnedFd) -> bool:
+        """Answer the OPEN; True when the object is now served (and holds its lease)."""
         key = BlobKey(req.volume_key, req.cookie_key)
         try:
             cache_path: Path | None = layout.object_path(
@@ -340,13 +355,13 @@ class OnDemandDriver:
             )
             self._reply_copen(req.msg_id, -exc.kernel_errno)
             fd.close()
-            return
+            return False
         except Exception as exc:
             self.stats.opens_refused += 1
             log.exception("open.failed", blob=str(key), msg_id=req.msg_id)
             self._reply_copen(req.msg_id, -getattr(exc, "kernel_errno", errno.EIO))
             fd.close()
-            return
+            return False
         presence = blob.presence
         stale_ino = None
         if (
@@ -365,7 +380,7 @@ class OnDemandDriver:
         if stale is not None:  # the id was recycled without a CLOSE reaching us
             log.warning("open.stale_object", object_id=req.object_id, blob=str(stale.blob.key))
             stale.fd.close()
-            self.engine.release(stale.blob)
+            self._finish(stale, committed=False)
         if self._reply_copen(req.msg_id, blob.size):
             if self.culler is not None:
                 self.culler.opened((key.volume, key.cookie), blob.size)
@@ -377,12 +392,13 @@ class OnDemandDriver:
                 chunk=blob.chunk_size,
                 present=presence.bitmap.count() if presence is not None else 0,
             )
-        else:
-            with self._lock:
-                if self._objects.get(req.object_id) is obj:
-                    del self._objects[req.object_id]
-            fd.close()
-            self.engine.release(blob)
+            return True
+        with self._lock:
+            if self._objects.get(req.object_id) is obj:
+                del self._objects[req.object_id]
+        fd.close()
+        self.engine.release(blob)
+        return False
 
     def _reply_copen(self, msg_id: int, size_or_errno: int) -> bool:
         try:
@@ -488,10 +504,20 @@ class OnDemandDriver:
         log.info("close", blob=str(obj.blob.key), object_id=req.object_id)
         self._pool.submit(self._guard, self._finish, obj)
 
-    def _finish(self, obj: OnDemandObject) -> None:
-        self.engine.release(
-            obj.blob, committed=lambda: self._wait_commit(obj.cache_path, obj.stale_ino)
-        )
+    def _finish(self, obj: OnDemandObject, committed: bool = True) -> None:
+        """The kernel is done with the object: save (and bind) its presence, then give
+        back its use lease, so a trim never sees a sidecar being written."""
+        try:
+            self.engine.release(
+                obj.blob,
+                committed=(
+                    (lambda: self._wait_commit(obj.cache_path, obj.stale_ino))
+                    if committed
+                    else None
+                ),
+            )
+        finally:
+            self.engine.leases.release_use((obj.blob.key.volume, obj.blob.key.cookie))
 
     @staticmethod
     def _wait_commit(path: Path | None, stale_ino: int | None) -> Path | None:

@@ -1,0 +1,74 @@
+"""Absolute caps, for admins who think in sizes rather than percentages.
+
+``cache_max_bytes`` and ``cache_max_objects`` bound the whole cache tree,
+``volume_max_bytes <glob> <size>`` each volume whose name matches (first rule wins).
+A volume's name is its directory under ``cache/`` without the ``I`` prefix and, for
+EROFS, without ``erofs,`` (so ``volume_max_bytes images-* 10G`` reads naturally); an
+NFS volume is named by the kernel's key, e.g. ``nfs,4.2,2,,...``.
+
+The kernel knows nothing of these caps: they hold only because the daemon culls. Bytes
+are allocated bytes (``st_blocks``), what the filesystem actually spends. Pure.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cachefilesd_py.config.model import Config, SizeRule
+
+
+def volume_name(volume_dir: str) -> str:
+    """``Ierofs,imgs`` → ``imgs``; ``Infs,4.2,...`` → ``nfs,4.2,...``."""
+    return volume_dir.removeprefix("I").removeprefix("erofs,")
+
+
+@dataclass(frozen=True)
+class CapNeeds:
+    """What the caps ask to free now."""
+
+    bytes: int = 0
+    objects: int = 0
+    #: bytes above its cap, per volume directory name (``I...``)
+    volumes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def any(self) -> bool:
+        return self.bytes > 0 or self.objects > 0 or any(v > 0 for v in self.volumes.values())
+
+
+@dataclass(frozen=True)
+class Caps:
+    max_bytes: int | None = None
+    max_objects: int | None = None
+    volume_rules: tuple[SizeRule, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Caps:
+        return cls(cfg.cache_max_bytes, cfg.cache_max_objects, cfg.volume_max_bytes)
+
+    @property
+    def configured(self) -> bool:
+        return self.max_bytes is not None or self.max_objects is not None or bool(self.volume_rules)
+
+    def volume_cap(self, volume_dir: str) -> int | None:
+        name = volume_name(volume_dir)
+        for rule in self.volume_rules:
+            if fnmatch.fnmatchcase(name, rule.pattern):
+                return rule.size
+        return None
+
+    def needs(
+        self, total_bytes: int, total_objects: int, volume_bytes: Mapping[str, int]
+    ) -> CapNeeds:
+        over: dict[str, int] = {}
+        for volume, used in volume_bytes.items():
+            cap = self.volume_cap(volume)
+            if cap is not None and used > cap:
+                over[volume] = used - cap
+        return CapNeeds(
+            bytes=max(0, total_bytes - self.max_bytes) if self.max_bytes is not None else 0,
+            objects=max(0, total_objects - self.max_objects) if self.max_objects is not None else 0,
+            volumes=over,
+        )
