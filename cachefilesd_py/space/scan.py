@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 OBJECT_PREFIXES = ("D", "S", "T", "E")
@@ -77,11 +77,10 @@ def walk_objects(cache_dir: str, result: ScanResult) -> Iterator[Candidate]:
             result.empty_dirs.append(directory)
 
 
-def scan(cache_dir: str, limit: int) -> ScanResult:
-    """One pass over ``cache_dir``; keeps the ``limit`` least recently used objects."""
-    result = ScanResult(oldest=[])
+def keep_oldest(candidates: Iterable[Candidate], limit: int, result: ScanResult) -> None:
+    """Count every candidate into ``result`` and keep the ``limit`` oldest by atime."""
     heap: list[tuple[int, int, Candidate]] = []  # max-heap on atime via negation
-    for n, cand in enumerate(walk_objects(cache_dir, result)):
+    for n, cand in enumerate(candidates):
         result.objects += 1
         result.blocks += cand.blocks
         item = (-cand.atime_ns, n, cand)
@@ -90,4 +89,10 @@ def scan(cache_dir: str, limit: int) -> ScanResult:
         elif item > heap[0]:
             heapq.heapreplace(heap, item)
     result.oldest = sorted(c for _, _, c in heap)
+
+
+def scan(cache_dir: str, limit: int) -> ScanResult:
+    """One pass over ``cache_dir``; keeps the ``limit`` least recently used objects."""
+    result = ScanResult(oldest=[])
+    keep_oldest(walk_objects(cache_dir, result), limit, result)
     return result

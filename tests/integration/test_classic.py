@@ -45,13 +45,27 @@ def test_culls_back_to_run_never_in_use_and_reaps(tmp_path: Path) -> None:
     deadline = time.monotonic() + 20
     while dev.objects() > 60 and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert dev.objects() <= 60
+    # new objects appear (the kernel commits them): the index learns of them from
+    # inotify, without walking the tree again, and the next pass culls among them
+    fresh = []
+    for i in range(100):
+        p = tmp_path / "cache" / "I9p,tag," / f"@{i % 16:02x}" / f"Dnew{i}"
+        p.write_bytes(b"y" * 100)
+        os.utime(p, ns=(i, i))  # older than everything else: the first to go
+        fresh.append(p)
+    deadline = time.monotonic() + 20
+    while dev.objects() > 60 and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(0.3)
     stop.set()
     t.join()
     dev.close()
     assert dev.objects() <= 60
+    assert any(not p.exists() for p in fresh), "objects the index learnt of were never culled"
     assert all(p.exists() for p in paths[:5]), "an object in use was culled"
-    assert drv.stats.busy >= 5
+    assert drv.stats.busy >= 5 and drv.stats.passes >= 2
+    assert drv.stats.index_rebuilds == 1 and drv.stats.index_events >= 100  # no re-walks
     assert list((tmp_path / "graveyard").iterdir()) == []
     assert dev.commands[-1 - drv.stats.culled - drv.stats.busy - drv.stats.gone :][0] == b"bind"
 

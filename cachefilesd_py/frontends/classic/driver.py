@@ -17,8 +17,12 @@ batches; when nothing is cullable it backs off instead of spinning.
 
 The absolute caps (``cache_max_bytes``, ``cache_max_objects``, ``volume_max_bytes``;
 ``space/caps.py``), which the kernel knows nothing about, are checked by a scan every
-``caps_period`` seconds and after every cull pass; the oldest objects go (of the
-volumes over their caps, or of any volume for the cache-wide caps) until they hold.
+``caps_period`` seconds; the oldest objects go (of the volumes over their caps, or of
+any volume for the cache-wide caps) until they hold.
+
+The tree is known incrementally (``space/tree_index.py``: inotify on every directory of
+it, a full walk only at start and when the event queue overflows), so a pass ``stat``s
+objects but lists no directory; if the tree cannot be watched, every pass walks it.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from cachefilesd_py.frontends.classic.commands import parse_state
 from cachefilesd_py.kernel.device import cull_one
 from cachefilesd_py.space.caps import Caps
 from cachefilesd_py.space.graveyard import GraveyardWatch, reap
-from cachefilesd_py.space.scan import Candidate, scan
+from cachefilesd_py.space.scan import Candidate, ScanResult, scan
+from cachefilesd_py.space.tree_index import TreeIndex
 
 log = structlog.get_logger("classic")
 
@@ -64,6 +69,8 @@ class ClassicStats:
     strays_removed: int = 0
     cap_passes: int = 0
     culled_for_caps: int = 0
+    index_rebuilds: int = 0
+    index_events: int = 0
 
 
 class ClassicDriver:
@@ -84,6 +91,23 @@ class ClassicDriver:
         self.caps = caps or Caps()
         self.caps_period = caps_period
         self.stats = ClassicStats()
+        self.index: TreeIndex | None = None
+
+    def _scan(self, top: str, limit: int) -> ScanResult:
+        """The oldest objects under ``top`` (the cache or one volume of it)."""
+        if self.index is not None:
+            cache = os.path.join(self.cache_dir, "cache")
+            return self.index.scan(limit, under=None if top == cache else top)
+        return scan(top, limit)
+
+    def open_index(self) -> None:
+        try:
+            self.index = TreeIndex(os.path.join(self.cache_dir, "cache"))
+        except OSError as exc:
+            log.warning("index.unavailable", error=str(exc), fallback="full walk per pass")
+            self.index = None
+            return
+        log.info("index.ready", objects=self.index.known_objects(), watches=self.index.watches)
 
     def bind(self, commands: list[bytes]) -> None:
         for cmd in commands:
@@ -100,7 +124,7 @@ class ClassicDriver:
     def cull_pass(self) -> int:
         """Cull the oldest objects in batches while the kernel still asks for it."""
         self.stats.passes += 1
-        result = scan(os.path.join(self.cache_dir, "cache"), self.table_size)
+        result = self._scan(os.path.join(self.cache_dir, "cache"), self.table_size)
         for stray in result.strays:
             try:
                 os.unlink(stray)
@@ -145,7 +169,7 @@ class ClassicDriver:
         own, so its oldest objects are found even when they are not among the oldest
         of the whole cache."""
         cache = os.path.join(self.cache_dir, "cache")
-        result = scan(cache, self.table_size)
+        result = self._scan(cache, self.table_size)
         volume_bytes = {v: b * 512 for v, b in result.volume_blocks.items()}
         needs = self.caps.needs(result.blocks * 512, result.objects, volume_bytes)
         if not needs.any:
@@ -155,7 +179,7 @@ class ClassicDriver:
             culled += self._cull_oldest(cache, result.oldest, needs.bytes, needs.objects, freed)
         for vdir, excess in needs.volumes.items():
             if excess - freed[vdir] > 0:
-                vol = scan(os.path.join(cache, vdir), self.table_size)
+                vol = self._scan(os.path.join(cache, vdir), self.table_size)
                 culled += self._cull_oldest(cache, vol.oldest, excess - freed[vdir], 0, freed)
         self.stats.culled_for_caps += culled
         log.info(
@@ -196,6 +220,8 @@ class ClassicDriver:
         graveyard = os.path.join(self.cache_dir, "graveyard")
         self.stats.reaped += reap(graveyard)
         watch = GraveyardWatch(graveyard)
+        if not self.nocull:
+            self.open_index()
         poller = select.poll()
         poller.register(self.device.fileno(), select.POLLIN)
         poller.register(watch.fileno(), select.POLLIN)
@@ -219,6 +245,10 @@ class ClassicDriver:
                 self.stats.reaped += reap(graveyard)
         finally:
             watch.close()
+            if self.index is not None:
+                self.stats.index_rebuilds = self.index.rebuilds
+                self.stats.index_events = self.index.events
+                self.index.close()
 
 
 def run_classic(
