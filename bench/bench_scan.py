@@ -77,7 +77,14 @@ def main() -> None:
         index = TreeIndex(str(tree / "cache"))
         built_in = time.perf_counter() - t2
         rss_i = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        row("index: build (walk + watches)", index.known_objects(), 0, built_in, rss_i, rss)
+        row(
+            "index: build (walk + watches)",
+            index.known_objects(),
+            0,
+            built_in,
+            rss_i,
+            rss or rss_before,
+        )
         t3 = time.perf_counter()
         from_index = index.scan(args.limit)
         pass_s = time.perf_counter() - t3

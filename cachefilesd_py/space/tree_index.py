@@ -17,7 +17,9 @@ events) or a watch cannot be added (``fs.inotify.max_user_watches``), the index 
 rebuilt by a full walk, or the caller falls back to full walks. An object the index
 names but ``stat`` cannot find is simply forgotten.
 
-Memory: the names of all objects, grouped by directory (about 80 bytes per object).
+Memory: the names of all objects, packed per directory into one NUL-separated byte
+string (:class:`PackedNames`: about the name's length per object, against ~140 bytes for
+a set of ``str``), so a million objects cost tens of MiB, not hundreds.
 """
 
 from __future__ import annotations
@@ -53,6 +55,41 @@ WATCH_MASK = (
 )
 
 
+class PackedNames:
+    """A set of file names packed into one ``bytearray``: ``\0a\0b\0...``. Adding is an
+    append, removing a search and a cut: linear in the directory's size, which the
+    fan-out keeps to a few hundred or thousand names."""
+
+    __slots__ = ("_buf", "_count")
+
+    def __init__(self) -> None:
+        self._buf = bytearray(b"\0")
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, name: str) -> bool:
+        return self._find(name) >= 0
+
+    def _find(self, name: str) -> int:
+        return self._buf.find(b"\0" + os.fsencode(name) + b"\0")
+
+    def add(self, name: str) -> None:
+        if name not in self:
+            self._buf += os.fsencode(name) + b"\0"
+            self._count += 1
+
+    def discard(self, name: str) -> None:
+        at = self._find(name)
+        if at >= 0:
+            del self._buf[at + 1 : at + 2 + len(os.fsencode(name))]
+            self._count -= 1
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([os.fsdecode(n) for n in bytes(self._buf).split(b"\0") if n])
+
+
 class IndexUnavailable(OSError):
     """The tree cannot be watched (too many directories for the inotify limits)."""
 
@@ -64,9 +101,9 @@ class TreeIndex:
         self._dir_of_wd: dict[int, str] = {}
         self._wd_of_dir: dict[str, int] = {}
         #: directory -> names of the objects in it
-        self._objects: dict[str, set[str]] = {}
+        self._objects: dict[str, PackedNames] = {}
         #: directory -> names of strays (not cachefiles objects) in it
-        self._strays: dict[str, set[str]] = {}
+        self._strays: dict[str, PackedNames] = {}
         self.rebuilds = 0
         self.events = 0
         self.rebuild()
@@ -110,7 +147,7 @@ class TreeIndex:
                             if entry.name.startswith(INDEX_PREFIXES):
                                 stack.append(entry.path)
                             else:
-                                self._strays.setdefault(directory, set()).add(entry.name)
+                                self._strays.setdefault(directory, PackedNames()).add(entry.name)
                         else:
                             self._add_file(directory, entry.name)
             except OSError:
@@ -118,9 +155,9 @@ class TreeIndex:
 
     def _add_file(self, directory: str, name: str) -> None:
         if name.startswith(OBJECT_PREFIXES) and directory != self.cache_dir:
-            self._objects.setdefault(directory, set()).add(name)
+            self._objects.setdefault(directory, PackedNames()).add(name)
         else:
-            self._strays.setdefault(directory, set()).add(name)
+            self._strays.setdefault(directory, PackedNames()).add(name)
 
     def _forget_file(self, directory: str, name: str) -> None:
         for table in (self._objects, self._strays):
@@ -175,7 +212,7 @@ class TreeIndex:
                 if ev.name.startswith(INDEX_PREFIXES):
                     self._add_tree(path)
                 else:
-                    self._strays.setdefault(directory, set()).add(ev.name)
+                    self._strays.setdefault(directory, PackedNames()).add(ev.name)
             elif ev.mask & (_F.DELETE | _F.MOVED_FROM):
                 self._forget_tree(path)
                 self._forget_file(directory, ev.name)
@@ -200,7 +237,7 @@ class TreeIndex:
             if inside is not None and not (directory + os.sep).startswith(inside):
                 continue
             volume = directory[len(top) :].split(os.sep, 1)[0]
-            for name in list(names):
+            for name in names:
                 try:
                     st = os.stat(os.path.join(directory, name), follow_symlinks=False)
                 except FileNotFoundError:

@@ -110,3 +110,24 @@ def test_caps_table() -> None:
     assert not Caps().configured and not Caps().needs(10**15, 10**9, {"Ix": 10**15}).any
     # first matching rule wins, even when a later one is tighter
     assert Caps(volume_rules=(SizeRule("*", 10), SizeRule("a", 1))).volume_cap("Ierofs,a") == 10
+
+
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.sampled_from(["D1", "D12", "D2", "S1", "T\u00e9", "Dx", "D"])),
+        max_size=60,
+    )
+)
+def test_packed_names_behave_as_a_set(ops: list[tuple[bool, str]]) -> None:
+    from cachefilesd_py.space.tree_index import PackedNames
+
+    packed, model = PackedNames(), set()
+    for add, name in ops:
+        if add:
+            packed.add(name)
+            model.add(name)
+        else:
+            packed.discard(name)
+            model.discard(name)
+        assert sorted(packed) == sorted(model) and len(packed) == len(model)
+        assert all((n in packed) == (n in model) for n in ("D1", "D12", "D", "Dx"))
