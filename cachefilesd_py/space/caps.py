@@ -24,6 +24,14 @@ def volume_name(volume_dir: str) -> str:
     return volume_dir.removeprefix("I").removeprefix("erofs,")
 
 
+def pinned(pins: tuple[str, ...], volume: str, name: str) -> bool:
+    """Whether ``<volume>/<name>`` matches a ``pin`` glob. On-demand mode matches the
+    blob's cookie (its name); classic mode the object's file name in the cache, whose
+    cookie keys are binary, so there pins are mostly per volume (``nfs,*/*``)."""
+    full = f"{volume}/{name}"
+    return any(fnmatch.fnmatchcase(full, p) for p in pins)
+
+
 @dataclass(frozen=True)
 class CapNeeds:
     """What the caps ask to free now."""

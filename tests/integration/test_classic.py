@@ -138,3 +138,18 @@ def test_nocull_skips_caps_too(tmp_path: Path) -> None:
     t.join()
     dev.close()
     assert dev.objects() == 30 and drv.stats.cap_passes == 0
+
+
+def test_pinned_objects_are_never_culled(tmp_path: Path) -> None:
+    from cachefilesd_py.space.caps import Caps
+
+    paths = make_tree(tmp_path, 30)  # volume "9p,tag,", names D0..D29, oldest first
+    dev = FakeClassic(tmp_path, cull_above=10**6, run_at=0)
+    drv = ClassicDriver(
+        dev, str(tmp_path), nocull=False, caps=Caps(max_objects=20), pins=("9p,tag,/D[0-4]",)
+    )
+    drv.bind([])
+    assert drv.cap_pass() == 10
+    assert all(p.exists() for p in paths[:5]), "a pinned object was culled"
+    assert [p.exists() for p in paths[5:15]] == [False] * 10
+    assert drv.stats.pinned >= 5

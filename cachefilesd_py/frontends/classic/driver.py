@@ -41,7 +41,7 @@ import structlog
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.frontends.classic.commands import parse_state
 from cachefilesd_py.kernel.device import cull_one
-from cachefilesd_py.space.caps import Caps
+from cachefilesd_py.space.caps import Caps, pinned, volume_name
 from cachefilesd_py.space.graveyard import GraveyardWatch, reap
 from cachefilesd_py.space.scan import Candidate, ScanResult, scan
 from cachefilesd_py.space.tree_index import TreeIndex
@@ -65,6 +65,7 @@ class ClassicStats:
     busy: int = 0
     gone: int = 0
     failed: int = 0
+    pinned: int = 0
     reaped: int = 0
     strays_removed: int = 0
     cap_passes: int = 0
@@ -83,6 +84,7 @@ class ClassicDriver:
         table_size: int = 4096,
         caps: Caps | None = None,
         caps_period: float = 30.0,
+        pins: tuple[str, ...] = (),
     ) -> None:
         self.device = device
         self.cache_dir = cache_dir
@@ -90,8 +92,15 @@ class ClassicDriver:
         self.table_size = table_size
         self.caps = caps or Caps()
         self.caps_period = caps_period
+        self.pins = pins
         self.stats = ClassicStats()
         self.index: TreeIndex | None = None
+
+    def _pinned(self, cand: Candidate) -> bool:
+        if not self.pins:
+            return False
+        rel = os.path.relpath(cand.directory, os.path.join(self.cache_dir, "cache"))
+        return pinned(self.pins, volume_name(rel.split(os.sep, 1)[0]), cand.name)
 
     def _scan(self, top: str, limit: int) -> ScanResult:
         """The oldest objects under ``top`` (the cache or one volume of it)."""
@@ -135,6 +144,9 @@ class ClassicDriver:
         for i, cand in enumerate(result.oldest):
             if i % BATCH == 0 and i and not self.read_state():
                 break
+            if self._pinned(cand):
+                self.stats.pinned += 1
+                continue
             outcome = cull_one(self.device, cand.directory, cand.name)
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
             culled += outcome == "culled"
@@ -204,6 +216,9 @@ class ClassicDriver:
         for cand in candidates:
             if need_bytes <= 0 and need_objects <= 0:
                 break
+            if self._pinned(cand):
+                self.stats.pinned += 1
+                continue
             outcome = cull_one(self.device, cand.directory, cand.name)
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
             if outcome != "culled":
@@ -267,6 +282,7 @@ def run_classic(
         nocull=nocull,
         table_size=1 << config.culltable,
         caps=Caps.from_config(config),
+        pins=config.pins,
     )
     driver.bind(commands)
     on_ready()

@@ -25,7 +25,6 @@ POLLOUT on the device (free blocks or files below *cull*) and by ENOBUFS on writ
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import threading
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from cachefilesd_py.kernel._sys import punch_hole
 from cachefilesd_py.kernel.device import Device, cull_one
 from cachefilesd_py.kernel.fd import OwnedFd
 from cachefilesd_py.presence.store import PresenceStore
-from cachefilesd_py.space.caps import Caps
+from cachefilesd_py.space.caps import Caps, pinned
 from cachefilesd_py.space.chunks import chunks_to_trim, keep_head_chunks, should_trim
 from cachefilesd_py.space.graveyard import reap
 from cachefilesd_py.space.policy import CullPolicy, make_policy
@@ -110,8 +109,7 @@ class OnDemandCuller:
 
     def pinned(self, key: BlobKeyBytes) -> bool:
         volume = key[0].decode("utf-8", "replace").removeprefix("erofs,")
-        name = f"{volume}/{key[1].decode('utf-8', 'replace')}"
-        return any(fnmatch.fnmatchcase(name, p) for p in self.config.pins)
+        return pinned(self.config.pins, volume, key[1].decode("utf-8", "replace"))
 
     def limits_need(self) -> int:
         """Bytes to free for the percentage limits (*run* plus headroom), from statvfs."""
