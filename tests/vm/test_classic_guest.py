@@ -40,6 +40,13 @@ def free_pct(path: Path) -> float:
     return 100 * st.f_bavail / st.f_blocks
 
 
+def at_or_above(path: Path, percent: int) -> bool:
+    """The kernel's own test: it turns a percentage into ``f_blocks / 100 * percent``
+    blocks at bind time (integer division), a hair below ``percent`` of the blocks."""
+    st = os.statvfs(path)
+    return st.f_bavail >= (st.f_blocks // 100) * percent
+
+
 def cache_object_of(cache: Path, file: Path) -> Path | None:
     """The cache file of a 9p file: its cookie key is the little-endian qid.path, and a
     64-bit guest shows qid.path + 2 as the inode number (fs/9p/v9fs_vfs.h)."""
@@ -96,9 +103,9 @@ def test_classic_culls_a_9p_cache_back_toward_run(
                 held.seek(0)
                 assert hashlib.sha256(held.read()).hexdigest() == digests[held_name]
             deadline = time.monotonic() + 90
-            while free_pct(cache) < 60 and time.monotonic() < deadline:
+            while not at_or_above(cache, 60) and time.monotonic() < deadline:
                 time.sleep(0.5)
-            freed_to = free_pct(cache)
+            freed_to, back_to_run = free_pct(cache), at_or_above(cache, 60)
             assert held_obj.exists(), "the object of a file in use was culled"
             # and a second round still reads correct bytes (from cache or server)
             run("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
@@ -112,7 +119,11 @@ def test_classic_culls_a_9p_cache_back_toward_run(
     assert d.stop() == 0
     stats = [e for e in d.read_events() if e.get("event") == "stats"][-1]
     fscache = run("cat", "/proc/fs/fscache/stats").stdout
-    assert lowest < 45, f"the cache never went below bcull (lowest {lowest:.1f}%)\n{fscache}"
+    # a classic cull pass runs only while the kernel's state line says cull=1, i.e.
+    # free space went below bcull (the daemon culls within a poll interval, so the
+    # samples taken between files may never see it below)
+    passes = [e for e in d.read_events() if e.get("event") == "cull.pass"]
+    assert passes, f"the cache never went below bcull (lowest seen {lowest:.1f}%)\n{fscache}"
     assert int(stats["culled"]) > 0, stats  # type: ignore[call-overload]
-    assert freed_to >= 60, f"culling did not get back to brun: {freed_to:.1f}%"
+    assert back_to_run, f"culling did not get back to brun: {freed_to:.2f}% free"
     assert list((cache / "graveyard").iterdir()) == []
