@@ -102,7 +102,7 @@ def test_classic_culls_a_9p_cache_back_toward_run(
                     run("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")  # inodes too
                 held.seek(0)
                 assert hashlib.sha256(held.read()).hexdigest() == digests[held_name]
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + 30
             while not at_or_above(cache, 60) and time.monotonic() < deadline:
                 time.sleep(0.5)
             freed_to, back_to_run = free_pct(cache), at_or_above(cache, 60)
@@ -119,11 +119,17 @@ def test_classic_culls_a_9p_cache_back_toward_run(
     assert d.stop() == 0
     stats = [e for e in d.read_events() if e.get("event") == "stats"][-1]
     fscache = run("cat", "/proc/fs/fscache/stats").stdout
-    # a classic cull pass runs only while the kernel's state line says cull=1, i.e.
-    # free space went below bcull (the daemon culls within a poll interval, so the
-    # samples taken between files may never see it below)
-    passes = [e for e in d.read_events() if e.get("event") == "cull.pass"]
-    assert passes, f"the cache never went below bcull (lowest seen {lowest:.1f}%)\n{fscache}"
+    # The kernel's cull flag is the judge: set when free space fell below bcull (the
+    # daemon culls within a poll interval, so samples taken between files may never
+    # see it below), cleared only once free space is back at brun. Writes that land
+    # after that (pending writeback) may lower it again without reaching bcull: the
+    # hysteresis lets them, so the cache ends between bcull and brun, not at brun.
+    names = [str(e.get("event")) for e in d.read_events()]
+    assert "kernel.cull_requested" in names, (
+        f"the cache never went below bcull (lowest seen {lowest:.1f}%)\n{fscache}"
+    )
     assert int(stats["culled"]) > 0, stats  # type: ignore[call-overload]
-    assert back_to_run, f"culling did not get back to brun: {freed_to:.2f}% free"
+    first = names.index("kernel.cull_requested")
+    assert "kernel.cull_satisfied" in names[first:], "culling never got back to brun"
+    assert back_to_run or freed_to >= 45, f"the cache ended below bcull: {freed_to:.2f}%"
     assert list((cache / "graveyard").iterdir()) == []

@@ -61,6 +61,7 @@ class ClassicDevice(Protocol):
 @dataclass
 class ClassicStats:
     passes: int = 0
+    cull_requests: int = 0
     culled: int = 0
     busy: int = 0
     gone: int = 0
@@ -95,6 +96,7 @@ class ClassicDriver:
         self.pins = pins
         self.stats = ClassicStats()
         self.index: TreeIndex | None = None
+        self._culling = False
 
     def _pinned(self, cand: Candidate) -> bool:
         if not self.pins:
@@ -125,9 +127,20 @@ class ClassicDriver:
         log.info("bound", mode="classic", cache_dir=self.cache_dir)
 
     def read_state(self) -> bool:
+        """The kernel's ``cull`` flag: set when free blocks or files fall below *cull*,
+        cleared only once both are back at *run* (each read re-evaluates it). Its
+        changes are logged: ``kernel.cull_requested`` / ``kernel.cull_satisfied``."""
         state = parse_state(self.device.read_message())
         if state.malformed:
             log.warning("kernel.malformed_state", tokens=list(state.malformed))
+        if state.cull != self._culling:
+            self._culling = state.cull
+            if state.cull:
+                self.stats.cull_requests += 1
+            log.info(
+                "kernel.cull_requested" if state.cull else "kernel.cull_satisfied",
+                **{k: state.values[k] for k in ("brun", "bcull", "bstop") if k in state.values},
+            )
         return state.cull
 
     def cull_pass(self) -> int:
