@@ -14,8 +14,12 @@ sequential ``read()`` of that file (1 MiB at a time, page cache dropped first) t
 - ``cold nginx``: served by the daemon from nginx on loopback;
 - ``cold nginx +5ms``: the same with ``tc netem delay 5ms`` on loopback;
 
-then 1000 random 4 KiB reads on cold data (nginx): p50 and p99 latency.
+then 1000 random 4 KiB reads on cold data (nginx): p50 and p99 latency, and how many
+bytes the daemon fetched for them (fetch amplification: bytes fetched / bytes read).
 Ratios are against the loop mount of the same run, since these machines are noisy.
+
+``--chunk-sizes 64K,256K,1M`` adds a sweep: for each chunk size, a cold sequential read
+from nginx and the random reads, each on a fresh cache (how the default was chosen).
 """
 
 from __future__ import annotations
@@ -46,9 +50,19 @@ def timed_read(path: Path) -> float:
     return time.perf_counter() - start
 
 
-def reads_of(d: Daemon) -> int:
+def stat_of(d: Daemon, name: str) -> int:
+    """A counter from the daemon's final ``stats`` log line (-1 if absent)."""
     stats = [e for e in d.read_events() if e.get("event") == "stats"]
-    return int(stats[-1]["reads"]) if stats else -1  # type: ignore[call-overload]
+    return int(stats[-1].get(name, -1)) if stats else -1  # type: ignore[call-overload]
+
+
+def reads_of(d: Daemon) -> int:
+    return stat_of(d, "reads")
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20}
+    return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
 
 
 def random_reads(path: Path, n: int, seed: int = 7) -> list[float]:
@@ -91,9 +105,9 @@ class Bench:
         run("mount", "-o", "loop", str(image), str(mnt))
         return mnt
 
-    def daemon(self, cache: Path, url: str) -> Daemon:
+    def daemon(self, cache: Path, url: str, extra: str = "") -> Daemon:
         conf = self.work / f"d{self.n}.conf"
-        conf.write_text(f"dir {cache}\ntag bench\nondemand\nsource * {url}/{{cookie}}\n")
+        conf.write_text(f"dir {cache}\ntag bench\nondemand\nsource * {url}/{{cookie}}\n{extra}")
         d = Daemon(conf, self.work / f"d{self.n}.log", debug=False)
         d.start()
         return d
@@ -103,6 +117,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=int, default=200)
     ap.add_argument("--random-reads", type=int, default=1000)
+    ap.add_argument("--chunk-sizes", default="", help="sweep, e.g. 64K,256K,1M")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
     b = Bench(work, args.size_mb)
@@ -159,6 +174,26 @@ def main() -> int:
     lat = random_reads(m / "data.bin", args.random_reads)
     run("umount", str(m))
     d.stop()
+    random_fetched = stat_of(d, "bytes_fetched")
+
+    sweep: list[tuple[int, float, list[float], int]] = []
+    for chunk in (parse_size(x) for x in args.chunk_sizes.split(",") if x):
+        cache = b.cache_fs(args.size_mb * 2 + 64)
+        d = b.daemon(cache, web.url, f"chunk_size {chunk}\n")
+        m = work / f"m{b.n}"
+        mount_erofs(m, "bench.erofs")
+        seq = timed_read(m / "data.bin")
+        run("umount", str(m))
+        d.stop()
+        cache = b.cache_fs(args.size_mb * 2 + 64)
+        d = b.daemon(cache, web.url, f"chunk_size {chunk}\n")
+        m = work / f"m{b.n}"
+        mount_erofs(m, "bench.erofs")
+        drop_caches()
+        rlat = random_reads(m / "data.bin", args.random_reads)
+        run("umount", str(m))
+        d.stop()
+        sweep.append((chunk, seq, rlat, stat_of(d, "bytes_fetched")))
     web.proc.terminate()
 
     print(
@@ -177,8 +212,20 @@ def main() -> int:
     qs = statistics.quantiles(lat, n=100)
     print(
         f"{len(lat)} random 4 KiB reads on cold data (nginx): "
-        f"p50 {qs[49] * 1000:.2f} ms, p99 {qs[98] * 1000:.2f} ms"
+        f"p50 {qs[49] * 1000:.2f} ms, p99 {qs[98] * 1000:.2f} ms; "
+        f"fetched {random_fetched / 1e6:.1f} MB for {len(lat) * 4096 / 1e6:.1f} MB read "
+        f"({random_fetched / (len(lat) * 4096):.0f}× amplification)"
     )
+    if sweep:
+        print(f"\nchunk-size sweep (nginx, cold; {len(lat)} random 4 KiB reads each):\n")
+        print("| chunk | seq s | seq × loop | rand p50 ms | rand p99 ms | rand MB fetched |")
+        print("|-------|-------|------------|-------------|-------------|-----------------|")
+        for chunk, seq, rlat, fetched in sweep:
+            q = statistics.quantiles(rlat, n=100)
+            print(
+                f"| {chunk >> 10}K | {seq:.2f} | {seq / loop_s:.2f} | {q[49] * 1000:.2f} | "
+                f"{q[98] * 1000:.2f} | {fetched / 1e6:.1f} |"
+            )
     print(
         f"targets: cold file:// ≤ 3× loop ({cold_file / loop_s:.2f}), "
         f"cold nginx ≤ 3.5× ({nodelay / loop_s:.2f}), warm ≤ 1.25× ({warm / loop_s:.2f}) "
