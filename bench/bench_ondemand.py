@@ -105,6 +105,11 @@ class Bench:
         run("mount", "-o", "loop", str(image), str(mnt))
         return mnt
 
+    def drop_cache_fs(self, mnt: Path) -> None:
+        """Unmount a cache filesystem and free its image: the guest's /tmp is RAM."""
+        run("umount", str(mnt))
+        (self.work / f"{mnt.name}.img").unlink()
+
     def daemon(self, cache: Path, url: str, extra: str = "") -> Daemon:
         conf = self.work / f"d{self.n}.conf"
         conf.write_text(f"dir {cache}\ntag bench\nondemand\nsource * {url}/{{cookie}}\n{extra}")
@@ -144,6 +149,7 @@ def main() -> int:
     warm = timed_read(m / "data.bin")
     run("umount", str(m))
     d.stop()
+    b.drop_cache_fs(cache)
     warm_reads = reads_of(d)
     rows.append(("cold, daemon from file://", cold_file, ""))
     rows.append(("warm re-read (remount)", warm, f"READs during warm: {warm_reads}"))
@@ -164,6 +170,7 @@ def main() -> int:
             if delay:
                 run("tc", "qdisc", "del", "dev", "lo", "root", check=False)
             d.stop()
+            b.drop_cache_fs(cache)
         rows.append((label, results[label], ""))
 
     cache = b.cache_fs(args.size_mb * 2 + 64)
@@ -174,6 +181,7 @@ def main() -> int:
     lat = random_reads(m / "data.bin", args.random_reads)
     run("umount", str(m))
     d.stop()
+    b.drop_cache_fs(cache)
     random_fetched = stat_of(d, "bytes_fetched")
 
     sweep: list[tuple[int, float, list[float], int]] = []
@@ -185,6 +193,7 @@ def main() -> int:
         seq = timed_read(m / "data.bin")
         run("umount", str(m))
         d.stop()
+        b.drop_cache_fs(cache)
         cache = b.cache_fs(args.size_mb * 2 + 64)
         d = b.daemon(cache, web.url, f"chunk_size {chunk}\n")
         m = work / f"m{b.n}"
@@ -193,6 +202,7 @@ def main() -> int:
         rlat = random_reads(m / "data.bin", args.random_reads)
         run("umount", str(m))
         d.stop()
+        b.drop_cache_fs(cache)
         sweep.append((chunk, seq, rlat, stat_of(d, "bytes_fetched")))
     web.proc.terminate()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from cachefilesd_py.engine.readahead import StreamReadahead
 from cachefilesd_py.presence.bitmap import ChunkGeometry
 from cachefilesd_py.presence.store import BlobPresence
 from cachefilesd_py.sources.base import BlobIdentity, Source
@@ -71,6 +72,8 @@ class Blob:
     inflight: dict[int, InFlight] = field(default_factory=dict)
     #: kernel objects currently referring to this blob
     users: int = 0
+    #: read-ahead stream cursors (None: read-ahead off); guarded by ``lock``
+    readahead: StreamReadahead | None = None
 
     @property
     def size(self) -> int:

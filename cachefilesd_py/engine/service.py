@@ -27,6 +27,7 @@ import structlog
 from cachefilesd_py.engine.blob import Blob, BlobKey
 from cachefilesd_py.engine.fill import Filler, Sink
 from cachefilesd_py.engine.leases import BlobLeases
+from cachefilesd_py.engine.readahead import Prefetch, StreamReadahead
 from cachefilesd_py.errors import SourceError, SourceNotFound
 from cachefilesd_py.kernel.dio import BufferPool
 from cachefilesd_py.presence.bitmap import ChunkGeometry
@@ -44,6 +45,7 @@ class EngineSettings:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     #: (glob over "<volume>/<cookie>", chunk size); first match wins
     chunk_size_rules: tuple[tuple[str, int], ...] = ()
+    #: the largest read-ahead window of a sequential stream (0: no read-ahead)
     readahead: int = 0
     fetch_timeout: float = 30.0
     max_run: int = 4 * 1024 * 1024
@@ -132,25 +134,41 @@ class Engine:
             identity=identity,
             geometry=ChunkGeometry(identity.size, chunk),
             presence=presence,
+            readahead=self._stream_readahead(chunk),
         )
+
+    def _stream_readahead(self, chunk: int) -> StreamReadahead | None:
+        """Windows start at 1 MiB (or 2 chunks, if larger) and double up to the
+        configured ``readahead``; a READ up to one chunk past a stream's end (the
+        kernel asks for the next hole, which starts at a chunk boundary) continues it."""
+        if self.settings.readahead <= 0:
+            return None
+        first = min(self.settings.readahead, max(1 << 20, 2 * chunk))
+        return StreamReadahead(self.settings.readahead, first_window=first, slack=chunk)
 
     def ensure(self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline) -> None:
         self.filler.ensure(blob, offset, length, sink, deadline)
 
-    def readahead(self, blob: Blob, offset: int, sink: Sink) -> None:
-        """Prefetch ``settings.readahead`` bytes from ``offset``; errors are logged only."""
-        if self.settings.readahead <= 0 or offset >= blob.size:
-            return
+    def plan_readahead(self, blob: Blob, offset: int, length: int) -> Prefetch | None:
+        """The kernel's READ of ``[offset, offset+length)`` was served: what to fetch
+        ahead of it (None for a READ that does not continue a sequential stream)."""
+        if blob.readahead is None:
+            return None
+        with blob.lock:
+            return blob.readahead.on_read(offset, length, blob.size)
+
+    def readahead(self, blob: Blob, ahead: Prefetch, sink: Sink) -> None:
+        """Fetch what :meth:`plan_readahead` asked for; errors are logged only."""
         try:
             self.filler.prefetch(
                 blob,
-                offset,
-                self.settings.readahead,
+                ahead.offset,
+                ahead.length,
                 sink,
                 Deadline.after(self.settings.fetch_timeout),
             )
         except (SourceError, OSError) as exc:
-            log.debug("readahead.failed", blob=str(blob.key), offset=offset, error=str(exc))
+            log.debug("readahead.failed", blob=str(blob.key), offset=ahead.offset, error=str(exc))
 
     def release(self, blob: Blob, committed: Callable[[], Path | None] | None = None) -> None:
         """One kernel object stopped using ``blob``. When it was the last, checkpoint

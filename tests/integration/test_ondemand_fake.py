@@ -204,6 +204,28 @@ def test_readahead_prefetches(blobs: Path, cache: Path, daemons: list[Daemon]) -
     assert d.fake.reads_sent == 1
 
 
+def test_readahead_follows_streams_not_random_reads(
+    blobs: Path, cache: Path, daemons: list[Daemon]
+) -> None:
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}", readahead=4 * CHUNK)
+    obj = d.fake.lookup(b"erofs,img", b"img")
+    stats = d.engine.filler.stats
+    # a lone read in the middle: its chunk only, nothing ahead
+    assert obj.read(5 * CHUNK + 100, 4096) == DATA[5 * CHUNK + 100 : 5 * CHUNK + 4196]
+    threading.Event().wait(0.3)
+    assert stats.chunks_fetched == 1
+    # the next hole after it continues the stream: read-ahead starts
+    assert obj.read(6 * CHUNK, 4096) == DATA[6 * CHUNK : 6 * CHUNK + 4096]
+    for _ in range(100):
+        if stats.chunks_fetched >= 6:
+            break
+        threading.Event().wait(0.02)
+    assert stats.chunks_fetched >= 6
+    reads = d.fake.reads_sent
+    assert obj.read(7 * CHUNK, 3 * CHUNK) == DATA[7 * CHUNK : 10 * CHUNK]
+    assert d.fake.reads_sent == reads  # served from what was fetched ahead
+
+
 def test_culler_removes_unused_blobs_never_pinned_or_in_use(
     blobs: Path, cache: Path, daemons: list[Daemon]
 ) -> None:

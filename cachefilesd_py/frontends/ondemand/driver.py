@@ -480,10 +480,9 @@ class OnDemandDriver:
             self.stats.reads_failed += 1
             log.info("read.object_closed", msg_id=req.msg_id, object_id=req.object_id)
             return
-        if ok and self.engine.settings.readahead > 0:
-            self._ra_pool.submit(
-                self._guard, self.engine.readahead, obj.blob, req.offset + req.length, obj.sink
-            )
+        ahead = self.engine.plan_readahead(obj.blob, req.offset, req.length) if ok else None
+        if ahead is not None:
+            self._ra_pool.submit(self._guard, self.engine.readahead, obj.blob, ahead, obj.sink)
 
     def _complete(self, fd: int, msg_id: int) -> None:
         try:
