@@ -19,7 +19,8 @@ bytes the daemon fetched for them (fetch amplification: bytes fetched / bytes re
 Ratios are against the loop mount of the same run, since these machines are noisy.
 
 ``--chunk-sizes 64K,256K,1M`` adds a sweep: for each chunk size, a cold sequential read
-from nginx and the random reads, each on a fresh cache (how the default was chosen).
+from nginx without and with 5 ms netem delay, and the random reads, each on a fresh
+cache (how the default chunk size was chosen).
 """
 
 from __future__ import annotations
@@ -184,16 +185,24 @@ def main() -> int:
     b.drop_cache_fs(cache)
     random_fetched = stat_of(d, "bytes_fetched")
 
-    sweep: list[tuple[int, float, list[float], int]] = []
+    sweep: list[tuple[int, float, float, list[float], int]] = []
     for chunk in (parse_size(x) for x in args.chunk_sizes.split(",") if x):
-        cache = b.cache_fs(args.size_mb * 2 + 64)
-        d = b.daemon(cache, web.url, f"chunk_size {chunk}\n")
-        m = work / f"m{b.n}"
-        mount_erofs(m, "bench.erofs")
-        seq = timed_read(m / "data.bin")
-        run("umount", str(m))
-        d.stop()
-        b.drop_cache_fs(cache)
+        seqs = []
+        for delay in (None, "5ms"):
+            cache = b.cache_fs(args.size_mb * 2 + 64)
+            d = b.daemon(cache, web.url, f"chunk_size {chunk}\n")
+            m = work / f"m{b.n}"
+            if delay:
+                run("tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", delay)
+            try:
+                mount_erofs(m, "bench.erofs")
+                seqs.append(timed_read(m / "data.bin"))
+                run("umount", str(m))
+            finally:
+                if delay:
+                    run("tc", "qdisc", "del", "dev", "lo", "root", check=False)
+                d.stop()
+                b.drop_cache_fs(cache)
         cache = b.cache_fs(args.size_mb * 2 + 64)
         d = b.daemon(cache, web.url, f"chunk_size {chunk}\n")
         m = work / f"m{b.n}"
@@ -203,7 +212,7 @@ def main() -> int:
         run("umount", str(m))
         d.stop()
         b.drop_cache_fs(cache)
-        sweep.append((chunk, seq, rlat, stat_of(d, "bytes_fetched")))
+        sweep.append((chunk, seqs[0], seqs[1], rlat, stat_of(d, "bytes_fetched")))
     web.proc.terminate()
 
     print(
@@ -228,13 +237,15 @@ def main() -> int:
     )
     if sweep:
         print(f"\nchunk-size sweep (nginx, cold; {len(lat)} random 4 KiB reads each):\n")
-        print("| chunk | seq s | seq × loop | rand p50 ms | rand p99 ms | rand MB fetched |")
-        print("|-------|-------|------------|-------------|-------------|-----------------|")
-        for chunk, seq, rlat, fetched in sweep:
+        print(
+            "| chunk | seq × loop | seq +5ms × loop | rand p50 ms | rand p99 ms | rand MB fetched |"
+        )
+        print("|-------|------------|-----------------|-------------|-------------|--------|")
+        for chunk, seq, seq_delay, rlat, fetched in sweep:
             q = statistics.quantiles(rlat, n=100)
             print(
-                f"| {chunk >> 10}K | {seq:.2f} | {seq / loop_s:.2f} | {q[49] * 1000:.2f} | "
-                f"{q[98] * 1000:.2f} | {fetched / 1e6:.1f} |"
+                f"| {chunk >> 10}K | {seq / loop_s:.2f} | {seq_delay / loop_s:.2f} | "
+                f"{q[49] * 1000:.2f} | {q[98] * 1000:.2f} | {fetched / 1e6:.1f} |"
             )
     print(
         f"targets: cold file:// ≤ 3× loop ({cold_file / loop_s:.2f}), "
