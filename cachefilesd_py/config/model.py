@@ -53,7 +53,8 @@ class Config:
     # this project's directives
     ondemand: bool = False
     sources: tuple[SourceRule, ...] = ()
-    chunk_size: int = 256 * 1024
+    #: 1 MiB: chosen by the sweep in docs/benchmarks.md (bench.bench_ondemand)
+    chunk_size: int = 1024 * 1024
     source_chunk_sizes: tuple[SizeRule, ...] = ()
     readahead: int = 4 * 1024 * 1024
     fetch_timeout: float = 30.0

@@ -37,7 +37,7 @@ from cachefilesd_py.sources.policy import Deadline
 
 log = structlog.get_logger("engine")
 
-DEFAULT_CHUNK_SIZE = 256 * 1024
+DEFAULT_CHUNK_SIZE = 1024 * 1024
 
 
 @dataclass(frozen=True)

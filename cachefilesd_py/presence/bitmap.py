@@ -1,7 +1,8 @@
 """Pure chunk algebra: a blob's chunk geometry and the bitmap of present chunks.
 
 Bit ``i`` is bit ``i % 8`` (least significant first) of byte ``i // 8``. A 1 TiB blob
-in 256 KiB chunks has 4 Mi chunks: a 512 KiB bitmap.
+in 1 MiB chunks (the default) has 1 Mi chunks: a 128 KiB bitmap; in 64 KiB chunks,
+a 2 MiB one.
 """
 
 from __future__ import annotations
