@@ -43,13 +43,17 @@ def stats(d: Daemon) -> dict[str, object]:
     return found[-1]
 
 
-def load_and_verify(cache: Path, blob: Path, fsid: str) -> tuple[object, object]:
+def load_and_verify(
+    cache: Path, blob: Path, fsid: str, chunk: int = CHUNK
+) -> tuple[object, object]:
+    """Load the blob's sidecar as the daemon would (``chunk`` must be the daemon's
+    chunk size, or the sidecar is rightly distrusted and loads empty) and verify it."""
     volume, cookie = f"erofs,{fsid}".encode(), fsid.encode()
     path = object_path(cache, volume, cookie)
     store = PresenceStore(cache / STATE_DIR_NAME / "presence")
     source = FileSource(str(blob))
     identity = source.identity(Deadline.after(10))
-    presence = store.load((volume, cookie), path, identity.size, CHUNK, identity.token())
+    presence = store.load((volume, cookie), path, identity.size, chunk, identity.token())
 
     def read_source(off: int, n: int) -> bytes:
         with open(blob, "rb") as f:

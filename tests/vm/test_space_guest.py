@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cachefilesd_py.config.model import Config
 from cachefilesd_py.kernel.layout import object_path
 from tests.vm.rig import (
     Daemon,
@@ -22,6 +23,9 @@ from tests.vm.rig import (
     umount_tracked,
 )
 from tests.vm.test_presence_guest import load_and_verify
+
+#: the daemon's chunk size when the config names none (these tests name none)
+DEFAULT_CHUNK = Config().chunk_size
 
 pytestmark = pytest.mark.guest
 
@@ -70,8 +74,12 @@ def test_images_larger_than_the_cache_are_served_by_culling(
     ]
     assert kept, kept
     for name in kept:
-        _presence, report = load_and_verify(cache, blobs / f"{name}.erofs", f"{name}.erofs")
+        presence, report = load_and_verify(
+            cache, blobs / f"{name}.erofs", f"{name}.erofs", DEFAULT_CHUNK
+        )
+        assert presence.trusted, name  # type: ignore[attr-defined]
         assert report.ok, (name, report)
+        assert report.present > 0, (name, report)
     sidecars = list((cache / "cachefilesd-py" / "presence").glob("*.presence"))
     assert len(sidecars) == len(kept)
 
@@ -109,9 +117,10 @@ def test_an_idle_blob_is_trimmed_not_removed_and_served_again(
     assert d.wait_for("cull.trimmed", timeout=60), "no trim after the image was unmounted"
     path = object_path(cache, b"erofs,big.erofs", b"big.erofs")
     assert path.exists(), "the blob was culled whole"
-    _presence, report = load_and_verify(cache, blobs / "big.erofs", "big.erofs")
+    presence, report = load_and_verify(cache, blobs / "big.erofs", "big.erofs", DEFAULT_CHUNK)
+    assert presence.trusted  # type: ignore[attr-defined]
     assert report.ok, report
-    assert report.present < report.chunks
+    assert 0 < report.present < report.chunks, report
 
     mount_tracked(mnt, "big.erofs", mounts)
     run("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
