@@ -14,8 +14,11 @@ sequential ``read()`` of that file (1 MiB at a time, page cache dropped first) t
 - ``cold nginx``: served by the daemon from nginx on loopback;
 - ``cold nginx +5ms``: the same with ``tc netem delay 5ms`` on loopback;
 
-then 1000 random 4 KiB reads on cold data (nginx): p50 and p99 latency, and how many
-bytes the daemon fetched for them (fetch amplification: bytes fetched / bytes read).
+then 1000 random 4 KiB reads on cold data, from nginx and from ``file://``: p50 and p99
+latency as the reader sees it, the bytes the daemon fetched for them, and the daemon's
+own figures from its final ``stats`` line (READ service time from reading the request
+off the device to completing it; source fetch time), which tell the daemon's share of
+a miss from the kernel's.
 Ratios are against the loop mount of the same run, since these machines are noisy.
 
 ``--chunk-sizes 64K,256K,1M`` adds a sweep: for each chunk size, a cold sequential read
@@ -55,6 +58,11 @@ def stat_of(d: Daemon, name: str) -> int:
     """A counter from the daemon's final ``stats`` log line (-1 if absent)."""
     stats = [e for e in d.read_events() if e.get("event") == "stats"]
     return int(stats[-1].get(name, -1)) if stats else -1  # type: ignore[call-overload]
+
+
+def final_stats(d: Daemon) -> dict[str, object]:
+    stats = [e for e in d.read_events() if e.get("event") == "stats"]
+    return stats[-1] if stats else {}
 
 
 def reads_of(d: Daemon) -> int:
@@ -174,18 +182,20 @@ def main() -> int:
             b.drop_cache_fs(cache)
         rows.append((label, results[label], ""))
 
-    cache = b.cache_fs(args.size_mb * 2 + 64)
-    d = b.daemon(cache, web.url)
-    m = work / "mr"
-    mount_erofs(m, "bench.erofs")
-    drop_caches()
-    lat = random_reads(m / "data.bin", args.random_reads)
-    run("umount", str(m))
-    d.stop()
-    b.drop_cache_fs(cache)
-    random_fetched = stat_of(d, "bytes_fetched")
+    randoms: dict[str, tuple[list[float], dict[str, object]]] = {}
+    for label, url in (("nginx", web.url), ("file://", f"file://{b.blobs}")):
+        cache = b.cache_fs(args.size_mb * 2 + 64)
+        d = b.daemon(cache, url)
+        m = work / f"mr{b.n}"
+        mount_erofs(m, "bench.erofs")
+        drop_caches()
+        randoms[label] = (random_reads(m / "data.bin", args.random_reads), {})
+        run("umount", str(m))
+        d.stop()
+        b.drop_cache_fs(cache)
+        randoms[label][1].update(final_stats(d))
 
-    sweep: list[tuple[int, float, float, list[float], int]] = []
+    sweep: list[tuple[int, float, float, list[float], dict[str, object]]] = []
     for chunk in (parse_size(x) for x in args.chunk_sizes.split(",") if x):
         seqs = []
         for delay in (None, "5ms"):
@@ -212,7 +222,7 @@ def main() -> int:
         run("umount", str(m))
         d.stop()
         b.drop_cache_fs(cache)
-        sweep.append((chunk, seqs[0], seqs[1], rlat, stat_of(d, "bytes_fetched")))
+        sweep.append((chunk, seqs[0], seqs[1], rlat, final_stats(d)))
     web.proc.terminate()
 
     print(
@@ -228,24 +238,32 @@ def main() -> int:
         )
     nodelay, delayed = results["cold, daemon from nginx"], results["cold, nginx + netem 5ms"]
     print(f"\nnginx +5ms keeps {100 * nodelay / delayed:.0f}% of the no-delay throughput")
-    qs = statistics.quantiles(lat, n=100)
-    print(
-        f"{len(lat)} random 4 KiB reads on cold data (nginx): "
-        f"p50 {qs[49] * 1000:.2f} ms, p99 {qs[98] * 1000:.2f} ms; "
-        f"fetched {random_fetched / 1e6:.1f} MB for {len(lat) * 4096 / 1e6:.1f} MB read "
-        f"({random_fetched / (len(lat) * 4096):.0f}× amplification)"
-    )
-    if sweep:
-        print(f"\nchunk-size sweep (nginx, cold; {len(lat)} random 4 KiB reads each):\n")
+    for label, (rlat, st) in randoms.items():
+        qs = statistics.quantiles(rlat, n=100)
+        fetched = int(st.get("bytes_fetched", -1))  # type: ignore[call-overload]
         print(
-            "| chunk | seq × loop | seq +5ms × loop | rand p50 ms | rand p99 ms | rand MB fetched |"
+            f"{len(rlat)} random 4 KiB reads on cold data ({label}): "
+            f"p50 {qs[49] * 1000:.2f} ms, p99 {qs[98] * 1000:.2f} ms; "
+            f"fetched {fetched / 1e6:.1f} MB for {len(rlat) * 4096 / 1e6:.1f} MB read; "
+            f"daemon: {st.get('reads')} READs served in p50 {st.get('read_p50_ms')} / "
+            f"p99 {st.get('read_p99_ms')} ms, source fetches p50 {st.get('fetch_p50_ms')} / "
+            f"p99 {st.get('fetch_p99_ms')} ms"
         )
-        print("|-------|------------|-----------------|-------------|-------------|--------|")
-        for chunk, seq, seq_delay, rlat, fetched in sweep:
+    if sweep:
+        print(f"\nchunk-size sweep (nginx, cold; {args.random_reads} random 4 KiB reads each):\n")
+        print(
+            "| chunk | seq × loop | seq +5ms × loop | rand p50 ms | rand p99 ms "
+            "| rand MB fetched | daemon READ p50 / p99 ms | fetch p50 / p99 ms |"
+        )
+        print("|-------|------|------|------|------|------|------|------|")
+        for chunk, seq, seq_delay, rlat, st in sweep:
             q = statistics.quantiles(rlat, n=100)
+            fetched = int(st.get("bytes_fetched", -1))  # type: ignore[call-overload]
             print(
                 f"| {chunk >> 10}K | {seq / loop_s:.2f} | {seq_delay / loop_s:.2f} | "
-                f"{q[49] * 1000:.2f} | {q[98] * 1000:.2f} | {fetched / 1e6:.1f} |"
+                f"{q[49] * 1000:.2f} | {q[98] * 1000:.2f} | {fetched / 1e6:.1f} | "
+                f"{st.get('read_p50_ms')} / {st.get('read_p99_ms')} | "
+                f"{st.get('fetch_p50_ms')} / {st.get('fetch_p99_ms')} |"
             )
     print(
         f"targets: cold file:// ≤ 3× loop ({cold_file / loop_s:.2f}), "

@@ -181,6 +181,8 @@ class Daemon:
                 "stats",
                 **vars(driver.stats),
                 **vars(engine.filler.stats),
+                **driver.read_times.summary_ms("read"),
+                **engine.filler.fetch_times.summary_ms("fetch"),
                 **space,
                 **host.footprint(),
             )

@@ -31,12 +31,14 @@ EIO). Nothing is marked present for a run whose fetch or write failed.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
 
 from cachefilesd_py.engine.blob import Blob, InFlight
+from cachefilesd_py.engine.latency import LatencyHistogram
 from cachefilesd_py.errors import SourceError
 from cachefilesd_py.kernel.dio import AlignedBuffer, BufferPool
 from cachefilesd_py.sources.policy import Deadline
@@ -76,6 +78,8 @@ class Filler:
         self.buffers = buffers
         self.max_run = buffers.size
         self.stats = FillStats()
+        #: seconds per source fetch (one range request or file read per run)
+        self.fetch_times = LatencyHistogram()
         self._stats_lock = threading.Lock()
 
     def ensure(self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline) -> None:
@@ -213,7 +217,9 @@ class Filler:
         last_start, last_len = geom.chunk_range(run[-1][0])
         length = last_start + last_len - start
         with self.buffers.borrow() as buf, buf.view[:length] as view:
+            began = time.monotonic()
             blob.source.fetch_into(start, view, deadline)
+            self.fetch_times.record(time.monotonic() - began)
             sink.write(start, buf, length)
         if blob.presence is not None:
             blob.presence.note_written(first, len(run))

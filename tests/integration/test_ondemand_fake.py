@@ -226,6 +226,21 @@ def test_readahead_follows_streams_not_random_reads(
     assert d.fake.reads_sent == reads  # served from what was fetched ahead
 
 
+def test_service_times_are_recorded(blobs: Path, cache: Path, daemons: list[Daemon]) -> None:
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    obj = d.fake.lookup(b"erofs,img", b"img")
+    for k in range(5):
+        assert obj.read(k * 3 * CHUNK, 100) == DATA[k * 3 * CHUNK : k * 3 * CHUNK + 100]
+    for _ in range(100):  # a READ's time is recorded just after its completion
+        if d.driver.read_times.count == 5:
+            break
+        threading.Event().wait(0.01)
+    assert d.driver.read_times.count == d.driver.stats.reads == d.fake.reads_sent == 5
+    assert d.engine.filler.fetch_times.count == d.engine.filler.stats.runs == 5
+    summary = d.driver.read_times.summary_ms("read")
+    assert summary["read_n"] == 5 and summary["read_p50_ms"] > 0
+
+
 def test_culler_removes_unused_blobs_never_pinned_or_in_use(
     blobs: Path, cache: Path, daemons: list[Daemon]
 ) -> None:

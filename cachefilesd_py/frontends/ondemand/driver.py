@@ -44,6 +44,7 @@ from pathlib import Path
 import structlog
 
 from cachefilesd_py.engine.blob import Blob, BlobKey
+from cachefilesd_py.engine.latency import LatencyHistogram
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import CachefilesdError, KernelProtocolError, SourceError
 from cachefilesd_py.frontends.ondemand import wire
@@ -170,6 +171,9 @@ class OnDemandDriver:
         self.cache_dir = cache_dir
         self.fetch_timeout = fetch_timeout
         self.stats = DriverStats()
+        #: seconds from reading a READ off the device to completing it (queueing,
+        #: waits for other fills and the fetch included)
+        self.read_times = LatencyHistogram()
         self._objects: dict[int, OnDemandObject] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fill")
@@ -302,7 +306,7 @@ class OnDemandDriver:
                 return
             self._pool.submit(self._guard, self._on_open, req, fd)
         elif isinstance(req, wire.ReadRequest):
-            self._pool.submit(self._guard, self._on_read, req)
+            self._pool.submit(self._guard, self._on_read, req, time.monotonic())
         elif isinstance(req, wire.CloseRequest):
             self._on_close(req)
 
@@ -438,7 +442,7 @@ class OnDemandDriver:
 
     # -- READ ------------------------------------------------------------------------
 
-    def _on_read(self, req: wire.ReadRequest) -> None:
+    def _on_read(self, req: wire.ReadRequest, received: float | None = None) -> None:
         self.stats.reads += 1
         with self._lock:
             obj = self._objects.get(req.object_id)
@@ -476,6 +480,8 @@ class OnDemandDriver:
                     )
                 finally:
                     self._complete(fd, req.msg_id)
+                    if received is not None:
+                        self.read_times.record(time.monotonic() - received)
         except ClosedFdError:
             self.stats.reads_failed += 1
             log.info("read.object_closed", msg_id=req.msg_id, object_id=req.object_id)
