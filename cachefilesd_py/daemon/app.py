@@ -183,6 +183,7 @@ class Daemon:
                 **vars(engine.filler.stats),
                 **driver.read_times.summary_ms("read"),
                 **engine.filler.fetch_times.summary_ms("fetch"),
+                **engine.filler.write_times.summary_ms("write"),
                 **space,
                 **host.footprint(),
             )

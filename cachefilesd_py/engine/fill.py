@@ -80,6 +80,9 @@ class Filler:
         self.stats = FillStats()
         #: seconds per source fetch (one range request or file read per run)
         self.fetch_times = LatencyHistogram()
+        #: seconds per write of a fetched run into the cache file (retries for room
+        #: after ENOBUFS included)
+        self.write_times = LatencyHistogram()
         self._stats_lock = threading.Lock()
 
     def ensure(self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline) -> None:
@@ -219,8 +222,10 @@ class Filler:
         with self.buffers.borrow() as buf, buf.view[:length] as view:
             began = time.monotonic()
             blob.source.fetch_into(start, view, deadline)
-            self.fetch_times.record(time.monotonic() - began)
+            fetched = time.monotonic()
+            self.fetch_times.record(fetched - began)
             sink.write(start, buf, length)
+            self.write_times.record(time.monotonic() - fetched)
         if blob.presence is not None:
             blob.presence.note_written(first, len(run))
         with self._stats_lock:

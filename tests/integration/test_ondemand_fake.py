@@ -237,6 +237,7 @@ def test_service_times_are_recorded(blobs: Path, cache: Path, daemons: list[Daem
         threading.Event().wait(0.01)
     assert d.driver.read_times.count == d.driver.stats.reads == d.fake.reads_sent == 5
     assert d.engine.filler.fetch_times.count == d.engine.filler.stats.runs == 5
+    assert d.engine.filler.write_times.count == 5
     summary = d.driver.read_times.summary_ms("read")
     assert summary["read_n"] == 5 and summary["read_p50_ms"] > 0
 
