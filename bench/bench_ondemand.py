@@ -248,7 +248,8 @@ def main() -> int:
             f"daemon: {st.get('reads')} READs served in p50 {st.get('read_p50_ms')} / "
             f"p99 {st.get('read_p99_ms')} ms, source fetches p50 {st.get('fetch_p50_ms')} / "
             f"p99 {st.get('fetch_p99_ms')} ms, cache writes p50 {st.get('write_p50_ms')} / "
-            f"p99 {st.get('write_p99_ms')} ms"
+            f"p99 {st.get('write_p99_ms')} ms; {st.get('checkpoint_n')} checkpoints, "
+            f"p50 {st.get('checkpoint_p50_ms')} / p99 {st.get('checkpoint_p99_ms')} ms"
         )
     if sweep:
         print(f"\nchunk-size sweep (nginx, cold; {args.random_reads} random 4 KiB reads each):\n")

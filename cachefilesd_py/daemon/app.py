@@ -184,6 +184,7 @@ class Daemon:
                 **driver.read_times.summary_ms("read"),
                 **engine.filler.fetch_times.summary_ms("fetch"),
                 **engine.filler.write_times.summary_ms("write"),
+                **engine.checkpoint_times.summary_ms("checkpoint"),
                 **space,
                 **host.footprint(),
             )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import structlog
 
 from cachefilesd_py.engine.blob import Blob, BlobKey
 from cachefilesd_py.engine.fill import Filler, Sink
+from cachefilesd_py.engine.latency import LatencyHistogram
 from cachefilesd_py.engine.leases import BlobLeases
 from cachefilesd_py.engine.readahead import Prefetch, StreamReadahead
 from cachefilesd_py.errors import SourceError, SourceNotFound
@@ -66,6 +68,8 @@ class Engine:
         #: who may touch a blob's cache file: frontends take use leases, trims trim leases
         self.leases = BlobLeases()
         self.filler = Filler(BufferPool(self.settings.max_run, self.settings.buffers))
+        #: seconds per checkpoint that saved something (syncfs + sidecar writes)
+        self.checkpoint_times = LatencyHistogram()
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
 
@@ -206,8 +210,10 @@ class Engine:
     def checkpoint(self) -> None:
         presences = [b.presence for b in self.blobs() if b.presence is not None]
         if presences:
+            began = time.monotonic()
             try:
-                self.presence.checkpoint(presences)
+                if self.presence.checkpoint(presences):
+                    self.checkpoint_times.record(time.monotonic() - began)
             except OSError as exc:
                 log.warning("presence.checkpoint_failed", error=str(exc))
 
