@@ -30,6 +30,7 @@ from cachefilesd_py.config.load import load_config
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.config.parse import kernel_commands
 from cachefilesd_py.daemon import host, systemd
+from cachefilesd_py.daemon.stats import Collect, StatsReporter
 from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
 from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
@@ -90,6 +91,11 @@ class Daemon:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+
+    def _on_usr1(self, _signum: int, _frame: FrameType | None) -> None:
+        if self._reporter is not None:
+            self._reporter.request()
 
     def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
         log.info("stopping", signal=signal.Signals(signum).name)
@@ -119,6 +125,7 @@ class Daemon:
     # -- run -------------------------------------------------------------------------
 
     _engine: Engine | None = None
+    _reporter: StatsReporter | None = None
 
     def run(self) -> int:
         nofile = raise_nofile_limit()
@@ -167,18 +174,13 @@ class Daemon:
             sources=len(self.config.sources),
             chunk_size=self.config.chunk_size,
         )
-        try:
-            driver.serve(self.stop)
-        finally:
-            systemd.stopping()
-            driver.shutdown()
-            factory.close()
+
+        def collect() -> dict[str, object]:
             space = {}
             if driver.culler is not None:
                 t = driver.culler.totals
                 space = {"culled": t.culled, "trimmed": t.trimmed, "cull_freed": t.freed_bytes}
-            log.info(
-                "stats",
+            return {
                 **vars(driver.stats),
                 **vars(engine.filler.stats),
                 **driver.read_times.summary_ms("read"),
@@ -187,21 +189,39 @@ class Daemon:
                 **engine.checkpoint_times.summary_ms("checkpoint"),
                 **space,
                 **host.footprint(),
-            )
+            }
+
+        self._reporter = StatsReporter(collect).start()
+        try:
+            driver.serve(self.stop)
+        finally:
+            self._reporter.close()
+            systemd.stopping()
+            driver.shutdown()
+            factory.close()
+            log.info("stats", final=True, **collect())
         return 0
 
     def _run_classic(self, device: CachefilesDevice) -> int:
         from cachefilesd_py.frontends.classic.driver import run_classic
 
+        def report(collect: Collect) -> None:
+            self._reporter = StatsReporter(lambda: {**collect(), **host.footprint()}).start()
+
         systemd.status("binding classic cache")
-        return run_classic(
-            device,
-            self.config,
-            self.stop,
-            nocull=self.nocull,
-            commands=kernel_commands(self.config),
-            on_ready=lambda: (systemd.ready(), log.info("ready", mode="classic")),
-        )
+        try:
+            return run_classic(
+                device,
+                self.config,
+                self.stop,
+                nocull=self.nocull,
+                commands=kernel_commands(self.config),
+                on_ready=lambda: (systemd.ready(), log.info("ready", mode="classic")),
+                report_stats=report,
+            )
+        finally:
+            if self._reporter is not None:
+                self._reporter.close()
 
 
 def run(config: Config, options: object) -> int:

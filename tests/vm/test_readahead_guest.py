@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -63,8 +64,15 @@ def test_sequential_reader_needs_few_reads(
     mnt = workdir / "mnt"
     mount_tracked(mnt, "ra.erofs", mounts)
     assert sha256_file(mnt / "data.bin") == sha256_file(src / "data.bin")
+    # a running daemon logs its stats on SIGUSR1 (not only at exit)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGUSR1)
+    assert d.wait_for("stats", timeout=20), "no stats line after SIGUSR1"
+    [live] = [e for e in d.read_events() if e.get("event") == "stats"]
+    assert live["final"] is False and int(live["reads"]) > 0, live  # type: ignore[call-overload]
     umount_tracked(mnt, mounts)
     stats = final_stats(d)
+    assert stats["final"] is True
     reads = int(stats["reads"])  # type: ignore[call-overload]
     # without read-ahead every kernel READ (its own read-ahead size at most) is a round
     # trip: hundreds of them for 64 MiB; with windows up to 4 MiB, about one per window

@@ -287,7 +287,10 @@ def run_classic(
     nocull: bool,
     commands: list[bytes],
     on_ready: Callable[[], object] = lambda: None,
+    report_stats: Callable[[Callable[[], dict[str, object]]], object] = lambda _collect: None,
 ) -> int:
+    """Bind and serve until ``stop``; ``report_stats`` is handed a function returning
+    the driver's counters, for periodic and on-demand stats lines."""
     assert config.dir is not None
     driver = ClassicDriver(
         device,
@@ -299,8 +302,9 @@ def run_classic(
     )
     driver.bind(commands)
     on_ready()
+    report_stats(lambda: dict(vars(driver.stats)))
     try:
         driver.serve(stop)
     finally:
-        log.info("stats", **vars(driver.stats))
+        log.info("stats", final=True, **vars(driver.stats))
     return 0
