@@ -82,27 +82,48 @@ class Daemon:
         self.config_path = config_path
         self.nocull = nocull or config.nocull
         self.stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._stop_signal: int | None = None
         assert config.dir is not None
         self.cache_dir = Path(config.dir)
 
     # -- signals ---------------------------------------------------------------------
+    #
+    # A Python signal handler runs in the main thread between two bytecodes, possibly
+    # while that thread is inside a log call holding the log stream's (non-reentrant)
+    # write lock: a handler that logs can deadlock the daemon — seen in the guest, a
+    # SIGTERM that arrived while the reader thread logged a CLOSE hung it until SIGKILL.
+    # So the handlers only set events; the "signals" thread logs and acts on them.
 
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
         signal.signal(signal.SIGUSR1, self._on_usr1)
+        threading.Thread(target=self._signal_loop, name="signals", daemon=True).start()
 
     def _on_usr1(self, _signum: int, _frame: FrameType | None) -> None:
         if self._reporter is not None:
             self._reporter.request()
 
     def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
-        log.info("stopping", signal=signal.Signals(signum).name)
+        self._stop_signal = signum
         self.stop.set()
 
     def _on_reload(self, _signum: int, _frame: FrameType | None) -> None:
-        threading.Thread(target=self.reload, name="reload", daemon=True).start()
+        self._reload_requested.set()
+
+    def _signal_loop(self, poll: float = 0.2) -> None:
+        """Acts on what the handlers noted: reloads, and logs the stop request."""
+        while not self.stop.wait(poll):
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                try:
+                    self.reload()
+                except Exception:
+                    log.exception("reload.failed")
+        if self._stop_signal is not None:
+            log.info("stopping", signal=signal.Signals(self._stop_signal).name)
 
     def reload(self) -> None:
         from cachefilesd_py.errors import ConfigError
