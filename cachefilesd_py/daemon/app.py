@@ -82,7 +82,9 @@ class Daemon:
         self.config_path = config_path
         self.nocull = nocull or config.nocull
         self.stop = threading.Event()
-        self._reload_requested = threading.Event()
+        #: set by a handler after noting a signal; the "signals" thread waits on it
+        self._signalled = threading.Event()
+        self._reload_requested = False
         self._stop_signal: int | None = None
         assert config.dir is not None
         self.cache_dir = Path(config.dir)
@@ -109,21 +111,26 @@ class Daemon:
     def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
         self._stop_signal = signum
         self.stop.set()
+        self._signalled.set()
 
     def _on_reload(self, _signum: int, _frame: FrameType | None) -> None:
-        self._reload_requested.set()
+        self._reload_requested = True
+        self._signalled.set()
 
-    def _signal_loop(self, poll: float = 0.2) -> None:
+    def _signal_loop(self) -> None:
         """Acts on what the handlers noted: reloads, and logs the stop request."""
-        while not self.stop.wait(poll):
-            if self._reload_requested.is_set():
-                self._reload_requested.clear()
+        while True:
+            self._signalled.wait()
+            self._signalled.clear()
+            if self._reload_requested:
+                self._reload_requested = False
                 try:
                     self.reload()
                 except Exception:
                     log.exception("reload.failed")
-        if self._stop_signal is not None:
-            log.info("stopping", signal=signal.Signals(self._stop_signal).name)
+            if self._stop_signal is not None:
+                log.info("stopping", signal=signal.Signals(self._stop_signal).name)
+                return
 
     def reload(self) -> None:
         from cachefilesd_py.errors import ConfigError
