@@ -35,9 +35,13 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from tests.vm.rig import Daemon, mkfs_erofs, mount_erofs, run, start_nginx
+
+T = TypeVar("T")
 
 
 def drop_caches() -> None:
@@ -54,19 +58,14 @@ def timed_read(path: Path) -> float:
     return time.perf_counter() - start
 
 
-def stat_of(d: Daemon, name: str) -> int:
-    """A counter from the daemon's final ``stats`` log line (-1 if absent)."""
-    stats = [e for e in d.read_events() if e.get("event") == "stats"]
-    return int(stats[-1].get(name, -1)) if stats else -1  # type: ignore[call-overload]
-
-
 def final_stats(d: Daemon) -> dict[str, object]:
+    """The daemon's last ``stats`` log line (empty if it logged none)."""
     stats = [e for e in d.read_events() if e.get("event") == "stats"]
     return stats[-1] if stats else {}
 
 
 def reads_of(d: Daemon) -> int:
-    return stat_of(d, "reads")
+    return int(final_stats(d).get("reads", -1))  # type: ignore[call-overload]
 
 
 def parse_size(text: str) -> int:
@@ -75,6 +74,7 @@ def parse_size(text: str) -> int:
 
 
 def random_reads(path: Path, n: int, seed: int = 7) -> list[float]:
+    drop_caches()
     size = path.stat().st_size
     rng = random.Random(seed)
     lat = []
@@ -102,12 +102,14 @@ class Bench:
         self.blobs.mkdir()
         mkfs_erofs(self.blobs / "bench.erofs", src, "-Enoinline_data")
         self.n = 0
+        #: room for the blob twice over, so no case culls
+        self.cache_mb = size_mb * 2 + 64
 
-    def cache_fs(self, size_mb: int) -> Path:
+    def cache_fs(self) -> Path:
         self.n += 1
         image = self.work / f"cache{self.n}.img"
         with open(image, "wb") as f:
-            f.truncate(size_mb << 20)
+            f.truncate(self.cache_mb << 20)
         run("mkfs.ext4", "-q", "-F", str(image))
         mnt = self.work / f"cache{self.n}"
         mnt.mkdir()
@@ -118,6 +120,28 @@ class Bench:
         """Unmount a cache filesystem and free its image: the guest's /tmp is RAM."""
         run("umount", str(mnt))
         (self.work / f"{mnt.name}.img").unlink()
+
+    def cold(
+        self, url: str, measure: Callable[[Path], T], *, extra: str = "", delay: str | None = None
+    ) -> tuple[T, dict[str, object]]:
+        """``measure(file)`` on a fresh mount with a fresh cache filesystem and daemon
+        (``extra`` config lines; ``tc netem delay`` on loopback if ``delay``), all torn
+        down afterwards; returns its result and the daemon's final stats."""
+        cache = self.cache_fs()
+        d = self.daemon(cache, url, extra)
+        m = self.work / f"m{self.n}"
+        if delay:
+            run("tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", delay)
+        try:
+            mount_erofs(m, "bench.erofs")
+            result = measure(m / "data.bin")
+            run("umount", str(m))
+        finally:
+            if delay:
+                run("tc", "qdisc", "del", "dev", "lo", "root", check=False)
+            d.stop()
+            self.drop_cache_fs(cache)
+        return result, final_stats(d)
 
     def daemon(self, cache: Path, url: str, extra: str = "") -> Daemon:
         conf = self.work / f"d{self.n}.conf"
@@ -146,7 +170,7 @@ def main() -> int:
     rows.append(("loop mount (physical limit)", loop_s, ""))
 
     # cold from file://, then warm
-    cache = b.cache_fs(args.size_mb * 2 + 64)
+    cache = b.cache_fs()
     d = b.daemon(cache, f"file://{b.blobs}")
     m = work / "m1"
     mount_erofs(m, "bench.erofs")
@@ -166,63 +190,23 @@ def main() -> int:
     web = start_nginx(b.blobs, work)
     results: dict[str, float] = {}
     for label, delay in (("cold, daemon from nginx", None), ("cold, nginx + netem 5ms", "5ms")):
-        cache = b.cache_fs(args.size_mb * 2 + 64)
-        d = b.daemon(cache, web.url)
-        if delay:
-            run("tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", delay)
-        m = work / f"m{b.n}"
-        try:
-            mount_erofs(m, "bench.erofs")
-            results[label] = timed_read(m / "data.bin")
-            run("umount", str(m))
-        finally:
-            if delay:
-                run("tc", "qdisc", "del", "dev", "lo", "root", check=False)
-            d.stop()
-            b.drop_cache_fs(cache)
+        results[label], _ = b.cold(web.url, timed_read, delay=delay)
         rows.append((label, results[label], ""))
+
+    def cold_random(path: Path) -> list[float]:
+        return random_reads(path, args.random_reads)
 
     randoms: dict[str, tuple[list[float], dict[str, object]]] = {}
     for label, url in (("nginx", web.url), ("file://", f"file://{b.blobs}")):
-        cache = b.cache_fs(args.size_mb * 2 + 64)
-        d = b.daemon(cache, url)
-        m = work / f"mr{b.n}"
-        mount_erofs(m, "bench.erofs")
-        drop_caches()
-        randoms[label] = (random_reads(m / "data.bin", args.random_reads), {})
-        run("umount", str(m))
-        d.stop()
-        b.drop_cache_fs(cache)
-        randoms[label][1].update(final_stats(d))
+        randoms[label] = b.cold(url, cold_random)
 
     sweep: list[tuple[int, float, float, list[float], dict[str, object]]] = []
     for chunk in (parse_size(x) for x in args.chunk_sizes.split(",") if x):
-        seqs = []
-        for delay in (None, "5ms"):
-            cache = b.cache_fs(args.size_mb * 2 + 64)
-            d = b.daemon(cache, web.url, f"chunk_size {chunk}\n")
-            m = work / f"m{b.n}"
-            if delay:
-                run("tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", delay)
-            try:
-                mount_erofs(m, "bench.erofs")
-                seqs.append(timed_read(m / "data.bin"))
-                run("umount", str(m))
-            finally:
-                if delay:
-                    run("tc", "qdisc", "del", "dev", "lo", "root", check=False)
-                d.stop()
-                b.drop_cache_fs(cache)
-        cache = b.cache_fs(args.size_mb * 2 + 64)
-        d = b.daemon(cache, web.url, f"chunk_size {chunk}\n")
-        m = work / f"m{b.n}"
-        mount_erofs(m, "bench.erofs")
-        drop_caches()
-        rlat = random_reads(m / "data.bin", args.random_reads)
-        run("umount", str(m))
-        d.stop()
-        b.drop_cache_fs(cache)
-        sweep.append((chunk, seqs[0], seqs[1], rlat, final_stats(d)))
+        extra = f"chunk_size {chunk}\n"
+        seq, _ = b.cold(web.url, timed_read, extra=extra)
+        seq_delay, _ = b.cold(web.url, timed_read, extra=extra, delay="5ms")
+        rlat, stats = b.cold(web.url, cold_random, extra=extra)
+        sweep.append((chunk, seq, seq_delay, rlat, stats))
     web.proc.terminate()
 
     print(

@@ -55,41 +55,43 @@ def wait_until(cond: Any, timeout: float = 5.0) -> bool:
     return False
 
 
+@pytest.fixture
+def conf(tmp_path: Path) -> Path:
+    path = tmp_path / "cachefilesd.conf"
+    path.write_text(f"dir {tmp_path}\nondemand\nsource * file:///a/{{cookie}}\n")
+    return path
+
+
+@pytest.fixture
+def daemon(conf: Path, recording: RecordingLog) -> Iterator[app.Daemon]:
+    """A daemon object with its signal handlers installed (nothing bound)."""
+    d = app.Daemon(load_config(str(conf)), str(conf), nocull=False)
+    d.install_signals()
+    yield d
+    d.stop.set()
+
+
 def test_sighup_reloads_and_sigterm_stops_without_logging_in_the_handler(
-    tmp_path: Path, recording: RecordingLog
+    conf: Path, daemon: app.Daemon, recording: RecordingLog
 ) -> None:
-    conf = tmp_path / "cachefilesd.conf"
-    conf.write_text(f"dir {tmp_path}\nondemand\nsource * file:///a/{{cookie}}\n")
-    daemon = app.Daemon(load_config(str(conf)), str(conf), nocull=False)
-    daemon.install_signals()
-    try:
-        conf.write_text(
-            f"dir {tmp_path}\nondemand\nsource a/* file:///a/{{cookie}}\n"
-            "source * file:///b/{cookie}\n"
-        )
-        signal.raise_signal(signal.SIGHUP)
-        assert wait_until(lambda: len(daemon.config.sources) == 2), recording.calls
-        signal.raise_signal(signal.SIGTERM)
-        assert daemon.stop.is_set()  # the handler ran synchronously
-        assert wait_until(lambda: "stopping" in recording.events()), recording.calls
-    finally:
-        daemon.stop.set()
+    conf.write_text(
+        f"dir {conf.parent}\nondemand\nsource a/* file:///a/{{cookie}}\n"
+        "source * file:///b/{cookie}\n"
+    )
+    signal.raise_signal(signal.SIGHUP)
+    assert wait_until(lambda: len(daemon.config.sources) == 2), recording.calls
+    signal.raise_signal(signal.SIGTERM)
+    assert daemon.stop.is_set()  # the handler ran synchronously
+    assert wait_until(lambda: "stopping" in recording.events()), recording.calls
     assert ("signals", "stopping", {"signal": "SIGTERM"}) in recording.calls
     assert all(thread != "MainThread" for thread, _e, _kw in recording.calls), recording.calls
 
 
 def test_a_broken_config_on_reload_is_rejected_and_kept(
-    tmp_path: Path, recording: RecordingLog
+    conf: Path, daemon: app.Daemon, recording: RecordingLog
 ) -> None:
-    conf = tmp_path / "cachefilesd.conf"
-    conf.write_text(f"dir {tmp_path}\nondemand\nsource * file:///a/{{cookie}}\n")
-    daemon = app.Daemon(load_config(str(conf)), str(conf), nocull=False)
     before = daemon.config
-    daemon.install_signals()
-    try:
-        conf.write_text(f"dir {tmp_path}\nondemand\nbogus_directive 1\n")
-        signal.raise_signal(signal.SIGHUP)
-        assert wait_until(lambda: "reload.rejected" in recording.events()), recording.calls
-        assert daemon.config is before
-    finally:
-        daemon.stop.set()
+    conf.write_text(f"dir {conf.parent}\nondemand\nbogus_directive 1\n")
+    signal.raise_signal(signal.SIGHUP)
+    assert wait_until(lambda: "reload.rejected" in recording.events()), recording.calls
+    assert daemon.config is before

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.vm.rig import Daemon, mkfs_erofs, mount_tracked, sha256_file, umount_tracked
+from tests.vm.test_presence_guest import stats as last_stats
 
 pytestmark = pytest.mark.guest
 
@@ -39,30 +40,33 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path
 
 def final_stats(d: Daemon) -> dict[str, object]:
     assert d.stop() == 0
-    found = [e for e in d.read_events() if e.get("event") == "stats"]
-    assert found, "daemon logged no stats at exit"
-    return found[-1]
+    return last_stats(d)
 
 
-def conf(cache: Path, blobs: Path) -> str:
-    return (
-        f"dir {cache}\ntag ra\nondemand\nsource * file://{blobs}/{{cookie}}\n"
-        f"chunk_size {CHUNK // 1024}K\nreadahead 4M\n"
-    )
-
-
-def test_sequential_reader_needs_few_reads(
+@pytest.fixture
+def served(
     image: tuple[Path, Path],
     workdir: Path,
     loop_fs: Callable[..., Path],
     daemon: Callable[[str], Daemon],
     mounts: list[Path],
-) -> None:
+) -> tuple[Path, Path, Daemon]:
+    """The image mounted through a running daemon: (source tree, mount point, daemon)."""
     src, blobs = image
-    d = daemon(conf(loop_fs(160), blobs))
+    d = daemon(
+        f"dir {loop_fs(160)}\ntag ra\nondemand\nsource * file://{blobs}/{{cookie}}\n"
+        f"chunk_size {CHUNK // 1024}K\nreadahead 4M\n"
+    )
     d.start()
     mnt = workdir / "mnt"
     mount_tracked(mnt, "ra.erofs", mounts)
+    return src, mnt, d
+
+
+def test_sequential_reader_needs_few_reads(
+    served: tuple[Path, Path, Daemon], mounts: list[Path]
+) -> None:
+    src, mnt, d = served
     assert sha256_file(mnt / "data.bin") == sha256_file(src / "data.bin")
     # a running daemon logs its stats on SIGUSR1 (not only at exit)
     assert d.proc is not None
@@ -80,17 +84,9 @@ def test_sequential_reader_needs_few_reads(
 
 
 def test_scattered_random_reads_fetch_nothing_ahead(
-    image: tuple[Path, Path],
-    workdir: Path,
-    loop_fs: Callable[..., Path],
-    daemon: Callable[[str], Daemon],
-    mounts: list[Path],
+    served: tuple[Path, Path, Daemon], mounts: list[Path]
 ) -> None:
-    src, blobs = image
-    d = daemon(conf(loop_fs(160), blobs))
-    d.start()
-    mnt = workdir / "mnt"
-    mount_tracked(mnt, "ra.erofs", mounts)
+    src, mnt, d = served
     rng = random.Random(5)
     # 40 reads, each in its own 1.5 MiB stretch, in random order: no two are adjacent
     stretch = 3 * MiB // 2
