@@ -55,11 +55,35 @@ def drop_caches() -> None:
 
 
 def results_dir() -> Path:
-    return Path(os.environ.get("CACHEFILESD_VM_RESULTS", str(WORK)))
+    return Path(os.environ.get("CACHEFILESD_VM_RESULTS", str(WORK))).absolute()
+
+
+def installed_copy() -> dict[str, str]:
+    """cachefilesd_py as an installed package has it: its modules with their byte code.
+    This checkout is an editable install, read-only in the guest, and these machines set
+    PYTHONDONTWRITEBYTECODE, so run from it the daemon would compile its whole package
+    from source at every start. The package is copied to the guest's /tmp with its byte
+    code compiled, and put first on the daemon's PYTHONPATH (the environment returned)."""
+    import compileall
+
+    import cachefilesd_py
+
+    site = WORK / "site"
+    dst = site / "cachefilesd_py"
+    shutil.rmtree(site, ignore_errors=True)
+    shutil.copytree(
+        Path(cachefilesd_py.__file__).parent, dst, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    if not compileall.compile_dir(dst, quiet=1):
+        raise RuntimeError(f"could not byte-compile {dst}")
+    return {"PYTHONPATH": str(site)}
 
 
 class Bench:
-    def __init__(self, built: BuiltCache, limits: Limits, args: argparse.Namespace) -> None:
+    def __init__(
+        self, built: BuiltCache, limits: Limits, args: argparse.Namespace, env: dict[str, str]
+    ) -> None:
+        self.env = env
         self.built = built
         self.limits = limits
         self.args = args
@@ -84,6 +108,7 @@ class Bench:
                     conf,
                     wrap=wrap,
                     wrapped=wrapped,
+                    env=self.env,
                     settle=self.args.settle,
                     timeout=self.args.timeout,
                     log_path=self.logs / f"{label}.log",
@@ -262,61 +287,50 @@ def print_profile(path: Path, top: int = 18) -> None:
         print(f"  {100 * n / total:5.1f} %  {f}")
 
 
-def importtime() -> None:
-    """cachefilesd-py's start-up in the guest: a bare interpreter, then its imports."""
+def importtime(env: dict[str, str]) -> None:
+    """cachefilesd-py's start-up in the guest (from the byte-compiled copy the daemon
+    runs from): a bare interpreter, then the imports of its classic-mode path, as a
+    tree of the imports that take at least 2 % of the time."""
+    full = dict(os.environ, **env)
     t = time.monotonic()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    subprocess.run([sys.executable, "-c", "pass"], check=True, env=full)
     bare = time.monotonic() - t
     mods = (
         "cachefilesd_py.daemon.cli, cachefilesd_py.daemon.app, "
         "cachefilesd_py.frontends.classic.driver"
     )
+    code = f"import {mods}; import cachefilesd_py; print(cachefilesd_py.__file__)"
     t = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", f"import {mods}"],
+        [sys.executable, "-X", "importtime", "-c", code],
         check=True,
         capture_output=True,
         text=True,
+        env=full,
     )
     with_imports = time.monotonic() - t
-    rows: list[tuple[int, int, str]] = []  # (indent, cumulative µs, module)
+    rows: list[tuple[int, int, int, str]] = []  # (depth, self µs, cumulative µs, module)
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
             continue
-        _self_us, cum_us, name = line[len("import time:") :].split("|", 2)
+        self_text, cum_text, name = line[len("import time:") :].split("|", 2)
         name = name[1:]
-        rows.append((len(name) - len(name.lstrip()), int(cum_us), name.strip()))
-    top_indent = min(i for i, _, _ in rows)
-    tops = [(us, name) for i, us, name in rows if i == top_indent]
-    total = sum(us for us, _ in tops)
+        depth = (len(name) - len(name.lstrip())) // 2
+        rows.append((depth, int(self_text), int(cum_text), name.strip()))
+    top = min(d for d, _, _, _ in rows)
+    total = sum(c for d, _, c, _ in rows if d == top)
     print(
-        f"\nstart-up in the guest: `python -c pass` {bare:.2f} s; "
-        f"python + `import {mods}` {with_imports:.2f} s; top-level imports {total / 1e6:.2f} s"
+        f"\nstart-up in the guest: `python -c pass` {bare:.2f} s; python + `import {mods}` "
+        f"{with_imports:.2f} s (imports {total / 1e6:.2f} s, {len(rows)} modules; "
+        f"package from {proc.stdout.strip()})"
     )
-    print("| top-level import | cumulative s |")
-    print("|---|---|")
-    for us, name in sorted(tops, reverse=True)[:15]:
-        print(f"| {name} | {us / 1e6:.3f} |")
-    stale = pyc_state()
-    print(f"byte-code caches of cachefilesd_py: {stale}")
-
-
-def pyc_state() -> str:
-    """Whether Python can use cached byte code for the package (the guest runs with
-    PYTHONDONTWRITEBYTECODE=1, so a missing or stale .pyc means compiling every start)."""
-    import importlib.util
-
-    import cachefilesd_py
-
-    root = Path(cachefilesd_py.__file__).parent
-    missing = 0
-    total = 0
-    for src in root.rglob("*.py"):
-        total += 1
-        pyc = Path(importlib.util.cache_from_source(str(src)))
-        if not pyc.exists() or pyc.stat().st_mtime < src.stat().st_mtime:
-            missing += 1
-    return f"{total - missing} of {total} modules have a current .pyc"
+    print("| import (nesting shown by indent) | self s | cumulative s |")
+    print("|---|---|---|")
+    # -X importtime prints a module after its imports: reverse for a top-down tree
+    for depth, self_us, cum_us, name in reversed(rows):
+        if cum_us >= total * 0.02:
+            pad = "· " * (depth - top)
+            print(f"| {pad}{name} | {self_us / 1e6:.3f} | {cum_us / 1e6:.3f} |")
 
 
 # -- main -------------------------------------------------------------------------------
@@ -332,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bstop", type=int, default=10)
     ap.add_argument("--source", choices=("synthetic", "kernel"), default="synthetic")
     ap.add_argument("--data", choices=("fallocate", "write"), default="fallocate")
-    ap.add_argument("--daemons", default="c,py", help="which, in the first round's order")
+    ap.add_argument(
+        "--daemons", default="c,py", help="c and/or py in the first round's order, or none"
+    )
     ap.add_argument("--rounds", type=int, default=1, help="rounds, order reversed each round")
     ap.add_argument("--settle", type=float, default=2.0)
     ap.add_argument("--timeout", type=float, default=900.0, help="per daemon run")
@@ -342,10 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--importtime", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    out = (args.json or results_dir() / "classic-bench.json").absolute()
     if os.geteuid() != 0 or not os.path.exists("/dev/cachefiles"):
         print("needs root and /dev/cachefiles: run it in the test guest (scripts/vmtest)")
         return 2
-    daemons = [d.strip() for d in args.daemons.split(",") if d.strip()]
+    daemons = [d.strip() for d in args.daemons.split(",") if d.strip() not in ("", "none")]
     if any(d not in NAMES for d in daemons):
         ap.error(f"--daemons takes c and/or py, not {args.daemons}")
     if not args.bstop < args.bcull < args.brun < 100:
@@ -370,14 +387,17 @@ def main(argv: list[str] | None = None) -> int:
         f"limits brun {limits.brun} % / bcull {limits.bcull} % / bstop {limits.bstop} %; "
         f"kernel {os.uname().release}; {os.cpu_count()} vCPUs (QEMU TCG)\n"
     )
-    bench = Bench(built, limits, args)
+    env = installed_copy()
+    print(f"cachefilesd-py runs from a byte-compiled copy of the package ({env})")
+    bench = Bench(built, limits, args, env)
     results: list[RunResult] = []
     for rnd in range(args.rounds):
         order = daemons if rnd % 2 == 0 else list(reversed(daemons))
         for daemon in order:
             results.append(bench.one(daemon))
-    print_table(results)
-    print()
+    if results:
+        print_table(results)
+        print()
     for r in results:
         info = py_details(r) if r.daemon == "py" else c_details(r)
         print(f"- {NAMES[r.daemon]}: exit {r.exit_code}; {info}")
@@ -390,8 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
         probe(built, WORK)
     if args.importtime:
-        importtime()
-    out = args.json or results_dir() / "classic-bench.json"
+        importtime(env)
     out.write_text(
         json.dumps(
             {

@@ -1,28 +1,31 @@
 """The pieces of one classic-mode cull, timed one by one on the real kernel.
 
 Run by ``python -m bench.bench_classic --probe`` (in the guest). On a fresh copy of the
-benchmark cache, bound by this process with limits that never ask for culls, each case
-runs on its own slice of objects, taken in LRU order (oldest first, so spread over the
-fan-out directories as a daemon's victims are), and reports microseconds per object:
+benchmark cache (cold: nothing of it in the guest's caches yet), bound by this process
+with limits that never ask for culls, each case gets its own objects, taken in LRU order
+(oldest first, so spread over the fan-out directories as a daemon's victims are). The
+cases run interleaved, a small chunk of each per round, so that a change in the host's
+load hits them all alike; each reports microseconds per object:
 
 - ``write to /dev/null``: the floor, a Python ``os.write`` of a cull command that the
   kernel does nothing with;
 - ``read state line``: one ``read()`` of the device (the kernel runs ``statfs`` and
   formats the state line), what a daemon pays each time it asks whether to go on;
-- ``cull, cwd already in the directory``: only the ``cull`` writes, the working
-  directory set once per directory beforehand: the kernel's own round trip (look-up,
-  unlink, ext4 freeing the blocks) plus the floor;
+- ``cull, cwd already in its directory``: only the ``cull`` writes are timed, the
+  working directory is set beforehand: the kernel's own round trip (look-up, unlink,
+  ext4 freeing the inode and its blocks) plus the floor;
 - ``fchdir(cached dir fd) + cull``: two syscalls per object, directory fds opened once;
-- ``cull_one() (kernel/device.py)``: cachefilesd-py's path today: ``open(".")``,
-  ``chdir(path)`` (a path walk from ``/``), the write, ``fchdir`` back, ``close``,
-  under a lock;
-- ``inotify event, applied by the index``: :class:`TreeIndex` watching the cache while
-  ``cull_one`` culls a slice, then ``refresh()`` timed: the cost of the daemon's own
-  culls coming back to it as events (and which events they are);
-- ``stat`` of an object (a pass's per-object cost when it ranks the known objects), and
-  a whole ``TreeIndex.scan(4096)``;
+- ``cull_one(), cwd "/"`` and ``cull_one(), cwd on the cache fs``: cachefilesd-py's path
+  today (``kernel/device.py``): ``open(".")``, ``chdir(path)`` (a walk from ``/``), the
+  write, ``fchdir`` back, ``close``, under a lock. The daemon runs with cwd ``/``, as a
+  systemd service does; in the test guest ``/`` is the host's root over 9p, so there the
+  ``open``/``close`` of ``.`` are 9p round trips;
+- ``inotify event, applied by the index``: a :class:`TreeIndex` watches the cache the
+  whole time; each round's culls come back to it as events, and its ``refresh()`` is
+  timed per event (and the kinds of event are counted);
+- ``stat of an object (cold)``: what a pass pays per object to rank it by atime;
 - ``structlog JSON line``: one ``log.info`` with four fields through the daemon's JSON
-  logging configuration, to ``/dev/null``.
+  logging set-up, to ``/dev/null``: the price of one log event per cull.
 """
 
 from __future__ import annotations
@@ -41,8 +44,12 @@ from bench.classic_cache import BuiltCache, copy_image, fill_binding, mounted
 from cachefilesd_py.kernel.device import CachefilesDevice, cull_one
 from cachefilesd_py.space.tree_index import WATCH_MASK, TreeIndex
 
+Objects = list[tuple[str, str]]
+#: a case: given its chunk of (directory, name), returns the seconds it spent
+Case = Callable[[Objects], float]
 
-def lru_objects(root: Path) -> list[tuple[str, str]]:
+
+def lru_objects(root: Path) -> Objects:
     """(directory, name) of every object, oldest atime first."""
     found = []
     for vol in os.scandir(root / "cache"):
@@ -51,10 +58,6 @@ def lru_objects(root: Path) -> list[tuple[str, str]]:
                 found.append((e.stat(follow_symlinks=False).st_atime_ns, fan.path, e.name))
     found.sort()
     return [(d, n) for _, d, n in found]
-
-
-def per_object(seconds: float, n: int) -> float:
-    return 1e6 * seconds / max(1, n)
 
 
 @contextlib.contextmanager
@@ -72,140 +75,176 @@ def quiet_structlog() -> Iterator[None]:
             sys.stderr = saved
 
 
-def probe(built: BuiltCache, work: Path, per_case: int | None = None) -> None:
-    image, mnt = work / "probe.img", work / "probe"
-    copy_image(built.image, image)
-    rows: list[tuple[str, float, str]] = []
-    try:
-        with mounted(image, mnt) as root, fill_binding(root, "bench-probe") as fd:
-            objs = lru_objects(root)
-            n = per_case or max(16, min(1000, len(objs) // 10))
-            slices = iter(objs[i : i + n] for i in range(0, len(objs), n))
-            rows += measure(fd, root, slices, n)
-            os.chdir("/")
-    finally:
-        image.unlink(missing_ok=True)
-    print(f"\nprobe: one classic cull, piece by piece ({n} objects per case, µs per object)")
-    print("| case | µs per object | note |")
-    print("|---|---|---|")
-    for name, us, note in rows:
-        print(f"| {name} | {us:.1f} | {note} |")
-
-
 def timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
 
 
-def measure(
-    fd: int, root: Path, slices: Iterator[list[tuple[str, str]]], n: int
-) -> list[tuple[str, float, str]]:
-    rows: list[tuple[str, float, str]] = []
-    null = os.open(os.devnull, os.O_WRONLY)
+def probe(built: BuiltCache, work: Path, rounds: int = 10, per_round: int = 0) -> None:
+    image, mnt = work / "probe.img", work / "probe"
+    copy_image(built.image, image)
+    back = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        batch = next(slices)
-        cmds = [b"cull " + name.encode() for _, name in batch]
-        rows.append(
-            (
-                "write to /dev/null",
-                per_object(timed(lambda: [os.write(null, c) for c in cmds]), n),
-                "floor",
-            )
-        )
+        with mounted(image, mnt) as root, fill_binding(root, "bench-probe") as fd:
+            try:
+                rows = Probe(fd, root).run(rounds, per_round)
+            finally:
+                os.fchdir(back)  # the working directory must not hold the mount
     finally:
-        os.close(null)
-    rows.append(
-        ("read state line", per_object(timed(lambda: [os.read(fd, 4096) for _ in range(n)]), n), "")
-    )
+        os.close(back)
+        image.unlink(missing_ok=True)
+    print(f"\nprobe: one classic cull, piece by piece ({rows[0][2]}; µs per object)")
+    print("| case | µs per object | note |")
+    print("|---|---|---|")
+    for name, us, note in rows[1:]:
+        print(f"| {name} | {us:.1f} | {note} |")
 
-    # the kernel's cull round trip: cwd set once per directory, only the writes timed
-    batch = next(slices)
-    by_dir: dict[str, list[str]] = {}
-    for d, name in batch:
-        by_dir.setdefault(d, []).append(name)
-    spent, errors = 0.0, 0
-    for d, names in by_dir.items():
-        os.chdir(d)
-        for name in names:
+
+class Probe:
+    def __init__(self, fd: int, root: Path) -> None:
+        self.fd = fd
+        self.root = root
+        self.device = CachefilesDevice(fd=os.dup(fd))
+        self.null = os.open(os.devnull, os.O_WRONLY)
+        self.dirfds: dict[str, int] = {}
+        self.outcomes: Counter[str] = Counter()
+
+    def close(self) -> None:
+        for dfd in self.dirfds.values():
+            os.close(dfd)
+        os.close(self.null)
+        self.device.close()
+
+    # -- the cases --------------------------------------------------------------------
+
+    def null_write(self, chunk: Objects) -> float:
+        cmds = [b"cull " + name.encode() for _, name in chunk]
+        return timed(lambda: [os.write(self.null, c) for c in cmds])
+
+    def read_state(self, chunk: Objects) -> float:
+        return timed(lambda: [os.read(self.fd, 4096) for _ in chunk])
+
+    def cull_in_place(self, chunk: Objects) -> float:
+        spent = 0.0
+        for d, name in chunk:
+            os.chdir(d)
+            cmd = b"cull " + name.encode()
             t = time.perf_counter()
             try:
-                os.write(fd, b"cull " + name.encode())
-            except OSError:
-                errors += 1
+                os.write(self.fd, cmd)
+                self.outcomes["in place: culled"] += 1
+            except OSError as exc:
+                self.outcomes[f"in place: {exc.strerror}"] += 1
             spent += time.perf_counter() - t
-    rows.append(("cull, cwd already in the directory", per_object(spent, n), f"{errors} errors"))
+        return spent
 
-    batch = next(slices)
-    dirfds = {d: os.open(d, os.O_RDONLY | os.O_DIRECTORY) for d, _ in batch}
-    try:
+    def fchdir_cull(self, chunk: Objects) -> float:
+        for d, _ in chunk:
+            if d not in self.dirfds:
+                self.dirfds[d] = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
-        def fchdir_cull() -> None:
-            for d, name in batch:
-                os.fchdir(dirfds[d])
-                os.write(fd, b"cull " + name.encode())
+        def go() -> None:
+            for d, name in chunk:
+                os.fchdir(self.dirfds[d])
+                os.write(self.fd, b"cull " + name.encode())
 
-        rows.append(("fchdir(cached dir fd) + cull", per_object(timed(fchdir_cull), n), ""))
-    finally:
-        for dfd in dirfds.values():
-            os.close(dfd)
-    os.chdir("/")
+        return timed(go)
 
-    device = CachefilesDevice(fd=os.dup(fd))
-    try:
-        batch = next(slices)
-        outcomes: Counter[str] = Counter()
-        secs = timed(lambda: [outcomes.update([cull_one(device, d, name)]) for d, name in batch])
-        rows.append(("cull_one() (kernel/device.py)", per_object(secs, n), str(dict(outcomes))))
+    def cull_one_from(self, cwd: str) -> Case:
+        def case(chunk: Objects) -> float:
+            os.chdir(cwd)
 
-        t = time.perf_counter()
-        index = TreeIndex(str(root / "cache"))
-        built_s = time.perf_counter() - t
-        spy = inotify_simple.INotify(nonblocking=True)
-        batch = next(slices)
-        for d in {d for d, _ in batch}:
-            spy.add_watch(d, WATCH_MASK)
-        for d, name in batch:
-            cull_one(device, d, name)
-        secs = timed(index.refresh)
-        kinds = Counter(
-            "|".join(str(f.name) for f in inotify_simple.flags.from_mask(ev.mask))
-            for ev in spy.read(timeout=0)
-        )
-        spy.close()
-        rows.append(
-            (
-                "inotify event, applied by the index",
-                per_object(secs, n),
-                f"{index.events} events for {n} culls: {dict(kinds)}; "
-                f"index built in {built_s:.2f} s",
-            )
-        )
-        batch = next(slices)
-        secs = timed(lambda: [os.stat(os.path.join(d, name)) for d, name in batch])
-        rows.append(("stat of an object", per_object(secs, n), ""))
-        known = index.known_objects()
-        secs = timed(lambda: index.scan(4096))
-        rows.append(
-            (
-                "TreeIndex.scan(4096), per known object",
-                per_object(secs, known),
-                f"{known} objects, {secs:.2f} s",
-            )
-        )
-        index.close()
-    finally:
-        device.close()
+            def go() -> None:
+                for d, name in chunk:
+                    self.outcomes[f"cull_one: {cull_one(self.device, d, name)}"] += 1
 
-    with quiet_structlog():
+            return timed(go)
+
+        return case
+
+    @staticmethod
+    def stat_cold(chunk: Objects) -> float:
+        return timed(lambda: [os.stat(os.path.join(d, n)) for d, n in chunk])
+
+    @staticmethod
+    def log_line(chunk: Objects) -> float:
         import structlog
 
         log = structlog.get_logger("probe")
-        secs = timed(
+        return timed(
             lambda: [
-                log.info("cull.object", directory="@ab", name="S1,2", outcome="culled", n=i)
-                for i in range(n)
+                log.info("cull.object", directory=d[-3:], name=n, outcome="culled", n=i)
+                for i, (d, n) in enumerate(chunk)
             ]
         )
-    rows.append(("structlog JSON line (to /dev/null)", per_object(secs, n), ""))
-    return rows
+
+    # -- the run ----------------------------------------------------------------------
+
+    def run(self, rounds: int, per_round: int) -> list[tuple[str, float, str]]:
+        cases: dict[str, Case] = {
+            "write to /dev/null (floor)": self.null_write,
+            "read state line": self.read_state,
+            "cull, cwd already in its directory": self.cull_in_place,
+            "fchdir(cached dir fd) + cull": self.fchdir_cull,
+            'cull_one(), cwd "/"': self.cull_one_from("/"),
+            "cull_one(), cwd on the cache fs": self.cull_one_from(str(self.root)),
+            "stat of an object (cold)": self.stat_cold,
+            "structlog JSON line (to /dev/null)": self.log_line,
+        }
+        objs = lru_objects(self.root)
+        per_round = per_round or max(2, min(100, len(objs) // (len(cases) * rounds)))
+        t = time.perf_counter()
+        index = TreeIndex(str(self.root / "cache"))
+        index_s = time.perf_counter() - t
+        spy = inotify_simple.INotify(nonblocking=True)
+        for d in {d for d, _ in objs}:
+            spy.add_watch(d, WATCH_MASK)
+        spent: dict[str, float] = dict.fromkeys(cases, 0.0)
+        events, refresh_s = 0, 0.0
+        it = iter(objs)
+        try:
+            with quiet_structlog():
+                for _ in range(rounds):
+                    for name, case in cases.items():
+                        chunk = [x for _, x in zip(range(per_round), it, strict=False)]
+                        spent[name] += case(chunk)
+                    before = index.events
+                    refresh_s += timed(index.refresh)
+                    events += index.events - before
+            kinds = Counter(
+                "|".join(str(f.name) for f in inotify_simple.flags.from_mask(ev.mask))
+                for ev in spy.read(timeout=0)
+            )
+            known = index.known_objects()
+            scan_s = timed(lambda: index.scan(4096))
+        finally:
+            spy.close()
+            index.close()
+            self.close()
+        n = rounds * per_round
+        rows = [("", 0.0, f"{rounds} rounds of {per_round} objects per case, interleaved")]
+        rows += [(name, 1e6 * spent[name] / n, "") for name in cases]
+        rows.append(
+            (
+                "inotify event, applied by the index",
+                1e6 * refresh_s / max(1, events),
+                f"{events} events for the culls above: {dict(kinds)}",
+            )
+        )
+        rows.append(
+            (
+                "TreeIndex: build, per object",
+                1e6 * index_s / max(1, known),
+                f"{len(objs)} objects, {index_s:.2f} s",
+            )
+        )
+        rows.append(
+            (
+                "TreeIndex.scan(4096) (warm), per known object",
+                1e6 * scan_s / max(1, known),
+                f"{known} objects, {scan_s:.2f} s",
+            )
+        )
+        rows.append(("(outcomes)", 0.0, str(dict(self.outcomes))))
+        return rows

@@ -2,9 +2,10 @@
 
 What is measured, the same way for cachefilesd C and cachefilesd-py:
 
-- **exec**: the moment just before ``fork``/``exec`` of the daemon, which starts with the
-  soft open-files limit of a systemd service (1024; cachefilesd C closes every fd below
-  it at start-up, and cachefilesd-py raises it to the hard limit);
+- **exec**: the moment just before ``fork``/``exec`` of the daemon, which starts as a
+  systemd service would: working directory ``/`` and a soft open-files limit of 1024
+  (cachefilesd C closes every fd below it at start-up; cachefilesd-py raises it to the
+  hard limit);
 - **bound**: when the daemon's stderr line saying it bound the cache arrives here (C
   prints ``Bound cache`` right after its ``bind`` write returns, cachefilesd-py logs
   ``bound``); both daemons run with ``-s`` so these lines come through a pipe, read by a
@@ -233,6 +234,7 @@ class Watcher:
         *,
         wrap: list[str] | None = None,
         wrapped: str = "",
+        env: dict[str, str] | None = None,
         poll: float = 0.005,
         settle: float = 2.0,
         timeout: float = 600.0,
@@ -241,6 +243,7 @@ class Watcher:
         self.daemon = daemon
         self.root = cache_root
         self.argv = [*(wrap or []), *daemon_argv(daemon, conf)]
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.poll = poll
         self.settle = settle
         self.timeout = timeout
@@ -265,14 +268,14 @@ class Watcher:
         r.objects_start = count_objects(self.root)
         culls_before = fscache_culls()
         cgroup = Cgroup(f"cfbench-{self.daemon}-{os.getpid()}-{int(time.monotonic() * 1000)}")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         r.exec_t = time.monotonic()
         proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=env,
+            env=self.env,
+            cwd="/",
             preexec_fn=lambda: in_child(cgroup),
         )
         reader = threading.Thread(target=self._read_stderr, args=(proc.stderr, r.log), daemon=True)
