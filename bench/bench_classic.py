@@ -79,6 +79,31 @@ def installed_copy() -> dict[str, str]:
     return {"PYTHONPATH": str(site)}
 
 
+class HostClock:
+    """How fast the guest's clock runs against the host's. Under QEMU/TCG the guest
+    calibrates its TSC at boot while the host is busy, and its clock can run several
+    times too fast (the kernel's "Long readout interval" watchdog line shows it); every
+    second this benchmark prints is a guest second. The results folder is the host's
+    directory over 9p, and a file written there gets its mtime from the host's clock, so
+    touching one at the start and at the end gives host seconds for the same interval.
+    Ratios between the daemons, taken on one clock in one run, are unaffected."""
+
+    def __init__(self) -> None:
+        self.path = results_dir() / ".host-clock"
+        self.start = self._stamp()
+
+    def _stamp(self) -> tuple[float, int]:
+        t = time.monotonic()
+        self.path.write_text(str(t))
+        return t, self.path.stat().st_mtime_ns
+
+    def guest_per_host(self) -> tuple[float, float, float]:
+        """(guest s, host s, guest s per host s) since the start."""
+        (g0, h0), (g1, h1) = self.start, self._stamp()
+        host = (h1 - h0) / 1e9
+        return g1 - g0, host, (g1 - g0) / host if host > 0 else float("nan")
+
+
 class Bench:
     def __init__(
         self, built: BuiltCache, limits: Limits, args: argparse.Namespace, env: dict[str, str]
@@ -373,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     limits = Limits(args.brun, args.bcull, args.bstop)
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
+    clock = HostClock()
     built = build_cache(spec, WORK, NinePShare.from_env())
     print(
         f"cache: {built.objects} objects of {spec.object_kb} KiB ({built.kernel_made} made by "
@@ -401,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         info = py_details(r) if r.daemon == "py" else c_details(r)
         print(f"- {NAMES[r.daemon]}: exit {r.exit_code}; {info}")
+    guest_s, host_s, skew = clock.guest_per_host()
+    print(
+        f"\nclock: {guest_s:.0f} guest s took {host_s:.0f} host s (guest clock runs "
+        f"{skew:.2f}x the host's; seconds above are guest seconds)"
+    )
     if args.strace:
         strace_runs(bench, daemons)
     if args.profile:
