@@ -317,8 +317,10 @@ def importtime(env: dict[str, str]) -> None:
     runs from): a bare interpreter, then the imports of its classic-mode path, as a
     tree of the imports that take at least 2 % of the time."""
     full = dict(os.environ, **env)
+    # from "/" as the daemon runs: ``python -c`` puts its working directory first on
+    # sys.path, and from the checkout that would import the package's sources instead
     t = time.monotonic()
-    subprocess.run([sys.executable, "-c", "pass"], check=True, env=full)
+    subprocess.run([sys.executable, "-c", "pass"], check=True, env=full, cwd="/")
     bare = time.monotonic() - t
     mods = (
         "cachefilesd_py.daemon.cli, cachefilesd_py.daemon.app, "
@@ -332,6 +334,7 @@ def importtime(env: dict[str, str]) -> None:
         capture_output=True,
         text=True,
         env=full,
+        cwd="/",
     )
     with_imports = time.monotonic() - t
     rows: list[tuple[int, int, int, str]] = []  # (depth, self µs, cumulative µs, module)
