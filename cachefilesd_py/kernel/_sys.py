@@ -34,6 +34,7 @@ import ctypes.util
 import errno
 import os
 import platform
+import stat
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -148,7 +149,8 @@ def open_beneath(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
 def open_beneath_by_components(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
     """The fallback of :func:`open_beneath`: one ``openat`` per component, directories
     with ``O_PATH|O_DIRECTORY|O_NOFOLLOW`` (a symlink there is ENOTDIR), the last one
-    with ``O_NOFOLLOW`` (a symlink there is ELOOP); ``..`` is refused (EXDEV)."""
+    with ``O_NOFOLLOW`` (a symlink there is ELOOP, also with ``O_PATH``, which would
+    otherwise open the link itself); ``..`` is refused (EXDEV)."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if not parts:
         raise OSError(errno.EISDIR, f"open_beneath: {path!r} names the directory itself")
@@ -164,7 +166,11 @@ def open_beneath_by_components(dirfd: int, path: str, flags: int, mode: int = 0)
                 dir_fd=cur,
             )
             owned.append(cur)
-        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=cur)
+        fd = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=cur)
+        if flags & os.O_PATH and stat.S_ISLNK(os.fstat(fd).st_mode):
+            os.close(fd)  # O_PATH|O_NOFOLLOW opens the link itself: refuse it like ELOOP
+            raise OSError(errno.ELOOP, f"open_beneath: {path!r} ends in a symlink")
+        return fd
     finally:
         for fd in owned:
             os.close(fd)

@@ -259,8 +259,10 @@ class HttpSource:
             resp = self._request(self.identity_pool, "HEAD", self._headers(), deadline, ex)
             try:
                 status, headers = resp.status, resp.headers
+                if status == 200:
+                    resp.drain_conn()  # no body: marks the answer done, the connection idle
             finally:
-                if resp.status != 200:
+                if status != 200:
                     resp.close()
                 resp.release_conn()  # before any other request: the pool may be small
             if status != 200:

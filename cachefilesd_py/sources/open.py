@@ -8,14 +8,15 @@ here, bounded:
   OPEN never waits behind the fills of a slow origin for a connection. Each keeps at
   most ``pool_size`` (fetches) or :data:`IDENTITY_POOL_SIZE` (identities) connections
   per origin and blocks for a free one no longer than the caller's deadline;
-- files: one :class:`SourceFds` table of open files (at most ``max_open_files``,
-  closed after ``idle_seconds`` unused);
+- files: one :class:`SourceFds` table of open files (at most ``max_open_files`` and a
+  quarter of ``RLIMIT_NOFILE``, closed after ``idle_seconds`` unused);
 - all sources: at most ``max_inflight`` fetches in flight at once, whatever their
   origin (each holds at most one caller buffer and, for HTTP, a read piece).
 """
 
 from __future__ import annotations
 
+import resource
 import ssl
 import threading
 from collections.abc import Callable
@@ -51,6 +52,15 @@ class SourceSettings:
     max_blob_size: int = MAX_BLOB_SIZE
 
 
+def open_files_budget(wanted: int) -> int:
+    """How many source files may stay open: ``wanted``, but never more than a quarter
+    of the soft ``RLIMIT_NOFILE`` (the rest is for anonymous fds, sockets, sidecars)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max(1, wanted)
+    return max(1, min(wanted, soft // 4))
+
+
 class SourceFactory:
     """Opens sources by URL (see the module docstring)."""
 
@@ -58,7 +68,9 @@ class SourceFactory:
         self.settings = settings or SourceSettings()
         self._lock = threading.Lock()
         self._pools: tuple[urllib3.PoolManager, urllib3.PoolManager] | None = None
-        self.fds = SourceFds(self.settings.max_open_files, self.settings.idle_seconds)
+        self.fds = SourceFds(
+            open_files_budget(self.settings.max_open_files), self.settings.idle_seconds
+        )
         self.gate = threading.BoundedSemaphore(max(1, self.settings.max_inflight))
 
     def _http_pools(self) -> tuple[urllib3.PoolManager, urllib3.PoolManager]:
