@@ -31,6 +31,7 @@ body a client actually pulled.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import re
 import socket
@@ -93,10 +94,9 @@ class FaultServer:
                 server._serve(self, head=False)
 
             def handle(self) -> None:
-                try:
+                # the client went away (resets, deadlines): not news
+                with contextlib.suppress(OSError):
                     super().handle()
-                except OSError:  # the client went away (resets, deadlines): not news
-                    pass
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
