@@ -379,6 +379,13 @@ class HttpSource:
                 transient=False,
                 reason="encoded",
             )
+        coding = resp.headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            raise self._error(
+                f"Transfer-Encoding {coding[:40]!r} is not chunked",
+                transient=False,
+                reason="encoded",
+            )
         problem = v.answer_problem(ident, resp.headers)
         if problem is not None:
             raise IdentityChanged(f"{self.url}: {problem}", url=self.url)
