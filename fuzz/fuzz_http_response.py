@@ -116,10 +116,8 @@ class _Server:
             self.conn = conn
             with conn:
                 conn.settimeout(2.0)
-                try:
+                with contextlib.suppress(OSError):
                     self._serve(conn)
-                except OSError:
-                    pass
 
     def _serve(self, conn: socket.socket) -> None:
         pending = b""
