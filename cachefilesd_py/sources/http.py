@@ -131,6 +131,7 @@ class HttpSource:
         self.max_size = max_size
         self.origin = origin_of(url)
         self._identity: BlobIdentity | None = None
+        self._identity_lock = threading.Lock()
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -243,10 +244,10 @@ class HttpSource:
 
     def identity(self, deadline: Deadline) -> BlobIdentity:
         """The pinned identity; learnt from the origin at the first call."""
-        if self._identity is None:
-            ident = self._guarded("identity", lambda: self._learn_identity(deadline))
-            self._identity = ident
-        return self._identity
+        with self._identity_lock:  # two callers never pin two different versions
+            if self._identity is None:
+                self._identity = self._guarded("identity", lambda: self._learn_identity(deadline))
+            return self._identity
 
     def _learn_identity(self, deadline: Deadline) -> BlobIdentity:
         problem = header_problem(self.headers)
