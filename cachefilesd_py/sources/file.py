@@ -71,6 +71,8 @@ class SourceFds:
         self.clock = clock
         self._lock = threading.Lock()
         self._open: OrderedDict[_FileKey, tuple[OwnedFd, float]] = OrderedDict()
+        self._sweeper: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def __len__(self) -> int:
         with self._lock:
@@ -82,6 +84,7 @@ class SourceFds:
             old = self._open.pop(key, None)
             self._open[key] = (owned, self.clock())
             self._trim_locked()
+            self._start_sweeper_locked()
         if old is not None and old[0] is not owned:
             old[0].close()
 
@@ -105,6 +108,7 @@ class SourceFds:
                 cm = owned.borrow()
                 fd = cm.__enter__()
                 self._trim_locked()
+                self._start_sweeper_locked()
             if old is not None:
                 old[0].close()
         try:
@@ -117,6 +121,23 @@ class SourceFds:
         with self._lock:
             self._trim_locked()
 
+    def _start_sweeper_locked(self) -> None:
+        """While the table holds files, a thread sweeps it every half ``idle_seconds``,
+        so an idle daemon does not keep deleted source files pinned; it ends when the
+        table is empty."""
+        if self._sweeper is not None and self._sweeper.is_alive():
+            return
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="source-fds", daemon=True)
+        self._sweeper.start()
+
+    def _sweep_loop(self) -> None:
+        while not self._closed.wait(max(0.05, self.idle_seconds / 2)):
+            with self._lock:
+                self._trim_locked()
+                if not self._open:
+                    self._sweeper = None
+                    return
+
     def _trim_locked(self) -> None:
         now = self.clock()
         while self._open:
@@ -127,6 +148,7 @@ class SourceFds:
             owned.close()  # deferred by OwnedFd while a fetch borrows it
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             entries = list(self._open.values())
             self._open.clear()

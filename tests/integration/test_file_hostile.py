@@ -63,9 +63,7 @@ def factory() -> Iterator[SourceFactory]:
 
 
 def through_rules(factory: SourceFactory, base: Path, cookie: bytes) -> Source | None:
-    url = SourceResolver([SourceRule("*", f"file://{base}/{{cookie}}")]).resolve(
-        b"erofs,v", cookie
-    )
+    url = SourceResolver([SourceRule("*", f"file://{base}/{{cookie}}")]).resolve(b"erofs,v", cookie)
     return None if url is None else factory.open(url)
 
 
@@ -368,3 +366,19 @@ def test_thousands_of_blobs_under_a_low_fd_limit(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) <= 64
+
+
+def test_an_idle_table_closes_its_files_by_itself(tmp_path: Path) -> None:
+    fds = SourceFds(capacity=8, idle_seconds=0.2)
+    p = tmp_path / "gone.img"
+    p.write_bytes(A)
+    assert fetch(FileSource(str(p), fds=fds), 0, 10) == A[:10]
+    p.unlink()
+    for _ in range(100):  # no further use of the table: its sweeper closes the file
+        if not any(str(p) in os.readlink(f"/proc/self/fd/{n}") for n in _fds()):
+            break
+        threading.Event().wait(0.05)
+    else:
+        pytest.fail("a deleted source file stayed open in an idle table")
+    assert len(fds) == 0
+    fds.close()
