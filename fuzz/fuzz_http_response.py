@@ -24,6 +24,7 @@ length or a short read would return a wrong buffer, and the harness sees it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import re
 import socket
@@ -189,6 +190,7 @@ _listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 _listener.bind(("127.0.0.1", 0))
 _listener.listen(8)
 _listener.settimeout(0.05)
+atexit.register(_listener.close)
 URL = f"http://127.0.0.1:{_listener.getsockname()[1]}/blob"
 
 
