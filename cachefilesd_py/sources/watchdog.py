@@ -130,24 +130,24 @@ class Watchdog:
 WATCHDOG = Watchdog()
 
 
-class _DeadlineHTTPConnection(HTTPConnection):
+class _Enrolled:
+    """Mixin for urllib3 connections: enrol in the thread's exchange before blocking."""
+
     def connect(self) -> None:
         WATCHDOG.enrol(self)
-        super().connect()
+        super().connect()  # type: ignore[misc]
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         WATCHDOG.enrol(self)
-        super().request(*args, **kwargs)
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
 
-class _DeadlineHTTPSConnection(HTTPSConnection):
-    def connect(self) -> None:
-        WATCHDOG.enrol(self)
-        super().connect()
+class _DeadlineHTTPConnection(_Enrolled, HTTPConnection):
+    pass
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        WATCHDOG.enrol(self)
-        super().request(*args, **kwargs)
+
+class _DeadlineHTTPSConnection(_Enrolled, HTTPSConnection):
+    pass
 
 
 class _HTTPPool(HTTPConnectionPool):

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 (the fixtures cache and daemons come from test_ondemand_fake)
 """Versions through the whole on-demand stack (fake kernel, real sidecars): an origin
 with only Last-Modified that rewrites a blob in place at the same size never yields a
 cache file mixing the two versions, a restart does not trust the old chunks, and an
@@ -6,40 +7,21 @@ OPEN after an upstream change learns the new identity at once (issue 10 items 1,
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from cachefilesd_py.testing.fault_server import FaultServer
 from cachefilesd_py.testing.pattern import pattern_bytes
-from tests.integration.test_ondemand_fake import CHUNK, Daemon
+from tests.integration.test_ondemand_fake import (  # noqa: F401 (fixtures)
+    CHUNK,
+    Daemon,
+    cache,
+    daemons,
+    start,
+)
 
 SIZE = 8 * CHUNK + 1000
 A = pattern_bytes(21, 0, SIZE)
 B = pattern_bytes(22, 0, SIZE)
-
-
-@pytest.fixture
-def cache(tmp_path: Path) -> Path:
-    c = tmp_path / "cache"
-    c.mkdir()
-    return c
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    made: list[Daemon] = []
-    yield made
-    for d in made:
-        if not d.stop.is_set():
-            d.shutdown()
-
-
-def start(daemons: list[Daemon], cache: Path, url: str) -> Daemon:
-    d = Daemon(cache, url)
-    daemons.append(d)
-    return d
 
 
 def read_or_eio(obj, off: int, n: int) -> bytes | None:  # type: ignore[no-untyped-def]
