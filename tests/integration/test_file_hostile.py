@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cachefilesd_py.config.model import SourceRule
 from cachefilesd_py.errors import IdentityChanged, SourceError, SourceNotFound
@@ -382,3 +384,55 @@ def test_an_idle_table_closes_its_files_by_itself(tmp_path: Path) -> None:
         pytest.fail("a deleted source file stayed open in an idle table")
     assert len(fds) == 0
     fds.close()
+
+
+_PARTS = ["a", "b", "f", "in", "out", "upa", "abs", "dir_in", "dir_out", "..", ".", ""]
+
+
+@pytest.fixture(scope="module")
+def maze(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[tuple[int, int]]]:
+    """A source tree with symlinks that stay inside and symlinks that lead out, and
+    the (dev, ino) of everything really inside it."""
+    root = tmp_path_factory.mktemp("maze")
+    base, outside = root / "base", root / "outside"
+    (base / "a" / "b").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret").write_bytes(SECRET)
+    (base / "f").write_bytes(A)
+    (base / "a" / "b" / "f").write_bytes(B)
+    links = {
+        "in": "f", "out": "../outside/secret", "upa": "..", "abs": str(outside / "secret"),
+        "dir_in": "a", "dir_out": "../outside",
+    }  # fmt: skip
+    for name, target in links.items():
+        os.symlink(target, base / name)
+        os.symlink(target if not target.startswith("..") else "../" + target, base / "a" / name)
+    inside = set()
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in [*dirnames, *filenames, "."]:
+            st = os.lstat(os.path.join(dirpath, name))
+            inside.add((st.st_dev, st.st_ino))
+    return base, inside
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_PARTS), min_size=1, max_size=5), st.booleans())
+def test_open_beneath_never_leaves_the_base(
+    maze: tuple[Path, set[tuple[int, int]]], parts: list[str], fallback: bool
+) -> None:
+    base, inside = maze
+    dirfd = os.open(base, os.O_PATH | os.O_DIRECTORY)
+    try:
+        if fallback:
+            fd = _sys.open_beneath_by_components(dirfd, "/".join(parts), os.O_PATH)
+        else:
+            fd = _sys.open_beneath(dirfd, "/".join(parts), os.O_PATH)
+    except OSError:
+        return
+    finally:
+        os.close(dirfd)
+    try:
+        st_ = os.fstat(fd)
+        assert (st_.st_dev, st_.st_ino) in inside, f"{'/'.join(parts)} left the base"
+    finally:
+        os.close(fd)
