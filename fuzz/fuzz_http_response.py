@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import re
 import socket
 import threading
@@ -41,7 +42,9 @@ from cachefilesd_py.testing.pattern import pattern_bytes
 
 MAX_LEN = 2048
 BLOB = pattern_bytes(7, 0, 10_000)
-DEADLINE = 0.5
+#: the deadline of every call (``FUZZ_HTTP_DEADLINE`` shortens it for long runs: most
+#: mutated answers end by their deadline, so it sets the pace)
+DEADLINE = float(os.environ.get("FUZZ_HTTP_DEADLINE", "0.5"))
 #: how far past its deadline a call may return (scheduling, a retry's last step)
 SLACK = 0.75
 STALL = DEADLINE + 0.3
