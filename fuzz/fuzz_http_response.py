@@ -153,6 +153,7 @@ class _Server:
         )
         if "\r" not in head:
             head = head.replace("\n", "\r\n")
+        head = _head_only(head)
         body = b""
         if not head_request:
             claimed = _CLAIMED.search(head)
@@ -186,6 +187,23 @@ class _Server:
                 conn.sendall(out[i : i + 7])
         else:
             conn.sendall(out)
+
+
+def _head_only(text: str) -> str:
+    """``text`` up to the empty line that ends a head as ``http.client`` reads it (a
+    line that is empty or a lone CR): bytes after it would be taken for the body, and
+    the body is the server's honest part."""
+    at = 0
+    first = True
+    while True:
+        nl = text.find("\n", at)
+        if nl < 0:
+            return text  # no end of head: the client waits, the deadline ends it
+        line = text[at:nl]
+        if not first and line in ("", "\r"):
+            return text[: nl + 1]
+        first = False
+        at = nl + 1
 
 
 _listener = socket.socket()
