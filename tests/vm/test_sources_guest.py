@@ -71,7 +71,7 @@ def test_traversal_attempts_fail_cleanly(
         url = server.url + "/public/{cookie}"
     cache = loop_fs(128)
     d = daemon(config(cache, url))
-    d.start()
+    d.start(timeout=300)  # a loaded machine imports slowly under TCG
 
     watch = INotify()
     watch.add_watch(str(private), inflags.OPEN | inflags.ACCESS)
