@@ -28,6 +28,7 @@ def try_mount(mnt: Path, opts: str) -> int:
     return out.returncode
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("kind", ["file", "http"])
 def test_traversal_attempts_fail_cleanly(
     kind: str,
