@@ -80,7 +80,9 @@ def test_traversal_attempts_fail_cleanly(
     watch.add_watch(str(private), inflags.OPEN | inflags.ACCESS)
     for i, opts in enumerate(hostile):
         rc = try_mount(workdir / f"hostile{i}", opts)
-        assert rc != 0, f"mount -o {opts} succeeded"
+        # a refused device= blob does not fail the mount (6.12 registers it and goes
+        # on; reads of its data fail): there the daemon's refusal is what counts
+        assert rc != 0 or "device=" in opts, f"mount -o {opts} succeeded"
         assert d.proc is not None and d.proc.poll() is None, f"daemon died after {opts}"
     seen = [e for e in watch.read(timeout=0) if e.name.startswith("secret")]
     assert not seen, f"the secret was opened: {seen}"
@@ -95,6 +97,8 @@ def test_traversal_attempts_fail_cleanly(
     run("umount", str(mnt))
     mounts.remove(mnt)
     assert d.stop() == 0
-    assert d.count("open.refused") >= 3
+    assert d.count("open.refused") >= 4  # the daemon refused the keys it was shown
+    refused = [e for e in d.read_events() if e.get("event") == "open.refused"]
+    assert any("private/secret.img" in str(e.get("blob")) for e in refused)
     # refusals, not accidents: no unexpected exception anywhere
     assert d.count("open.failed") == 0 and d.count("worker.crashed") == 0
