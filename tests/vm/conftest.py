@@ -62,11 +62,11 @@ def mounts() -> Iterator[list[Path]]:
 
 
 @pytest.fixture
-def nginx(workdir: Path) -> Iterator[Callable[[Path], Nginx]]:
+def nginx(workdir: Path) -> Iterator[Callable[..., Nginx]]:
     started: list[Nginx] = []
 
-    def start(root: Path) -> Nginx:
-        n = start_nginx(root, workdir)
+    def start(root: Path, access_log: bool = False) -> Nginx:
+        n = start_nginx(root, workdir, access_log=access_log)
         started.append(n)
         return n
 

@@ -85,10 +85,18 @@ class Nginx:
     root: Path
     url: str
     proc: subprocess.Popen[bytes]
+    access_log: Path | None = None
+
+    def requested(self) -> list[str]:
+        """The request lines nginx logged (``access_log=True``)."""
+        if self.access_log is None or not self.access_log.exists():
+            return []
+        return self.access_log.read_text(errors="replace").splitlines()
 
 
-def start_nginx(root: Path, workdir: Path) -> Nginx:
-    """Debian's nginx serving ``root`` on a free loopback port (range requests → 206)."""
+def start_nginx(root: Path, workdir: Path, *, access_log: bool = False) -> Nginx:
+    """Debian's nginx serving ``root`` on a free loopback port (range requests → 206).
+    With ``access_log``, every request is logged to ``Nginx.access_log``."""
     port = free_port()
     prefix = workdir / f"nginx-{port}"
     (prefix / "logs").mkdir(parents=True)
@@ -101,7 +109,7 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/logs/error.log warn;
 events {{ worker_connections 256; }}
 http {{
-    access_log off;
+    access_log {f"{prefix}/logs/access.log" if access_log else "off"};
     sendfile on;
     keepalive_requests 100000;
     client_body_temp_path {prefix}/body;
@@ -126,7 +134,7 @@ http {{
     else:
         proc.kill()
         raise RuntimeError("nginx did not start")
-    n = Nginx(root, f"http://127.0.0.1:{port}", proc)
+    n = Nginx(root, f"http://127.0.0.1:{port}", proc, prefix / "logs" / "access.log")
     return n
 
 
