@@ -6,7 +6,8 @@ cut, without touching any interface of the machine they run on.
         net.client_link(up=False)                    # ip link set <client end> down
         net.server_link(up=False)                    # the peer goes down: no carrier
 
-The client end ``<prefix>c`` lives in namespace ``<prefix>-c`` with ``10.<n>.0.1/24``,
+The client end ``<prefix>c`` lives in namespace ``<prefix>-c`` (or, in the test
+guest, in the test's own namespace: ``client_in_current``) with ``10.<n>.0.1/24``,
 the server end ``<prefix>s`` in ``<prefix>-s`` with ``10.<n>.0.2/24`` (``n`` is picked
 per pair from 200–249, so several pairs can coexist); both namespaces have their
 loopback up. The route between them is the connected /24, which the kernel re-adds by
@@ -51,10 +52,14 @@ def can_create_namespaces() -> bool:
 class VethPair:
     prefix: str
     subnet: int
+    client_in_current: bool = False  # the client end in this process's namespace
 
     @property
     def client_ns(self) -> str:
-        return f"{self.prefix}-c"
+        return "" if self.client_in_current else f"{self.prefix}-c"
+
+    def _n(self, ns: str) -> list[str]:
+        return ["-n", ns] if ns else []
 
     @property
     def server_ns(self) -> str:
@@ -77,12 +82,20 @@ class VethPair:
         return f"10.{self.subnet}.0.2"
 
     @classmethod
-    def create(cls, prefix: str | None = None) -> VethPair:
+    def create(cls, prefix: str | None = None, *, client_in_current: bool = False) -> VethPair:
+        """A new pair. ``client_in_current``: put the client end in this process's own
+        namespace (in the test guest, where the daemon runs) instead of a new one;
+        never do that on a machine whose network matters."""
         taken = set(ip("netns", "list").split())
         base = prefix or f"cfv{os.getpid() % 100000}"
+        links = ip("-o", "link", "show") if client_in_current else ""
         for n in range(200, 250):
-            pair = cls(f"{base}{n}", n)
-            if pair.client_ns not in taken and pair.server_ns not in taken:
+            pair = cls(f"{base}{n}", n, client_in_current)
+            if (
+                pair.server_ns not in taken
+                and (client_in_current or pair.client_ns not in taken)
+                and f" {pair.client_if}@" not in links
+            ):
                 break
         else:
             raise RuntimeError("no free veth subnet")
@@ -91,15 +104,17 @@ class VethPair:
 
     def _build(self) -> None:
         try:
-            ip("netns", "add", self.client_ns)
+            if self.client_ns:
+                ip("netns", "add", self.client_ns)
             ip("netns", "add", self.server_ns)
-            ip("link", "add", self.client_if, "netns", self.client_ns, "type", "veth",
+            client_side = ["netns", self.client_ns] if self.client_ns else []
+            ip("link", "add", self.client_if, *client_side, "type", "veth",
                "peer", "name", self.server_if, "netns", self.server_ns)
             for ns, dev, addr in ((self.client_ns, self.client_if, self.client_addr),
                                   (self.server_ns, self.server_if, self.server_addr)):
-                ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-                ip("-n", ns, "link", "set", "lo", "up")
-                ip("-n", ns, "link", "set", dev, "up")
+                ip(*self._n(ns), "addr", "add", f"{addr}/24", "dev", dev)
+                ip(*self._n(ns), "link", "set", "lo", "up")
+                ip(*self._n(ns), "link", "set", dev, "up")
             self.wait_reachable()
         except BaseException:
             self.destroy()
@@ -109,33 +124,39 @@ class VethPair:
         """Until the client's route to the server is usable (carrier up on both ends)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = ip("-n", self.client_ns, "route", "show", "dev", self.client_if)
+            out = ip(*self._n(self.client_ns), "route", "show", "dev", self.client_if)
             if out.strip() and "linkdown" not in out:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"veth {self.client_if} not up after {timeout} s")
 
     def client_link(self, *, up: bool) -> None:
-        ip("-n", self.client_ns, "link", "set", self.client_if, "up" if up else "down")
+        ip(*self._n(self.client_ns), "link", "set", self.client_if, "up" if up else "down")
 
     def server_link(self, *, up: bool) -> None:
         ip("-n", self.server_ns, "link", "set", self.server_if, "up" if up else "down")
 
     def client_address(self, *, present: bool) -> None:
-        ip("-n", self.client_ns, "addr", "add" if present else "del",
+        ip(*self._n(self.client_ns), "addr", "add" if present else "del",
            f"{self.client_addr}/24", "dev", self.client_if)
 
     def argv_in(self, ns: str, *argv: str) -> list[str]:
-        return ["ip", "netns", "exec", ns, *argv]
+        return ["ip", "netns", "exec", ns, *argv] if ns else list(argv)
 
     def run_in(self, ns: str, *argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv_in(ns, *argv), check=True, text=True,
                               capture_output=True)
 
     def destroy(self) -> None:
+        """Delete the namespaces (and with them the pair); a client end in the current
+        namespace goes with its peer."""
         for ns in (self.client_ns, self.server_ns):
+            if ns:
+                with contextlib.suppress(RuntimeError):
+                    ip("netns", "del", ns)
+        if self.client_in_current:
             with contextlib.suppress(RuntimeError):
-                ip("netns", "del", ns)
+                ip("link", "del", self.client_if)
 
     def __enter__(self) -> VethPair:
         return self

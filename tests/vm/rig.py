@@ -87,9 +87,17 @@ class Nginx:
     proc: subprocess.Popen[bytes]
 
 
-def start_nginx(root: Path, workdir: Path) -> Nginx:
-    """Debian's nginx serving ``root`` on a free loopback port (range requests → 206)."""
-    port = free_port()
+def start_nginx(
+    root: Path,
+    workdir: Path,
+    *,
+    listen: str = "127.0.0.1",
+    port: int | None = None,
+    argv_prefix: tuple[str, ...] = (),
+) -> Nginx:
+    """Debian's nginx serving ``root`` on a free loopback port (range requests → 206);
+    or on ``listen:port``, started through ``argv_prefix`` (``ip netns exec NS``)."""
+    port = port or free_port()
     prefix = workdir / f"nginx-{port}"
     (prefix / "logs").mkdir(parents=True)
     conf = prefix / "nginx.conf"
@@ -110,23 +118,23 @@ http {{
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
     server {{
-        listen 127.0.0.1:{port};
+        listen {listen}:{port};
         root {root};
         location / {{ }}
     }}
 }}
 """
     )
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(prefix)])
+    proc = subprocess.Popen([*argv_prefix, "nginx", "-c", str(conf), "-p", str(prefix)])
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        with contextlib.suppress(OSError), socket.create_connection((listen, port), 1):
             break
         time.sleep(0.05)
     else:
         proc.kill()
         raise RuntimeError("nginx did not start")
-    n = Nginx(root, f"http://127.0.0.1:{port}", proc)
+    n = Nginx(root, f"http://{listen}:{port}", proc)
     return n
 
 
