@@ -19,12 +19,11 @@ with a block map and with chunk indexes, chunk-based with the data in an extra b
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-from cachefilesd_py.testing.pattern import pattern_bytes
 
 
 @dataclass(frozen=True)
@@ -46,20 +45,25 @@ VARIANTS = (
 )
 
 
+def content(seed: int, size: int) -> bytes:
+    """Deterministic bytes that differ per seed (fast: the guest runs this under TCG)."""
+    return random.Random(seed).randbytes(size)
+
+
 def make_tree(root: Path, *, small_files: int = 300) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     deep = root / "d1" / "d2" / "d3" / "d4"
     deep.mkdir(parents=True)
-    (deep / "leaf").write_bytes(pattern_bytes(11, 0, 5000))
+    (deep / "leaf").write_bytes(content(11, 5000))
     many = root / "many"
     many.mkdir()
     for i in range(small_files):
-        (many / f"file-{i:04d}-{'x' * (i % 40)}").write_bytes(pattern_bytes(i, 0, i % 200))
+        (many / f"file-{i:04d}-{'x' * (i % 40)}").write_bytes(content(1000 + i, i % 200))
     sizes = {"empty": 0, "one": 1, "b4095": 4095, "b4096": 4096, "b4097": 4097,
              "mid": 300_000}
     for name, size in sizes.items():
-        (root / name).write_bytes(pattern_bytes(sum(name.encode()), 0, size))
-    big = bytearray(pattern_bytes(99, 0, 3 << 20))
+        (root / name).write_bytes(content(sum(name.encode()), size))
+    big = bytearray(content(99, 3 << 20))
     big[1 << 20 : (1 << 20) + (128 << 10)] = bytes(128 << 10)  # zeros over two chunks
     (root / "big").write_bytes(big)
     os.link(root / "mid", root / "d1" / "mid-hardlink")

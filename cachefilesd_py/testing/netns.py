@@ -170,28 +170,40 @@ class ConnectivityWatcher:
     the driver in a process of its own, its transitions read from its JSON lines.
     Times are ``time.monotonic()``, one clock for every namespace of the machine."""
 
-    def __init__(self, argv_prefix: list[str], hosts: list[str], python: str) -> None:
+    def __init__(
+        self, argv_prefix: list[str], hosts: list[str], python: str, start_timeout: float = 300
+    ) -> None:
         import queue
         import threading
 
         self.lines: queue.Queue[dict[str, object]] = queue.Queue()
         self.seen: list[dict[str, object]] = []
+        import tempfile
+
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the watcher
         self.proc = subprocess.Popen(
             [*argv_prefix, python, "-m", "cachefilesd_py.sources.netlink", *hosts],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self.stderr,
             text=True,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        deadline = time.monotonic() + 60
-        while (left := deadline - time.monotonic()) > 0:
-            line = self.next_line(left)
+        # generous: a fresh Python in the test guest (9p root, TCG) takes a while to
+        # import pyroute2
+        deadline = time.monotonic() + start_timeout
+        while (left := deadline - time.monotonic()) > 0 and self.proc.poll() is None:
+            line = self.next_line(min(left, 1.0))
             if line.get("ready") is True:
                 self.seen.remove(line)
                 return
         self.close()
-        raise RuntimeError("connectivity watcher did not start")
+        raise RuntimeError("connectivity watcher did not start:\n" + self.errors())
+
+    def errors(self) -> str:
+        """The tail of the watcher's stderr (its log and any traceback)."""
+        self.stderr.seek(0)
+        return self.stderr.read()[-4000:].decode(errors="replace")
 
     def _read(self) -> None:
         import json
