@@ -134,6 +134,7 @@ class SourceState:
     reason: str = "no evidence yet"
     since: float = 0.0
     route: Route | None = None
+    last_route: Route | None = None  # the last route seen (to say why it went away)
     route_known: bool = False  # a RouteResolved came in (else the path is not judged)
     route_why: str = ""
     failures: int = 0  # consecutive fetch failures
@@ -196,7 +197,13 @@ class ConnectivityTracker:
         if st is None:
             return []
         if isinstance(event, RouteResolved):
-            st = replace(st, route=event.route, route_known=True, route_why=event.why)
+            st = replace(
+                st,
+                route=event.route,
+                last_route=event.route or st.last_route,
+                route_known=True,
+                route_why=event.why,
+            )
             self._sources[event.source] = st
             return self._rejudge(event.source, now)
         if isinstance(event, FetchSucceeded):
@@ -212,6 +219,11 @@ class ConnectivityTracker:
         if not st.route_known:
             return None, ""
         if st.route is None:
+            # the kernel drops a device's routes when it goes down: say so
+            gone = st.last_route
+            link = self._links.get(gone.ifindex) if gone is not None else None
+            if gone is not None and link is not None and not link.up:
+                return False, f"link {gone.ifname or link.ifname} down"
             return False, st.route_why or "no route to host"
         link = self._links.get(st.route.ifindex)
         name = st.route.ifname or (link.ifname if link else f"if{st.route.ifindex}")
@@ -277,9 +289,7 @@ class ConnectivityTracker:
     def _set(self, source: str, new: Status, reason: str, now: float) -> list[Transition]:
         st = self._sources[source]
         if st.status is new:
-            # an offline source keeps the reason it went offline for (a link going down
-            # is followed by its routes going away: "link eth0 down" says more)
-            if st.reason != reason and new is not Status.OFFLINE:
+            if st.reason != reason:
                 self._sources[source] = replace(st, reason=reason)
             return []
         self._sources[source] = replace(st, status=new, reason=reason, since=now)

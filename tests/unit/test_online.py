@@ -87,6 +87,20 @@ def feed(t: ConnectivityTracker, *events: object, start: float = 1.0) -> list[tu
             [("online", "route via eth0")],
             Status.ONLINE,
         ),
+        # the kernel flushes a downed device's routes: the reason stays the link
+        (
+            [LinkChanged(ETH), RouteResolved(S, VIA_ETH), LinkChanged(ETH_DOWN),
+             RouteResolved(S, None, "no route to 10.0.0.2 (network unreachable)")],
+            [("online", "route via eth0"), ("offline", "link eth0 down")],
+            Status.OFFLINE,
+        ),
+        # found by hypothesis: offline for no route, then a route through a device
+        # that is down: the reason follows the truth
+        (
+            [RouteResolved(S, None), LinkChanged(ETH_DOWN), RouteResolved(S, VIA_ETH)],
+            [("offline", "no route to host")],
+            Status.OFFLINE,
+        ),
         # hysteresis: two failures on a healthy path do not flap
         (
             [RouteResolved(S, VIA_ETH), TIMEOUT, TIMEOUT],
@@ -122,6 +136,12 @@ def test_transitions(
     t = tracker()
     assert feed(t, *events) == transitions
     assert t.status(S) is final
+
+
+def test_the_reason_follows_the_path_while_offline() -> None:
+    t = tracker()
+    feed(t, RouteResolved(S, None), LinkChanged(ETH_DOWN), RouteResolved(S, VIA_ETH))
+    assert t.state(S).reason == "link eth0 down"
 
 
 def test_one_failure_suffices_when_configured() -> None:
