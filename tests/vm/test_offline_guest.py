@@ -11,7 +11,6 @@ transition comes and why; the figure is the measurement.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from cachefilesd_py.sources.http import HttpSource
 from cachefilesd_py.sources.netlink import failure_kind
 from cachefilesd_py.sources.online import FailureKind
 from cachefilesd_py.sources.policy import Deadline, RetryPolicy
-from cachefilesd_py.testing.netns import ConnectivityWatcher
+from cachefilesd_py.testing.netns import InProcessWatcher
 from cachefilesd_py.testing.pattern import pattern_bytes
 from tests.vm.remote import RemoteNginx
 
@@ -60,7 +59,8 @@ def test_link_down_takes_the_source_offline_and_up_brings_it_back(
     url = f"{remote.url}/blob"
     assert fetch(url) == data[:4096]
 
-    watch = ConnectivityWatcher([], [remote.host], sys.executable)
+    # the driver in this process: the guest's own namespace, where the daemon runs
+    watch = InProcessWatcher([remote.host])
     try:
         assert watch.wait_for(remote.host, "online", WAIT)
         for round_ in range(3):
