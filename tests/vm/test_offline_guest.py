@@ -40,7 +40,7 @@ def record(line: str) -> None:
             f.write(line + "\n")
 
 
-def fetch(url: str, n: int = 4096, timeout: float = 3.0) -> bytes:
+def fetch(url: str, n: int = 4096, timeout: float = 60.0) -> bytes:
     src = HttpSource(url, pool=urllib3.PoolManager(), retry=RetryPolicy(total=0),
                      timeout=timeout)
     buf = bytearray(n)
