@@ -32,6 +32,12 @@ class BlobIdentity:
 
 
 class Source(Protocol):
+    @property
+    def origin(self) -> str:
+        """Who serves the blob, for per-origin limits: ``scheme://host:port`` for
+        HTTP(S), ``file:`` for local files. Sources with one origin share its limits."""
+        ...
+
     def identity(self, deadline: Deadline) -> BlobIdentity: ...
 
     def fetch_into(self, offset: int, buf: memoryview, deadline: Deadline) -> None: ...

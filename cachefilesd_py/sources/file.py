@@ -23,6 +23,11 @@ class FileSource:
         self._identity: BlobIdentity | None = None
         self._lock = threading.Lock()
 
+    @property
+    def origin(self) -> str:
+        """Every local file shares one origin: the local filesystems."""
+        return "file:"
+
     def _open(self) -> int:
         with self._lock:
             if self._fd < 0:

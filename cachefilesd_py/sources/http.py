@@ -54,6 +54,13 @@ class HttpSource:
         self.timeout = timeout
         self._identity: BlobIdentity | None = None
 
+    @property
+    def origin(self) -> str:
+        """``scheme://host:port`` (the default port written out)."""
+        parsed = urllib3.util.parse_url(self.url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        return f"{parsed.scheme}://{parsed.host}:{port}"
+
     # -- helpers -----------------------------------------------------------------------
 
     def _timeout(self, deadline: Deadline) -> urllib3.Timeout:

@@ -108,7 +108,7 @@ from pathlib import Path
 from typing import Final, Generic, TypeVar
 
 from cachefilesd_py.frontends.ondemand import wire
-from cachefilesd_py.kernel import layout
+from cachefilesd_py.kernel import commands, layout
 from cachefilesd_py.kernel.dio import PAGE_SIZE, round_down, round_up
 from cachefilesd_py.testing.pattern import pattern_bytes
 
@@ -775,7 +775,7 @@ class FakeCachefiles:
             self._copen_out(req, -(exc.errno or errno.EINVAL))
             raise
         if size < 0:
-            if size < -wire.MAX_ERRNO:
+            if size < -commands.MAX_ERRNO:
                 self._copen_out(req, -errno.EINVAL)
                 raise _err(errno.EINVAL, "copen errno out of range")
             self._copen_out(req, size)
@@ -1246,8 +1246,8 @@ class FakeHarness:
         payload_size: int = 100_000,
     ) -> None:
         self.device = FakeCachefiles(version)
-        self.device.write_command(wire.encode_dir(str(cache_dir)))
-        self.device.write_command(wire.encode_bind(ondemand=True))
+        self.device.write_command(commands.encode_dir(str(cache_dir)))
+        self.device.write_command(commands.encode_bind(ondemand=True))
         self.payload_offset = payload_offset
         self.payload = pattern_bytes(4, 0, payload_size)
         self.image = bytes(payload_offset) + self.payload + bytes(3000)

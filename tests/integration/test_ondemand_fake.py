@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.config.model import SourceRule
 from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory, SourceSettings
 from cachefilesd_py.sources.resolve import SourceResolver
+from cachefilesd_py.space.plan import Outcome
 from cachefilesd_py.testing.fake_kernel import FakeCachefiles
 from cachefilesd_py.testing.fault_server import FaultServer
 from cachefilesd_py.testing.pattern import pattern_bytes
@@ -154,8 +156,8 @@ def test_malformed_message_is_logged_not_fatal(
     blobs: Path, cache: Path, daemons: list[Daemon]
 ) -> None:
     d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
-    d.driver._dispatch(b"\x01\x00\x00\x00garbage")
-    d.driver._dispatch(b"")
+    d.driver.dispatch(b"\x01\x00\x00\x00garbage")
+    d.driver.dispatch(b"")
     assert d.driver.stats.malformed == 2
     assert d.fake.lookup(b"erofs,img", b"img").read(0, 100) == DATA[:100]
 
@@ -248,7 +250,7 @@ def test_culler_removes_unused_blobs_never_pinned_or_in_use(
     from dataclasses import replace
 
     from cachefilesd_py.config.model import Config
-    from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
+    from cachefilesd_py.frontends.ondemand.space import make_culler
 
     for name in ("a", "b", "c"):
         (blobs / name).write_bytes(pattern_bytes(len(name), 0, 300_000))
@@ -266,11 +268,11 @@ def test_culler_removes_unused_blobs_never_pinned_or_in_use(
     wait_idle(d)
     objs["img"] = d.fake.lookup(b"erofs,img", b"img")  # mounted again: in use
     cfg = replace(Config(dir=str(cache)), pins=("b/*",))
-    culler = OnDemandCuller(d.fake, cache, d.engine.presence, cfg, d.engine.leases)
-    out = culler.cull_pass(need_bytes=10**12)  # ask for more than there is
+    culler = make_culler(d.fake, cache, d.engine.presence, d.engine.leases, cfg)
+    out = culler.cull_pass(need_bytes=10**12).tally  # ask for more than there is
     remaining = {p.name for p in (cache / "cache").rglob("D*")}
     assert remaining == {"Db", "Dimg"}, remaining  # b pinned, img in use
-    assert out.culled == 2 and out.pinned == 1 and out.busy == 1
+    assert out.culled == 2 and out[Outcome.PINNED] == 1 and out[Outcome.IN_USE] == 1
     assert len(list(d.engine.presence.root.glob("*.presence"))) == 2  # sidecars of a, c gone
     assert list((cache / "graveyard").iterdir()) == []
     assert obj_ok(objs["img"])
@@ -292,7 +294,7 @@ def test_volume_cap_culls_only_that_volume(blobs: Path, cache: Path, daemons: li
     from dataclasses import replace
 
     from cachefilesd_py.config.model import Config, SizeRule
-    from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
+    from cachefilesd_py.frontends.ondemand.space import make_culler
 
     d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
     for name in ("a1", "a2", "a3", "b1"):
@@ -303,8 +305,8 @@ def test_volume_cap_culls_only_that_volume(blobs: Path, cache: Path, daemons: li
         obj.withdraw()
     wait_idle(d)  # every object closed and its presence bound
     cfg = replace(Config(dir=str(cache)), volume_max_bytes=(SizeRule("vola", 250_000),))
-    culler = OnDemandCuller(d.fake, cache, d.engine.presence, cfg, d.engine.leases)
-    out = culler.cull_pass(need_bytes=0)
+    culler = make_culler(d.fake, cache, d.engine.presence, d.engine.leases, cfg)
+    out = culler.cull_pass(need_bytes=0).tally
     left = sorted(p.name for p in (cache / "cache").rglob("D*"))
     # volume "vola" holds 3 × ~200 KB over a 250 KB cap: two go; "volb" has no cap
     assert out.culled == 2
@@ -315,21 +317,18 @@ def test_trim_punches_tail_chunks_of_an_idle_blob_only(
     blobs: Path, cache: Path, daemons: list[Daemon]
 ) -> None:
     import os
-    from dataclasses import replace
 
     from cachefilesd_py.config.model import Config
-    from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
+    from cachefilesd_py.frontends.ondemand.space import make_culler
     from cachefilesd_py.presence.verify import verify
 
     big = pattern_bytes(5, 0, 40 * CHUNK + 777)
     (blobs / "big").write_bytes(big)
     d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
-    key = (b"erofs,v", b"big")
-    obj = d.fake.lookup(*key)
+    key = BlobKey(b"erofs,v", b"big")
+    obj = d.fake.lookup(key.volume_key, key.name)
     assert obj.read(0, len(big)) == big
-    culler = OnDemandCuller(
-        d.fake, cache, d.engine.presence, replace(Config(dir=str(cache))), d.engine.leases
-    )
+    culler = make_culler(d.fake, cache, d.engine.presence, d.engine.leases, Config(dir=str(cache)))
     obj.withdraw()
     path = next((cache / "cache").rglob("Dbig"))
     for _ in range(100):
@@ -337,14 +336,14 @@ def test_trim_punches_tail_chunks_of_an_idle_blob_only(
             break
         threading.Event().wait(0.05)
     blocks = os.stat(path).st_blocks
-    obj = d.fake.lookup(*key)  # mounted again: the committed file is in use
-    out = culler.cull_pass(need_bytes=5 * CHUNK)
-    assert out.busy == 1 and out.trimmed == 0 and out.culled == 0  # in use: untouched
+    obj = d.fake.lookup(key.volume_key, key.name)  # mounted again: the file is in use
+    out = culler.cull_pass(need_bytes=5 * CHUNK).tally
+    assert out[Outcome.IN_USE] == 1 and out.trimmed == 0 and out.culled == 0  # untouched
     assert os.stat(path).st_blocks == blocks
     obj.withdraw()
     wait_idle(d)
 
-    out = culler.cull_pass(need_bytes=5 * CHUNK)
+    out = culler.cull_pass(need_bytes=5 * CHUNK).tally
     assert (out.trimmed, out.culled) == (1, 0)
     assert out.freed_bytes >= 5 * CHUNK
     assert os.stat(path).st_blocks * 512 <= blocks * 512 - 5 * CHUNK
@@ -357,6 +356,6 @@ def test_trim_punches_tail_chunks_of_an_idle_blob_only(
 
     # served again: the trimmed tail is fetched anew, the rest comes from the cache
     sent = d.fake.reads_sent
-    obj = d.fake.lookup(*key)
+    obj = d.fake.lookup(key.volume_key, key.name)
     assert obj.read(0, len(big)) == big
     assert d.fake.reads_sent > sent
