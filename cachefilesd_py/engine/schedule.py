@@ -114,6 +114,7 @@ class LaneScheduler:
                     self._running[lane] += 1
                     if queue and self._running[lane] < self.per_lane:
                         self._ready.append(lane)  # to the back: the others go first
+                        self._cond.notify()  # and another worker may take it
                     return lane, work
                 if self._closing and (self._cancel or self._held == 0):
                     return None

@@ -10,6 +10,7 @@ the blob culler over blobs (``engine/cull.py``).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -46,36 +47,46 @@ def run_plan(
 ) -> Tally:
     """Decide about ``candidates`` in order until the plan says stop (or, every
     ``check_every`` candidates, ``keep_going()`` says no). Returns the plan's tally."""
-    events = (logger or log).bind()  # bound once: a debug call is then ~1 µs
+    events = (logger or log).bind()
+    # the events are debug-level: when they are filtered, not even their fields are built
+    logging_on = _debug_enabled(events)
+    stop, skip, trim = Action.STOP, Action.SKIP, Action.TRIM
+    culled, untrimmable = Outcome.CULLED, Outcome.UNTRIMMABLE
     for i, cand in enumerate(candidates):
         if keep_going is not None and i and i % check_every == 0 and not keep_going():
             break
         decision = plan.decide(cand)
-        if decision.action is Action.STOP:
+        action = decision.action
+        if action is stop:
             break
         freed = 0
-        if decision.action is Action.SKIP:
-            assert decision.outcome is not None
-            outcome = decision.outcome
-        elif decision.action is Action.TRIM:
+        if action is skip:
+            outcome = decision.outcome or Outcome.NOT_NEEDED
+        elif action is trim:
             outcome, freed = remover.trim(cand, decision.trim_bytes)
-            if outcome is Outcome.UNTRIMMABLE:
+            if outcome is untrimmable:
                 plan.record(cand, outcome)
                 outcome = remover.cull(cand)
-                freed = cand.blocks * 512 if outcome is Outcome.CULLED else 0
+                freed = cand.blocks * 512 if outcome is culled else 0
         else:
             outcome = remover.cull(cand)
-            freed = cand.blocks * 512 if outcome is Outcome.CULLED else 0
+            freed = cand.blocks * 512 if outcome is culled else 0
         plan.record(cand, outcome, freed)
-        events.debug(
-            "cull.decision",
-            blob=describe(cand),
-            outcome=outcome.value,
-            bytes=freed,
-            size=cand.blocks * 512,
-            reason=decision.reason,
-        )
+        if logging_on:
+            events.debug(
+                "cull.decision",
+                blob=describe(cand),
+                outcome=outcome.value,
+                bytes=freed,
+                size=cand.blocks * 512,
+                reason=decision.reason,
+            )
     return plan.tally
+
+
+def _debug_enabled(logger: Any) -> bool:
+    check = getattr(logger, "is_enabled_for", None)
+    return True if check is None else bool(check(logging.DEBUG))
 
 
 @dataclass

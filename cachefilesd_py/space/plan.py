@@ -59,6 +59,9 @@ class Outcome(enum.Enum):
     #: the head): the caller culls it whole instead
     UNTRIMMABLE = "untrimmable"
 
+    #: members are singletons: identity hashing, in C (tallies count thousands a pass)
+    __hash__ = object.__hash__
+
     @classmethod
     def of_cull(cls, err: int) -> Outcome:
         """The outcome of the kernel's answer to ``cull`` (0 or an errno)."""
@@ -91,6 +94,9 @@ class Decision:
 
 STOP = Decision(Action.STOP, "enough freed")
 NOT_NEEDED = Decision(Action.SKIP, "its volume is within its cap", Outcome.NOT_NEEDED)
+PINNED = Decision(Action.SKIP, "a pin rule keeps it", Outcome.PINNED)
+IN_USE = Decision(Action.SKIP, "a kernel object uses it", Outcome.IN_USE)
+KERNEL_ASKS = Decision(Action.CULL, "the kernel asks for space")
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,7 @@ class CullPlan:
         self._trim = trim
         self._over = {v: n for v, n in needs.volumes.items() if n > 0}
         self.tally = Tally()
+        self._kernel_driven = needs.until_stopped and not self._over
 
     @property
     def done(self) -> bool:
@@ -198,14 +205,18 @@ class CullPlan:
         return max(self.needs.bytes - self.tally.freed_bytes, self._over.get(volume, 0))
 
     def decide(self, cand: Candidate) -> Decision:
+        if self._kernel_driven:  # classic mode's fast path: pins only
+            if self._pinned(cand):
+                return PINNED
+            return KERNEL_ASKS
         volume = self.volume_of(cand) if self._over else ""
         if self._globally_done() and volume not in self._over:
             return NOT_NEEDED if self._over else STOP
         if self._pinned(cand):
-            return Decision(Action.SKIP, "a pin rule keeps it", Outcome.PINNED)
+            return PINNED
         if self._in_use(cand):
-            return Decision(Action.SKIP, "a kernel object uses it", Outcome.IN_USE)
-        if self._trim and not self.needs.until_stopped and self.tally.culled >= self.needs.objects:
+            return IN_USE
+        if self._trim and self.tally.culled >= self.needs.objects:
             still = self.still_needed(volume)
             if should_trim(cand.blocks * 512, still):
                 return Decision(
@@ -214,8 +225,6 @@ class CullPlan:
         return Decision(Action.CULL, self._why(volume))
 
     def _why(self, volume: str) -> str:
-        if self.needs.until_stopped:
-            return "the kernel asks for space"
         if self._globally_done():
             return "its volume is over its cap"
         if self.tally.culled < self.needs.objects:
@@ -225,11 +234,12 @@ class CullPlan:
     def record(self, cand: Candidate, outcome: Outcome, freed: int = 0) -> None:
         """The decision about ``cand`` was carried out with ``outcome``, freeing
         ``freed`` bytes."""
-        self.tally.counts[outcome] += 1
-        if outcome is Outcome.CULLED or outcome is Outcome.TRIMMED:
+        tally = self.tally
+        tally.counts[outcome] += 1
+        if freed:
             volume = self.volume_of(cand)
-            self.tally.freed_bytes += freed
-            self.tally.freed_by_volume[volume] = self.tally.freed_by_volume.get(volume, 0) + freed
+            tally.freed_bytes += freed
+            tally.freed_by_volume[volume] = tally.freed_by_volume.get(volume, 0) + freed
             if volume in self._over:
                 self._over[volume] -= freed
                 if self._over[volume] <= 0:

@@ -11,8 +11,9 @@ request::
 Fault kinds: ``500``/``503``/``404`` (status), ``reset`` (close the connection after
 half the body), ``truncate`` (announce the full length, send half, close),
 ``bad-range`` (a wrong ``Content-Range``), ``full`` (``200`` with the whole blob
-instead of ``206``), ``stall`` (sleep ``stall_seconds`` before answering), ``etag``
-(answer with another ETag), ``long`` (one byte more than asked).
+instead of ``206``), ``stall`` (wait ``stall_seconds``, or until ``unstall`` is set,
+before answering), ``etag`` (answer with another ETag), ``long`` (one byte more than
+asked).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import re
 import socket
 import threading
-import time
 from collections import defaultdict, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -33,6 +33,8 @@ class FaultServer:
         self.blobs = dict(blobs)
         self.etags = {name: f'"v1-{len(data)}"' for name, data in self.blobs.items()}
         self.stall_seconds = stall_seconds
+        #: set it to let every stalled request (and every later one) go on at once
+        self.unstall = threading.Event()
         self.requests: list[tuple[str, str, str | None]] = []
         self._faults: dict[str, deque[str]] = defaultdict(deque)
         self._lock = threading.Lock()
@@ -84,7 +86,7 @@ class FaultServer:
             self.requests.append((h.command, name, h.headers.get("Range")))
             data, etag = self.blobs.get(name), self.etags.get(name)
         if fault == "stall":
-            time.sleep(self.stall_seconds)
+            self.unstall.wait(self.stall_seconds)
             fault = None
         status = {"500": 500, "503": 503, "404": 404}.get(fault or "")
         if data is None or status:

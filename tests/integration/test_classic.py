@@ -47,6 +47,9 @@ def test_culls_back_to_run_never_in_use_and_reaps(tmp_path: Path) -> None:
     while dev.objects() > 60 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert dev.objects() <= 60
+    while dev.culling and time.monotonic() < deadline:  # the daemon saw culling end
+        time.sleep(0.01)
+    assert not dev.culling
     # new objects appear (the kernel commits them): the index learns of them from
     # inotify, without walking the tree again, and the next pass culls among them
     fresh = []

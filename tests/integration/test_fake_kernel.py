@@ -232,21 +232,29 @@ def test_command_errors(make_fake: Factory, commands: list[bytes], code: int) ->
 
 
 @pytest.mark.parametrize(
-    "commands",
+    ("commands", "expected"),
     [
-        [b"brun 50%", b"bcull 10%", b"bstop 0%"],
-        [b"brun\t50%"],  # any C whitespace separates the word
-        [b"bstop %"],  # 0%: fine, below bcull
-        [b"frun 90%", b"fcull 80%", b"fstop 70%"],
-        [b"debug 0x10"],
-        [b"debug"],
-        [b"tag x\ntag y"],  # the second line is dropped, not a second tag
+        ([b"brun 50%", b"bcull 10%", b"bstop 0%"], {"brun": 50, "bcull": 10, "bstop": 0}),
+        ([b"brun\t50%"], {"brun": 50}),  # any C whitespace separates the word
+        ([b"bstop %"], {"bstop": 0}),  # 0%: fine, below bcull
+        ([b"frun 90%", b"fcull 80%", b"fstop 70%"], {"frun": 90, "fcull": 80, "fstop": 70}),
+        ([b"debug 0x10"], {"debug_mask": 16}),
+        ([b"debug 9", b"debug"], {"debug_mask": 0}),  # no digits: mask 0
+        ([b"tag x\ntag y"], {"tag": "x"}),  # the second line is dropped, not a second tag
+        ([b"dir /c", b"tag t"], {"dir": Path("/c"), "tag": "t"}),
     ],
 )
-def test_commands_accepted(make_fake: Factory, commands: list[bytes]) -> None:
+def test_commands_accepted(
+    make_fake: Factory, commands: list[bytes], expected: dict[str, object]
+) -> None:
     fake = make_fake(bind=False)
     for cmd in commands:
         fake.write_command(cmd)
+    state = {**fake.thresholds, "debug_mask": fake.debug_mask, "tag": fake.tag, "dir": fake.dir}
+    assert {k: state[k] for k in expected} == expected
+    defaults = {"brun": 7, "bcull": 5, "bstop": 1, "frun": 7, "fcull": 5, "fstop": 1}
+    untouched = {k: v for k, v in defaults.items() if k not in expected}
+    assert {k: fake.thresholds[k] for k in untouched} == untouched
 
 
 def test_thresholds_are_checked_against_the_current_values(make_fake: Factory) -> None:

@@ -31,14 +31,16 @@ DATA = pattern_bytes(9, 0, SIZE)
 class Daemon:
     """The daemon's on-demand stack on a fake device, served by a thread."""
 
-    def __init__(self, cache: Path, url_template: str, readahead: int = 0) -> None:
+    def __init__(
+        self, cache: Path, url_template: str, readahead: int = 0, chunk: int = CHUNK
+    ) -> None:
         self.fake = FakeCachefiles()
         self.engine = Engine(
             resolve=SourceResolver([SourceRule("*", url_template)]).resolve,
             open_source=SourceFactory(SourceSettings(retries=2, timeout=2)).open,
             presence=PresenceStore(cache / "cachefilesd-py" / "presence"),
             settings=EngineSettings(
-                chunk_size=CHUNK,
+                chunk_size=chunk,
                 readahead=readahead,
                 fetch_timeout=3,
                 checkpoint_interval=0.2,
@@ -359,3 +361,82 @@ def test_trim_punches_tail_chunks_of_an_idle_blob_only(
     obj = d.fake.lookup(key.volume_key, key.name)
     assert obj.read(0, len(big)) == big
     assert d.fake.reads_sent > sent
+
+
+def serve_and_commit(d: Daemon, blobs: Path, cookie: bytes) -> Path:
+    """Serve blob ``cookie`` of volume ``erofs,v`` whole, withdraw it (the kernel
+    commits its file) and wait until its sidecar is bound; returns the cache file."""
+    data = pattern_bytes(3, 0, 200_000)
+    (blobs / cookie.decode()).parent.mkdir(parents=True, exist_ok=True)
+    (blobs / cookie.decode()).write_bytes(data)
+    obj = d.fake.lookup(b"erofs,v", cookie)
+    assert obj.read(0, len(data)) == data
+    obj.withdraw()
+    wait_idle(d)
+    key = BlobKey(b"erofs,v", cookie)
+    path = key.cache_path(d.driver.cache_dir)
+    assert path.exists() and not path.name.startswith("D"), path
+    assert d.engine.presence.load_bound(key, path) is not None, "sidecar not bound"
+    return path
+
+
+def test_blobs_with_encoded_cache_names_are_culled(
+    blobs: Path, cache: Path, daemons: list[Daemon]
+) -> None:
+    """A cookie holding '/' gets an S/T/E cache name (issue 10 item 11): the culler
+    must still know whose file it is, cull it and drop its sidecar."""
+    from cachefilesd_py.config.model import Config
+    from cachefilesd_py.frontends.ondemand.space import make_culler
+
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    path = serve_and_commit(d, blobs, b"sub/img")
+    sidecar = d.engine.presence.sidecar_path(BlobKey(b"erofs,v", b"sub/img"))
+    assert sidecar.exists()
+    culler = make_culler(d.fake, cache, d.engine.presence, d.engine.leases, Config(dir=str(cache)))
+    out = culler.cull_pass(need_bytes=10**12).tally
+    assert out.culled == 1, out
+    assert not path.exists() and not sidecar.exists()
+
+
+def test_orphan_sweep_keeps_sidecars_of_encoded_names(
+    blobs: Path, cache: Path, daemons: list[Daemon]
+) -> None:
+    """The sweep of sidecars whose cache file is gone must recognise every name form:
+    a live blob with an encoded name keeps its sidecar and is served from the cache
+    after a restart."""
+    from cachefilesd_py.config.model import Config
+    from cachefilesd_py.frontends.ondemand.space import make_culler
+
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    serve_and_commit(d, blobs, b"sub/img")
+    sidecar = d.engine.presence.sidecar_path(BlobKey(b"erofs,v", b"sub/img"))
+    culler = make_culler(d.fake, cache, d.engine.presence, d.engine.leases, Config(dir=str(cache)))
+    assert culler.remove_orphan_sidecars() == 0
+    assert sidecar.exists()
+    d.shutdown()
+    d2 = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    obj = d2.fake.lookup(b"erofs,v", b"sub/img")
+    assert obj.read(0, 200_000) == pattern_bytes(3, 0, 200_000)
+    assert d2.fake.reads_sent == 0, "the blob's sidecar was lost: everything refetched"
+
+
+def test_a_changed_chunk_size_keeps_cached_blobs(
+    blobs: Path, cache: Path, daemons: list[Daemon]
+) -> None:
+    """The admin changes ``chunk_size`` and restarts (issue 11 item 5): a blob cached
+    with the old size keeps it (its sidecar's bits count those chunks) and is served
+    from the cache; a new blob gets the new size."""
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    obj = d.fake.lookup(b"erofs,img", b"img")
+    assert obj.read(0, SIZE) == DATA
+    obj.withdraw()
+    d.shutdown()
+    (blobs / "new").write_bytes(DATA)
+    d2 = start(daemons, cache, f"file://{blobs}/{{cookie}}", chunk=4 * CHUNK)
+    obj2 = d2.fake.lookup(b"erofs,img", b"img")
+    assert obj2.read(0, SIZE) == DATA
+    assert d2.fake.reads_sent == 0, "the cached blob was discarded and fetched again"
+    new = d2.fake.lookup(b"erofs,new", b"new")
+    assert new.read(0, 4096) == DATA[:4096]
+    sizes = {str(b.key): b.chunk_size for b in d2.engine.blobs()}
+    assert sizes == {"erofs,img/img": CHUNK, "erofs,new/new": 4 * CHUNK}
