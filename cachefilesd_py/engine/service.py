@@ -12,6 +12,11 @@ A frontend (on-demand today, fanotify pre-content later) calls, per kernel objec
 A background thread checkpoints dirty presence bitmaps every ``checkpoint_interval``
 seconds: one ``syncfs`` of the cache filesystem, then the sidecars (see
 ``presence/store.py``), so a bit reaches the disk only after its data did.
+
+Lock order: ``Engine._lock`` guards the table of blobs only and is a leaf: sources,
+presence loads, checkpoints and binds all run without it. The locks taken below it
+(``Blob.lock`` in fills, the presence store's I/O lock, ``BlobPresence.lock``) are
+never taken while it is held.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ against either (``docs/protocol-ondemand.md`` §1–§2, ``docs/protocol-classic
   commands themselves come from ``kernel/commands.py``;
 - ``pwrite``/``read_complete``/``close_fd`` act on the anonymous fds of on-demand
   objects. ``read_complete`` passes the msg_id by value (``kernel._sys``).
+
+Locks: ``CachefilesDevice._read_lock`` (one reader of the shared buffer at a time) and
+the module's working-directory lock (one ``cull`` at a time) are never held together.
 """
 
 from __future__ import annotations

@@ -75,10 +75,11 @@ class Outcome(enum.Enum):
 
 
 class Action(enum.Enum):
-    CULL = "cull"
-    TRIM = "trim"
-    SKIP = "skip"
-    STOP = "stop"
+    """What the plan asks the caller to do with one candidate: remove it whole, give
+    back part of it, leave it (the decision says which :class:`Outcome` that is), or
+    end the pass (nothing more is needed)."""
+
+    CULL, TRIM, SKIP, STOP = "cull", "trim", "skip", "stop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +189,9 @@ class CullPlan:
         self._over = {v: n for v, n in needs.volumes.items() if n > 0}
         self.tally = Tally()
         self._kernel_driven = needs.until_stopped and not self._over
+        #: bytes freed per volume are kept for passes with byte needs (caps rounds use
+        #: them); a kernel-driven pass stops on the kernel's word and skips the cost
+        self._per_volume = not self._kernel_driven
 
     @property
     def done(self) -> bool:
@@ -236,9 +240,11 @@ class CullPlan:
         ``freed`` bytes."""
         tally = self.tally
         tally.counts[outcome] += 1
-        if freed:
+        if not freed:
+            return
+        tally.freed_bytes += freed
+        if self._per_volume:
             volume = self.volume_of(cand)
-            tally.freed_bytes += freed
             tally.freed_by_volume[volume] = tally.freed_by_volume.get(volume, 0) + freed
             if volume in self._over:
                 self._over[volume] -= freed

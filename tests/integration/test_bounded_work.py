@@ -33,6 +33,20 @@ def unread_reads(fake: FakeCachefiles) -> int:
     return sum(1 for _m, op, new in fake.pending() if op == wire.OP_READ and new)
 
 
+def wait_for_a_pause(driver: OnDemandDriver) -> None:
+    while driver.stats.read_pauses == 0:  # the scheduler filled up
+        threading.Event().wait(0.01)
+
+
+def stop_stack(
+    fake: FakeCachefiles, driver: OnDemandDriver, stop: threading.Event, thread: threading.Thread
+) -> None:
+    stop.set()
+    thread.join(30)
+    driver.shutdown()
+    fake.close()
+
+
 def make_stack(
     tmp_path: Path, srv: FaultServer, fetch_timeout: float
 ) -> tuple[FakeCachefiles, OnDemandDriver, threading.Event, threading.Thread]:
@@ -70,8 +84,7 @@ def test_a_read_flood_waits_in_the_kernel_and_is_served_in_the_end(
         obj = fake.lookup(b"erofs,img", b"img")
         server.fault("img", "stall", times=1000)  # the origin stops answering
         floods = [Background(obj.read, (i % 64) * CHUNK, 4096, WAIT) for i in range(READERS)]
-        while driver.stats.read_pauses == 0:  # the scheduler filled up
-            threading.Event().wait(0.01)
+        wait_for_a_pause(driver)
         assert driver.reads.held <= CAPACITY
         assert unread_reads(fake) >= READERS - CAPACITY - 2, "the driver read the flood"
         server.unstall.set()
@@ -82,10 +95,7 @@ def test_a_read_flood_waits_in_the_kernel_and_is_served_in_the_end(
         assert unread_reads(fake) == 0
     finally:
         server.unstall.set()
-        stop.set()
-        thread.join(30)
-        driver.shutdown()
-        fake.close()
+        stop_stack(fake, driver, stop, thread)
 
 
 def test_a_close_is_read_within_a_deadline_while_reading_is_paused(
@@ -99,8 +109,7 @@ def test_a_close_is_read_within_a_deadline_while_reading_is_paused(
         obj = fake.lookup(b"erofs,img", b"img")
         server.fault("img", "stall", times=1000)
         floods = [Background(obj.read, (i % 64) * CHUNK, 4096, WAIT) for i in range(READERS)]
-        while driver.stats.read_pauses == 0:
-            threading.Event().wait(0.01)
+        wait_for_a_pause(driver)
         other.withdraw(timeout=WAIT)  # CLOSE: read once the stalled READs expired
         for b in floods:
             with pytest.raises(OSError):
@@ -108,7 +117,4 @@ def test_a_close_is_read_within_a_deadline_while_reading_is_paused(
         assert driver.stats.reads_expired > 0
     finally:
         server.unstall.set()
-        stop.set()
-        thread.join(30)
-        driver.shutdown()
-        fake.close()
+        stop_stack(fake, driver, stop, thread)

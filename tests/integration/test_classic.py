@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from cachefilesd_py.frontends.classic.driver import ClassicDriver
 from cachefilesd_py.space.caps import Caps, CullRules
 from cachefilesd_py.space.scan import scan
@@ -74,20 +76,25 @@ def test_culls_back_to_run_never_in_use_and_reaps(tmp_path: Path) -> None:
     assert dev.commands[-1 - drv.stats.culled - drv.stats.busy - drv.stats.gone :][0] == b"bind"
 
 
+def serve_rounds(dev: FakeClassic, drv: ClassicDriver, rounds: int = 10) -> None:
+    """Run the driver's serve loop until it has read the kernel's state ``rounds``
+    times; fails if it never gets there (a loop that did not run proves nothing)."""
+    stop = threading.Event()
+    t = threading.Thread(target=drv.serve, args=(stop, 0.05))
+    t.start()
+    served = dev.wait_reads(rounds)
+    stop.set()
+    t.join()
+    dev.close()
+    assert served, "the serve loop never read the kernel's state"
+
+
 def test_nocull_never_culls(tmp_path: Path) -> None:
     make_tree(tmp_path, 50)
     dev = FakeClassic(tmp_path, cull_above=10, run_at=5)
     drv = ClassicDriver(dev, str(tmp_path), nocull=True)
     drv.bind([])
-    stop = threading.Event()
-    t = threading.Thread(target=drv.serve, args=(stop, 0.05))
-    t.start()
-    # the loop went round ten times with the kernel asking for culling all along
-    served = dev.wait_reads(10)
-    stop.set()
-    t.join()
-    dev.close()
-    assert served, "the serve loop never read the kernel's state"
+    serve_rounds(dev, drv)  # the kernel asks for culling all along
     assert drv.stats.cull_requests == 1, "the kernel's request was not seen"
     assert dev.objects() == 50 and drv.stats.culled == 0 and drv.stats.passes == 0
 
@@ -129,39 +136,18 @@ def test_caps_cull_oldest_of_the_volume_over_its_cap_only(tmp_path: Path) -> Non
     assert [p.exists() for p in old[:7]] == [False] * 7 and old[7].exists()
 
 
-def test_nocull_skips_caps_too(tmp_path: Path) -> None:
+@pytest.mark.parametrize("nocull", [True, False])
+def test_caps_are_enforced_by_the_serve_loop_unless_nocull(tmp_path: Path, nocull: bool) -> None:
     make_tree(tmp_path, 30)
     dev = FakeClassic(tmp_path, cull_above=10**6, run_at=0)
     rules = CullRules(Caps(max_objects=5))
-    drv = ClassicDriver(dev, str(tmp_path), nocull=True, rules=rules, caps_period=0.01)
+    drv = ClassicDriver(dev, str(tmp_path), nocull=nocull, rules=rules, caps_period=0.01)
     drv.bind([])
-    stop = threading.Event()
-    t = threading.Thread(target=drv.serve, args=(stop, 0.05))
-    t.start()
-    served = dev.wait_reads(10)  # ten rounds, each one past a caps period
-    stop.set()
-    t.join()
-    dev.close()
-    assert served, "the serve loop never read the kernel's state"
-    assert dev.objects() == 30 and drv.stats.cap_passes == 0
-
-
-def test_caps_are_enforced_by_the_serve_loop(tmp_path: Path) -> None:
-    """The counterpart of the test above: the same loop with culling on does cull."""
-    make_tree(tmp_path, 30)
-    dev = FakeClassic(tmp_path, cull_above=10**6, run_at=0)
-    rules = CullRules(Caps(max_objects=5))
-    drv = ClassicDriver(dev, str(tmp_path), nocull=False, rules=rules, caps_period=0.01)
-    drv.bind([])
-    stop = threading.Event()
-    t = threading.Thread(target=drv.serve, args=(stop, 0.05))
-    t.start()
-    served = dev.wait_reads(10)
-    stop.set()
-    t.join()
-    dev.close()
-    assert served
-    assert dev.objects() == 5 and drv.stats.cap_passes >= 1 and drv.stats.culled == 25
+    serve_rounds(dev, drv)  # ten rounds, each one past a caps period
+    if nocull:
+        assert dev.objects() == 30 and drv.stats.cap_passes == 0
+    else:
+        assert dev.objects() == 5 and drv.stats.cap_passes >= 1 and drv.stats.culled == 25
 
 
 def test_pinned_objects_are_never_culled(tmp_path: Path) -> None:

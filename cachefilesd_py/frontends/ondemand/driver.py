@@ -16,8 +16,8 @@ the device, hands each message to the session and carries out the actions it ret
   READ fills run in another; both are :class:`~cachefilesd_py.engine.schedule.LaneScheduler`
   with one lane per origin, so a stalled origin cannot hold every worker;
 - a READ is completed with ``CACHEFILES_IOC_READ_COMPLETE`` on an fd of its object
-  (6.10 rule), **always**, success or failure (§3.2); its deadline runs from the
-  moment it was read off the device, queueing included;
+  (6.10 rule), **always**, success or failure (§3.2); its fill gets ``fetch_timeout``
+  from the moment a worker takes it up;
 - releases after CLOSE (presence saved and bound once the kernel has committed the
   file, ``commit.py``) run in a third, tiny scheduler, never behind fills;
 - read-ahead runs in a fourth, for READs that continue a sequential stream; it is
@@ -27,9 +27,11 @@ the device, hands each message to the session and carries out the actions it ret
 scheduler holds ``capacity`` items: the kernel keeps the rest queued, and the memory
 the daemon spends on requests stays bounded (the fill buffers are a fixed pool,
 ``kernel/dio.BufferPool``). CLOSE needs no worker (the session handles it in the
-reader, its release goes to its own scheduler), and room comes back within a READ's
-deadline at the latest (a READ whose deadline passed while queued is completed at once
-without fetching), so a CLOSE waits at most that long and umount never stalls.
+reader, its release goes to its own scheduler), and room comes back within about one
+``fetch_timeout``: from a pause until the READ scheduler is down to half its capacity,
+a READ that has already waited that long is completed at once without fetching (its
+reader gets EIO, as it would after a failed fetch). So under a flood a CLOSE waits
+about that long at most and umount never stalls; without a flood nothing is shed.
 
 Space: a :class:`~cachefilesd_py.frontends.ondemand.space.SpaceWatcher` culls on
 POLLOUT (asked for only while no pass runs) and on ENOBUFS from fills.
@@ -60,15 +62,13 @@ from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import CachefilesdError
 from cachefilesd_py.frontends.ondemand import session as sess
 from cachefilesd_py.frontends.ondemand.commit import wait_commit
-from cachefilesd_py.frontends.ondemand.objects import AnonFdSink, OnDemandObject, has_hole
+from cachefilesd_py.frontends.ondemand.objects import AnonFdSink, OnDemandObject
 from cachefilesd_py.frontends.ondemand.opener import Opener
 from cachefilesd_py.frontends.ondemand.space import SpaceWatcher
 from cachefilesd_py.kernel import commands
 from cachefilesd_py.kernel.device import Device
 from cachefilesd_py.kernel.fd import ClosedFdError, OwnedFd
 from cachefilesd_py.sources.policy import Deadline
-
-__all__ = ["AnonFdSink", "DriverStats", "OnDemandDriver", "OnDemandObject", "has_hole"]
 
 log = structlog.get_logger("ondemand")
 
@@ -84,7 +84,7 @@ class DriverStats:
     closes: int = 0
     malformed: int = 0
     unvouched_discarded: int = 0
-    #: READs whose deadline passed while they waited for a worker
+    #: READs dropped unfilled: they waited a whole fetch_timeout while the queue was full
     reads_expired: int = 0
     #: times the reader stopped reading because its queues were full
     read_pauses: int = 0
@@ -125,6 +125,9 @@ class OnDemandDriver:
         )
         self.space: SpaceWatcher | None = None
         self.opener = Opener(self)
+        #: set when the reader paused for room, cleared when the READ scheduler is
+        #: down to half its capacity: while set, long-waiting READs are shed
+        self._overflow = False
 
     # -- start-up --------------------------------------------------------------------
 
@@ -177,6 +180,7 @@ class OnDemandDriver:
         return self.reads.has_room() and self.opens.has_room()
 
     def _wait_room(self, stop: threading.Event, poll_interval: float) -> None:
+        self._overflow = True
         with self._stats_lock:
             self.stats.read_pauses += 1
         log.info("device.paused", reads=self.reads.held, opens=self.opens.held)
@@ -189,6 +193,8 @@ class OnDemandDriver:
         """Read and dispatch messages until the kernel has none pending or the
         schedulers are full."""
         handled = 0
+        if self._overflow and self.reads.held <= self.reads.capacity // 2:
+            self._overflow = False
         while self._has_room():
             try:
                 buf = self.device.read_message()
@@ -262,25 +268,31 @@ class OnDemandDriver:
         self._count("reads")
         obj = action.handle
         if not action.fill or obj is None:
-            self._serve(action, received, None)
+            self._serve(action, received, False)
             return
         if self.culler is not None:
             self.culler.missed(obj.blob.key)
-        deadline = Deadline(received + self.fetch_timeout)
-        self.reads.submit(obj.origin, lambda: self._serve(action, received, deadline))
+        self.reads.submit(obj.origin, lambda: self._serve(action, received, True))
+
+    def _shed(self, received: float) -> bool:
+        """Whether a READ taken up now is dropped unfilled: only in an overflow (from
+        a pause of the reader until the READ scheduler is down to half its capacity)
+        and only if the READ has waited a whole ``fetch_timeout`` already."""
+        return self._overflow and time.monotonic() - received > self.fetch_timeout
 
     def _serve(
         self,
         action: sess.ServeRead[OwnedFd, OnDemandObject],
         received: float,
-        deadline: Deadline | None,
+        fill: bool,
     ) -> None:
-        """Fill (when the session asks for it and the deadline allows), then complete
-        the READ on its object's fd whatever happened, then tell the session."""
+        """Fill (when the session asks for it, and unless the READ is shed), then
+        complete the READ on its object's fd whatever happened, then tell the
+        session."""
         obj = action.handle
         ok = False
         try:
-            if deadline is None or obj is None:
+            if not fill or obj is None:
                 self._count("reads_failed")
                 log.warning(
                     "read.not_filled",
@@ -288,17 +300,18 @@ class OnDemandDriver:
                     object_id=action.object_id,
                     reason=action.why_not,
                 )
-            elif deadline.expired():
+            elif self._shed(received):
                 self._count("reads_failed")
                 self._count("reads_expired")
                 log.warning(
-                    "read.expired_in_queue",
+                    "read.shed",
                     blob=str(obj.blob.key),
                     offset=action.offset,
                     length=action.length,
+                    waited=round(time.monotonic() - received, 1),
                 )
             else:
-                ok = self._fill(obj, action, deadline)
+                ok = self._fill(obj, action, Deadline.after(self.fetch_timeout))
         finally:
             self._complete(action)
             self.read_times.record(time.monotonic() - received)

@@ -118,6 +118,8 @@ class CloseFd(Generic[F]):
 
 
 class ReleaseWhy(enum.Enum):
+    """Why an object is done; only after a CLOSE may its file be committed."""
+
     #: the kernel sent CLOSE: the blob's file may now be committed into the cache tree
     CLOSED = "closed"
     #: an OPEN for the same object id replaced it (no CLOSE came)
