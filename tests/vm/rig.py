@@ -142,7 +142,7 @@ class Daemon:
     #: a cgroup v2 directory to start the daemon in (its memory is charged there)
     cgroup: Path | None = None
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 300) -> None:
         readies = self.count("ready") if self.log_path.exists() else 0
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         # started inside its cgroup (a shell joins it, then execs the daemon), so
