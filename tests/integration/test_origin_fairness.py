@@ -16,7 +16,7 @@ from cachefilesd_py.config.model import SourceRule
 from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
 from cachefilesd_py.presence.store import PresenceStore
-from cachefilesd_py.sources.open import SourceFactory, SourceSettings
+from cachefilesd_py.sources.open import IDENTITY_POOL_SIZE, SourceFactory, SourceSettings
 from cachefilesd_py.sources.resolve import SourceResolver
 from cachefilesd_py.testing.fake_kernel import Background, FakeCachefiles
 from cachefilesd_py.testing.fault_server import FaultServer
@@ -74,7 +74,9 @@ def test_a_stalled_origin_does_not_delay_another_origins_open(
     for name in STALLED:
         slow.fault(name, "stall")  # every OPEN of the slow origin hangs in its HEAD
     stalled = [Background(stack.lookup, b"erofs,slow", n.encode(), HOLD) for n in STALLED]
-    while len(slow.requests) < 3:  # the slow origin holds as many workers as it may
+    # the slow origin holds as many workers as it may: its HEADs are bounded by the
+    # identity connections per origin, the rest wait for one inside their OPEN worker
+    while len(slow.requests) < IDENTITY_POOL_SIZE:
         threading.Event().wait(0.01)
     good = stack.lookup(b"erofs,good", b"good", PATIENCE)
     assert good.read(0, SIZE, PATIENCE) == pattern_bytes(99, 0, SIZE)
