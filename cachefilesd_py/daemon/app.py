@@ -23,6 +23,7 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -30,15 +31,14 @@ from cachefilesd_py.config.load import load_config
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.daemon import host, systemd
 from cachefilesd_py.daemon.stats import Collect, StatsReporter
-from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.bind import kernel_commands
-from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
-from cachefilesd_py.frontends.ondemand.space import make_culler
 from cachefilesd_py.kernel.device import CachefilesDevice
-from cachefilesd_py.presence.store import PresenceStore
-from cachefilesd_py.sources.open import SourceFactory, SourceSettings
-from cachefilesd_py.sources.resolve import SourceResolver
-from cachefilesd_py.space.caps import CullRules
+
+if TYPE_CHECKING:
+    # on-demand mode's machinery (engine, sources, presence: a third of the daemon's
+    # import time) is imported by the mode that runs it, not by classic mode
+    from cachefilesd_py.engine.service import Engine, EngineSettings
+    from cachefilesd_py.sources.open import SourceSettings
 
 log = structlog.get_logger("daemon")
 
@@ -55,6 +55,8 @@ def raise_nofile_limit() -> int:
 
 
 def engine_settings(config: Config) -> EngineSettings:
+    from cachefilesd_py.engine.service import EngineSettings
+
     return EngineSettings(
         chunk_size=config.chunk_size,
         chunk_size_rules=tuple((r.pattern, r.size) for r in config.source_chunk_sizes),
@@ -67,6 +69,7 @@ def engine_settings(config: Config) -> EngineSettings:
 
 def source_settings(config: Config) -> SourceSettings:
     from cachefilesd_py.config.load import headers_for
+    from cachefilesd_py.sources.open import SourceSettings
 
     return SourceSettings(
         ca_file=config.ca_file,
@@ -142,6 +145,8 @@ class Daemon:
             log.error("reload.rejected", error=str(exc))
             return
         if self._engine is not None:
+            from cachefilesd_py.sources.resolve import SourceResolver
+
             self._engine.resolve = SourceResolver(new.sources).resolve
         if kernel_commands(new) != kernel_commands(self.config):
             log.warning(
@@ -170,6 +175,14 @@ class Daemon:
             log.info("terminated")
 
     def _run_ondemand(self, device: CachefilesDevice, nofile: int) -> int:
+        from cachefilesd_py.engine.service import Engine
+        from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
+        from cachefilesd_py.frontends.ondemand.space import make_culler
+        from cachefilesd_py.presence.store import PresenceStore
+        from cachefilesd_py.sources.open import SourceFactory
+        from cachefilesd_py.sources.resolve import SourceResolver
+        from cachefilesd_py.space.caps import CullRules
+
         state_dir = self.cache_dir / STATE_DIR_NAME
         presence = PresenceStore(state_dir / "presence")
         factory = SourceFactory(source_settings(self.config))
