@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from typing import Final, Protocol
 
@@ -72,9 +73,47 @@ class Device(Protocol):
         ...
 
 
+class NotTheDevice(OSError):
+    """An inherited fd is not ``/dev/cachefiles`` (errno ENODEV)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.ENODEV, why)
+
+
+def check_is_device(fd: int, path: str = DEVICE_PATH) -> None:
+    """Raise :class:`NotTheDevice` unless ``fd`` is an open character device with the
+    same device number as ``path``. An fd handed back by systemd's fd store is trusted
+    only after this: the misc minor of ``/dev/cachefiles`` is dynamic, so a module
+    reload between two runs, or a wrongly named fd, would otherwise have the daemon
+    write ``restore`` into some other device."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise NotTheDevice(f"inherited fd {fd} is not open: {exc.strerror}") from exc
+    if not stat.S_ISCHR(st.st_mode):
+        raise NotTheDevice(f"inherited fd {fd} is not a character device")
+    try:
+        node = os.stat(path)
+    except OSError as exc:
+        raise NotTheDevice(f"{path}: {exc.strerror}; cannot check inherited fd {fd}") from exc
+    if not stat.S_ISCHR(node.st_mode) or node.st_rdev != st.st_rdev:
+        raise NotTheDevice(
+            f"inherited fd {fd} is device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}, "
+            f"{path} is {os.major(node.st_rdev)}:{os.minor(node.st_rdev)}"
+        )
+
+
 class CachefilesDevice:
     """The real ``/dev/cachefiles`` (or an inherited fd of it, e.g. from systemd's
-    fd store: pass ``fd=``)."""
+    fd store: :meth:`inherit`)."""
+
+    @classmethod
+    def inherit(cls, fd: int, path: str = DEVICE_PATH) -> CachefilesDevice:
+        """Adopt an fd opened by an earlier process, after :func:`check_is_device`.
+        It is made close-on-exec; it is usually already bound (do not send ``dir`` or
+        ``bind`` again: the kernel answers EEXIST/EBUSY)."""
+        check_is_device(fd, path)
+        return cls(path, fd=fd)
 
     def __init__(self, path: str = DEVICE_PATH, *, fd: int | None = None) -> None:
         if fd is None:
@@ -126,6 +165,28 @@ class _Commands(Protocol):
 
 
 _cwd_lock = threading.Lock()
+
+
+def in_use(device: _Commands, directory: str, name: str) -> str:
+    """``inuse <name>`` from inside ``directory``: "free", "busy" (EBUSY: a kernel
+    object has the file open), "gone" (ESTALE/ENOENT) or "failed". The kernel's answer
+    covers objects this process never saw an OPEN for (e.g. opened by a worker that
+    died before this one took over)."""
+    with _cwd_lock:
+        old = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.chdir(directory)
+            device.write_command(b"inuse " + name.encode())
+            return "free"
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                return "busy"
+            if exc.errno in (errno.ESTALE, errno.ENOENT):
+                return "gone"
+            return "failed"
+        finally:
+            os.fchdir(old)
+            os.close(old)
 
 
 def cull_one(device: _Commands, directory: str, name: str) -> str:
