@@ -285,12 +285,13 @@ def run_classic(
     stop: threading.Event,
     *,
     nocull: bool,
-    commands: list[bytes],
+    commands: list[bytes] | None,
     on_ready: Callable[[], object] = lambda: None,
     report_stats: Callable[[Callable[[], dict[str, object]]], object] = lambda _collect: None,
 ) -> int:
-    """Bind and serve until ``stop``; ``report_stats`` is handed a function returning
-    the driver's counters, for periodic and on-demand stats lines."""
+    """Bind (unless ``commands`` is None: the device is bound already) and serve until
+    ``stop``; ``report_stats`` is handed a function returning the driver's counters,
+    for periodic and on-demand stats lines."""
     assert config.dir is not None
     driver = ClassicDriver(
         device,
@@ -300,7 +301,8 @@ def run_classic(
         caps=Caps.from_config(config),
         pins=config.pins,
     )
-    driver.bind(commands)
+    if commands is not None:
+        driver.bind(commands)
     on_ready()
     report_stats(lambda: dict(vars(driver.stats)))
     try:

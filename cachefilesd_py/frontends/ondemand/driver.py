@@ -178,6 +178,10 @@ class OnDemandDriver:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fill")
         self._ra_pool = ThreadPoolExecutor(readahead_workers, thread_name_prefix="readahead")
+        #: liveness, for the supervisor's watchdog (daemon/health.py): when the request
+        #: loop last went round, and since when each READ being served is in service
+        self.last_loop = time.monotonic()
+        self._in_service: dict[int, float] = {}
 
     # -- start-up --------------------------------------------------------------------
 
@@ -209,6 +213,7 @@ class OnDemandDriver:
         watching_out = False
         poller.register(fd, select.POLLIN)
         while not stop.is_set():
+            self.last_loop = time.monotonic()
             want_out = self.culler is not None and self._cull_idle.is_set()
             if want_out != watching_out:
                 poller.register(fd, select.POLLIN | (select.POLLOUT if want_out else 0))
@@ -226,6 +231,17 @@ class OnDemandDriver:
         self._cull_idle.set()  # release fills waiting in make_room
         if space is not None:
             space.join(timeout=30)
+
+    @property
+    def culling(self) -> bool:
+        """Whether a cull pass is running (or asked for)."""
+        return not self._cull_idle.is_set()
+
+    def oldest_read_age(self) -> float | None:
+        """Seconds the oldest READ now being served has been in service, or None."""
+        with self._lock:
+            oldest = min(self._in_service.values(), default=None)
+        return None if oldest is None else time.monotonic() - oldest
 
     def make_room(self, timeout: float = 10.0) -> bool:
         """Start a cull pass (or join the running one), wait for it to end, then pause
@@ -443,6 +459,15 @@ class OnDemandDriver:
     # -- READ ------------------------------------------------------------------------
 
     def _on_read(self, req: wire.ReadRequest, received: float | None = None) -> None:
+        with self._lock:
+            self._in_service[req.msg_id] = time.monotonic()
+        try:
+            self._serve_read(req, received)
+        finally:
+            with self._lock:
+                self._in_service.pop(req.msg_id, None)
+
+    def _serve_read(self, req: wire.ReadRequest, received: float | None) -> None:
         self.stats.reads += 1
         with self._lock:
             obj = self._objects.get(req.object_id)

@@ -35,7 +35,7 @@ import structlog
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.engine.leases import BlobLeases
 from cachefilesd_py.kernel._sys import punch_hole
-from cachefilesd_py.kernel.device import Device, cull_one
+from cachefilesd_py.kernel.device import Device, cull_one, in_use
 from cachefilesd_py.kernel.fd import OwnedFd
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.space.caps import Caps, pinned
@@ -223,6 +223,12 @@ class OnDemandCuller:
         path = Path(cand.directory) / cand.name
         with self.leases.trim(key) as granted:
             if not granted:
+                return None
+            # The leases know the objects this worker opened; the kernel knows them all
+            # (after a failover, objects opened by the previous worker stay open and
+            # in use until a READ re-opens them). With the lease held no new OPEN is
+            # answered, so the kernel's "free" stays true until the punch is done.
+            if in_use(self.device, cand.directory, cand.name) != "free":
                 return None
             bp = self.presence.load_bound(key, path)
             if bp is None:
