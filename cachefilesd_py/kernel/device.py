@@ -167,17 +167,18 @@ class _Commands(Protocol):
 _cwd_lock = threading.Lock()
 
 
-def in_use(device: _Commands, directory: str, name: str) -> str:
-    """``inuse <name>`` from inside ``directory``: "free", "busy" (EBUSY: a kernel
-    object has the file open), "gone" (ESTALE/ENOENT) or "failed". The kernel's answer
-    covers objects this process never saw an OPEN for (e.g. opened by a worker that
-    died before this one took over)."""
+def _by_name(device: _Commands, directory: str, command: bytes, name: str) -> str:
+    """Send ``<command> <name>`` from inside ``directory`` (the kernel resolves the name
+    against the process's working directory, and a ``/`` in it is EINVAL): "ok", "busy"
+    (EBUSY: a kernel object has it in use), "gone" (ESTALE/ENOENT) or "failed".
+
+    The working directory is process-wide, so these commands are serialised by a lock."""
     with _cwd_lock:
         old = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.chdir(directory)
-            device.write_command(b"inuse " + name.encode())
-            return "free"
+            device.write_command(command + b" " + name.encode())
+            return "ok"
         except OSError as exc:
             if exc.errno == errno.EBUSY:
                 return "busy"
@@ -187,26 +188,18 @@ def in_use(device: _Commands, directory: str, name: str) -> str:
         finally:
             os.fchdir(old)
             os.close(old)
+
+
+def in_use(device: _Commands, directory: str, name: str) -> str:
+    """``inuse <name>``: "free", "busy", "gone" or "failed". The kernel's answer covers
+    objects this process never saw an OPEN for (e.g. opened by a worker that died
+    before this one took over)."""
+    outcome = _by_name(device, directory, b"inuse", name)
+    return "free" if outcome == "ok" else outcome
 
 
 def cull_one(device: _Commands, directory: str, name: str) -> str:
-    """``cull <name>`` from inside ``directory`` (the kernel resolves the name against
-    the process's working directory, and a ``/`` in it is EINVAL). Returns "culled",
-    "busy" (EBUSY: the object is in use and stays), "gone" (ESTALE/ENOENT) or "failed".
-
-    The working directory is process-wide, so culls are serialised by a lock."""
-    with _cwd_lock:
-        old = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.chdir(directory)
-            device.write_command(b"cull " + name.encode())
-            return "culled"
-        except OSError as exc:
-            if exc.errno == errno.EBUSY:
-                return "busy"
-            if exc.errno in (errno.ESTALE, errno.ENOENT):
-                return "gone"
-            return "failed"
-        finally:
-            os.fchdir(old)
-            os.close(old)
+    """``cull <name>``: "culled", "busy" (EBUSY: the object is in use and stays),
+    "gone" (ESTALE/ENOENT) or "failed"."""
+    outcome = _by_name(device, directory, b"cull", name)
+    return "culled" if outcome == "ok" else outcome
