@@ -26,7 +26,7 @@ from cachefilesd_py.daemon.app import Daemon
 from cachefilesd_py.daemon.keeper import RECORD_FDNAME, BindRecord, DeviceKeeper, Notifier
 from cachefilesd_py.frontends.ondemand import wire
 from cachefilesd_py.kernel.device import CachefilesDevice
-from cachefilesd_py.testing.fake_kernel import Background, FakeCachefiles
+from cachefilesd_py.testing.fake_kernel import Background, FakeCachefiles, FakeObjectHandle
 from cachefilesd_py.testing.pattern import pattern_bytes
 
 SIZE = 1_000_000 + 123
@@ -94,54 +94,48 @@ def serve(config: Config, conf: Path, fake: FakeCachefiles) -> tuple[Daemon, thr
 # -- a new worker after a dead one ---------------------------------------------------
 
 
+def dead_worker_holding_a_read(
+    fake: FakeCachefiles, offset: int, length: int
+) -> tuple[wire.OpenRequest, FakeObjectHandle, Background[bytes]]:
+    """A worker that answered a mount's OPEN, read a READ of a reader's, and died: its
+    anonymous fd closed by process exit. Returns the OPEN, the mount's object and the
+    reader."""
+    mount = Background(fake.lookup, b"erofs,img", b"img")
+    opened = next_request(fake)
+    assert isinstance(opened, wire.OpenRequest)
+    fake.write_command(wire.encode_copen(opened.msg_id, SIZE))
+    handle = mount.result(10)
+    reader: Background[bytes] = Background(handle.read, offset, length, 3.0)
+    assert isinstance(next_request(fake), wire.ReadRequest)
+    fake.close_fd(opened.fd)
+    return opened, handle, reader
+
+
+@pytest.mark.parametrize("restore", [True, False], ids=["restore", "control-without-restore"])
 def test_a_new_worker_serves_the_read_the_dead_one_held(
-    setup: tuple[Config, Path],
+    setup: tuple[Config, Path], restore: bool
 ) -> None:
+    """With ``restore`` the next worker answers the re-sent OPEN and the held READ; the
+    control, without it, shows the read never completes."""
     config, conf = setup
     fake = FakeCachefiles()
     keeper = bound(config, fake)
     assert keeper.can_restore
-    mount = Background(fake.lookup, b"erofs,img", b"img")
-    opened = next_request(fake)  # the dead worker's OPEN...
-    assert isinstance(opened, wire.OpenRequest)
-    fake.write_command(wire.encode_copen(opened.msg_id, SIZE))  # ...which it answered
-    handle = mount.result(10)
-    reader = Background(handle.read, 100_000, 200_000)
-    held = next_request(fake)  # ...and the READ it died with
-    assert isinstance(held, wire.ReadRequest)
-    fake.close_fd(opened.fd)  # process exit closes its anonymous fd
-    keeper.restore()
+    opened, handle, reader = dead_worker_holding_a_read(fake, 100_000, 200_000)
+    if restore:
+        keeper.restore()
     daemon, t = serve(config, conf, fake)
     try:
+        if not restore:
+            with pytest.raises(TimeoutError):
+                reader.result(10)
+            return
         assert reader.result(10) == DATA[100_000:300_000]
         driver = daemon._driver
         assert driver is not None
         assert driver.stats.opens == 1, "the re-sent OPEN was not answered"
         assert driver.stats.reads_failed == 0
         assert handle.object_id not in (0, opened.object_id)
-    finally:
-        daemon.stop.set()
-        t.join(10)
-        fake.close()
-
-
-def test_without_restore_the_held_read_never_completes(setup: tuple[Config, Path]) -> None:
-    """The control for the test above: the same death, the same new worker, no restore."""
-    config, conf = setup
-    fake = FakeCachefiles()
-    bound(config, fake)
-    mount = Background(fake.lookup, b"erofs,img", b"img")
-    opened = next_request(fake)
-    assert isinstance(opened, wire.OpenRequest)
-    fake.write_command(wire.encode_copen(opened.msg_id, SIZE))
-    handle = mount.result(10)
-    reader = Background(handle.read, 0, 4096, 3.0)
-    assert isinstance(next_request(fake), wire.ReadRequest)
-    fake.close_fd(opened.fd)
-    daemon, t = serve(config, conf, fake)
-    try:
-        with pytest.raises(TimeoutError):
-            reader.result(10)
     finally:
         daemon.stop.set()
         t.join(10)
