@@ -36,7 +36,7 @@ from tests.vm import failover_rig as fr
 from tests.vm.rig import mkfs_erofs, run, start_nginx
 
 UNIT = "cachefilesd-py.service"
-CACHE = Path("/mnt/cache")
+CACHE = Path("/mnt/bench-cache")
 
 
 def systemctl(*args: str) -> str:
@@ -87,13 +87,13 @@ def main() -> int:
     log = Path(os.environ["CACHEFILESD_VM_RESULTS"]) / "cachefilesd-py.log"
     work = Path("/tmp/bench-failover")
     work.mkdir()
-    image = Path("/mnt/cache.img")
+    image = Path("/mnt/bench-cache.img")
     with open(image, "wb") as f:
         f.truncate(512 << 20)
     run("mkfs.ext4", "-q", "-F", "-b", "4096", str(image))
     CACHE.mkdir()
     run("mount", "-o", "loop", str(image), str(CACHE))
-    blobs = Path("/mnt/blobs")
+    blobs = Path("/mnt/bench-blobs")
     blobs.mkdir()
     trials = args.worker_kills + args.supervisor_kills + args.worker_kills
     fr.make_blob_tree(work / "src", files=trials + 2, size=1 << 20, seed=7)

@@ -15,7 +15,7 @@ so READs are in flight at every kill. Then, in order:
 3. ``systemctl restart`` during reads: the same;
 4. ``systemctl reload``: a broken configuration is refused before the daemon sees it;
 5. ``systemctl stop`` after unmounting: a clean exit, the cache unbound, the device free;
-6. a crash loop (the cache directory gone) ends at the start limit, and both the
+6. a crash loop (the cache directory is a file) ends at the start limit, and both the
    daemon's log and systemd's say what happened.
 """
 
@@ -333,7 +333,12 @@ def test_stop_after_unmount_is_clean(rig: Rig) -> None:
 
 def test_a_crash_loop_ends_at_the_start_limit_and_says_so(rig: Rig) -> None:
     good = CONF.read_text()
-    CONF.write_text(config(rig.web.url, CACHE / "gone"))  # the cache directory is missing
+    # The configured cache "directory" is a file: the daemon refuses it at every start
+    # (a missing one would already fail in systemd's namespace set-up, ReadWritePaths=,
+    # before the daemon could say anything).
+    not_a_dir = CACHE / "not-a-directory"
+    not_a_dir.write_bytes(b"")
+    CONF.write_text(config(rig.web.url, not_a_dir))
     # The packaged limit (10 starts in 300 s) assumes an interpreter that starts in well
     # under 30 s; under TCG one start takes 15-60 s, so the test lowers the burst (the
     # mechanism is the same) and keeps the window long enough for every start to count.
@@ -363,5 +368,6 @@ def test_a_crash_loop_ends_at_the_start_limit_and_says_so(rig: Rig) -> None:
     assert props["ActiveState"] == "failed"
     CONF.write_text(good)
     LIMIT_DROPIN.unlink()
+    not_a_dir.unlink()
     systemctl("daemon-reload")
     systemctl("reset-failed", UNIT, check=False)
