@@ -51,7 +51,8 @@ CACHE = Path("/mnt/cache")
 BLOBS = Path("/mnt/blobs")
 TAG = "sdfailover"
 WORKER_KILLS = 20
-SUPERVISOR_KILLS = 5
+#: 5 as the issue asks; scripts/test (CI) sets 2: each costs a fresh interpreter
+SUPERVISOR_KILLS = int(os.environ.get("CACHEFILESD_SUPERVISOR_KILLS", "5"))
 CRASH_LOOP_STARTS = 3
 LIMIT_DROPIN = Path("/etc/systemd/system/cachefilesd-py.service.d/90-test-start-limit.conf")
 
