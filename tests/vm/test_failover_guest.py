@@ -75,7 +75,7 @@ def test_worker_killed_under_reads_loses_no_read(
     blobs, digests = two_images(workdir, files=8, size=4 << 20)
     web = nginx(blobs)
     d = daemon(ondemand_config(loop_fs(256), web.url))
-    d.start()
+    d.start(timeout=300)  # a fresh interpreter: slow in a loaded guest
     assert d.proc is not None
     supervisor = d.proc.pid
     files = {}
@@ -220,7 +220,7 @@ def test_classic_worker_death_keeps_the_cache_and_a_restart_loses_nothing(
     cache = loop_fs(64)
     conf = f"dir {cache}\ntag classicfo\n"
     d = daemon(conf)
-    d.start()
+    d.start(timeout=300)  # a fresh interpreter: slow in a loaded guest
     assert d.proc is not None
     mnt = workdir / "p9"
     mnt.mkdir()
