@@ -36,16 +36,17 @@ import structlog
 
 from cachefilesd_py.config.load import load_config
 from cachefilesd_py.config.model import Config
-from cachefilesd_py.config.parse import kernel_commands
 from cachefilesd_py.daemon import host
 from cachefilesd_py.daemon.stats import Collect, StatsReporter
 from cachefilesd_py.engine.service import Engine, EngineSettings
+from cachefilesd_py.frontends.bind import kernel_commands
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
-from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
+from cachefilesd_py.frontends.ondemand.space import make_culler
 from cachefilesd_py.kernel.device import Device
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory, SourceSettings
 from cachefilesd_py.sources.resolve import SourceResolver
+from cachefilesd_py.space.caps import CullRules
 
 log = structlog.get_logger("daemon")
 
@@ -191,8 +192,13 @@ class Daemon:
             fetch_timeout=self.config.fetch_timeout,
         )
         if not self.nocull:
-            driver.culler = OnDemandCuller(
-                device, self.cache_dir, presence, self.config, engine.leases
+            driver.culler = make_culler(
+                device,
+                self.cache_dir,
+                presence,
+                engine.leases,
+                self.config,
+                CullRules.from_config(self.config),
             )
         self._driver = driver
 
@@ -209,8 +215,6 @@ class Daemon:
         driver = self._driver
         if driver is None:
             return {"loop_age": None, "oldest_read": None, "objects": None, "culling": None}
-
-
         return {
             "loop_age": round(time.monotonic() - driver.last_loop, 3),
             "oldest_read": driver.oldest_read_age(),
@@ -230,7 +234,7 @@ class Daemon:
                 t = driver.culler.totals
                 space = {"culled": t.culled, "trimmed": t.trimmed, "cull_freed": t.freed_bytes}
             return {
-                **vars(driver.stats),
+                **driver.stats_fields(),
                 **vars(engine.filler.stats),
                 **driver.read_times.summary_ms("read"),
                 **engine.filler.fetch_times.summary_ms("fetch"),
@@ -264,7 +268,7 @@ class Daemon:
                 self.config,
                 self.stop,
                 nocull=self.nocull,
-                commands=None,
+                setup=None,
                 on_ready=on_serving,
                 report_stats=report,
             )

@@ -45,9 +45,9 @@ from typing import Any
 import structlog
 
 from cachefilesd_py.config.model import Config
-from cachefilesd_py.config.parse import kernel_commands
 from cachefilesd_py.daemon import systemd
-from cachefilesd_py.frontends.ondemand import wire
+from cachefilesd_py.frontends.bind import kernel_commands
+from cachefilesd_py.kernel import commands
 from cachefilesd_py.kernel.device import CachefilesDevice, Device, NotTheDevice
 
 log = structlog.get_logger("daemon")
@@ -198,7 +198,7 @@ class DeviceKeeper:
                 stored=record.dir, configured=self.config.dir,
             )
         try:
-            device.write_command(wire.encode_restore())
+            device.write_command(commands.encode_restore())
         except OSError as exc:
             if exc.errno == errno.EOPNOTSUPP:
                 why = "the kernel has no 'restore' (Linux 6.8 or later is needed)"
@@ -244,7 +244,7 @@ class DeviceKeeper:
                     ) from exc
             log.info("binding", mode="ondemand" if self.config.ondemand else "classic")
             try:
-                device.write_command(wire.encode_bind(ondemand=self.config.ondemand))
+                device.write_command(commands.encode_bind(ondemand=self.config.ondemand))
             except OSError as exc:
                 raise BindFailed(
                     exc.errno or errno.EIO, f"CacheFiles bind failed: {exc.strerror}"
@@ -264,7 +264,7 @@ class DeviceKeeper:
     def _probe_restore(self, device: Device) -> bool:
         """``restore`` on a cache nobody has read from yet changes nothing."""
         try:
-            device.write_command(wire.encode_restore())
+            device.write_command(commands.encode_restore())
         except OSError as exc:
             log.warning(
                 "kernel.no_restore",
@@ -291,7 +291,7 @@ class DeviceKeeper:
         """After a worker died and was reaped: have the kernel deliver again every
         request it had read. OSError (EIO: the cache died) ends the daemon."""
         assert self.device is not None
-        self.device.write_command(wire.encode_restore())
+        self.device.write_command(commands.encode_restore())
         log.info("restored")
 
     def close(self) -> None:

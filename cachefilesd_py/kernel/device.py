@@ -2,7 +2,7 @@
 
 The port (:class:`Device`) is what both the real device and the fake
 (``cachefilesd_py.testing.fake_kernel``) implement, so the same driver code runs
-against either (ondemand-protocol.md §1, §2):
+against either (``docs/protocol-ondemand.md`` §1–§2, ``docs/protocol-classic.md`` §1):
 
 - ``fileno()`` is pollable: POLLIN when a request (on-demand) or a state change
   (classic) is pending, POLLOUT while the cache is below its cull limits. Neither
@@ -12,9 +12,13 @@ against either (ondemand-protocol.md §1, §2):
   is 4096 bytes, above ``CACHEFILES_MSG_MAX_SIZE`` (1024), so EMSGSIZE cannot happen.
   Reading an OPEN is what installs its anonymous fd in this process;
 - ``write_command()`` sends exactly one command per ``write()`` (the kernel ignores
-  everything after a newline) and raises ``OSError`` with the kernel's errno;
+  everything after a newline) and raises ``OSError`` with the kernel's errno; the
+  commands themselves come from ``kernel/commands.py``;
 - ``pwrite``/``read_complete``/``close_fd`` act on the anonymous fds of on-demand
   objects. ``read_complete`` passes the msg_id by value (``kernel._sys``).
+
+Locks: ``CachefilesDevice._read_lock`` (one reader of the shared buffer at a time) and
+the module's working-directory lock (one ``cull`` at a time) are never held together.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from cachefilesd_py.kernel import _sys
+from cachefilesd_py.kernel.commands import encode_cull, encode_inuse
 
 DEVICE_PATH: Final = "/dev/cachefiles"
 #: >= CACHEFILES_MSG_MAX_SIZE (1024): EMSGSIZE cannot happen; > the 256-byte state line
@@ -164,42 +170,46 @@ class _Commands(Protocol):
     def write_command(self, cmd: bytes) -> None: ...
 
 
+#: the working directory is process-wide: one ``cull`` at a time
 _cwd_lock = threading.Lock()
 
 
-def _by_name(device: _Commands, directory: str, command: bytes, name: str) -> str:
-    """Send ``<command> <name>`` from inside ``directory`` (the kernel resolves the name
-    against the process's working directory, and a ``/`` in it is EINVAL): "ok", "busy"
-    (EBUSY: a kernel object has it in use), "gone" (ESTALE/ENOENT) or "failed".
-
-    The working directory is process-wide, so these commands are serialised by a lock."""
+def _by_name(
+    device: _Commands, directory: str, encode: Callable[[str], bytes], name: str
+) -> int:
+    """Send the command ``encode(name)`` from inside ``directory`` (the kernel resolves
+    the name against the process's working directory, and a ``/`` in it is EINVAL):
+    0 when the kernel accepted it, else the errno (EINVAL also for a name the encoder
+    refuses). The working directory is process-wide: these commands are serialised by
+    a lock around the ``chdir``."""
+    try:
+        cmd = encode(name)
+    except ValueError:
+        return errno.EINVAL
     with _cwd_lock:
         old = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.chdir(directory)
-            device.write_command(command + b" " + name.encode())
-            return "ok"
+            device.write_command(cmd)
+            return 0
         except OSError as exc:
-            if exc.errno == errno.EBUSY:
-                return "busy"
-            if exc.errno in (errno.ESTALE, errno.ENOENT):
-                return "gone"
-            return "failed"
+            return exc.errno or errno.EIO
         finally:
             os.fchdir(old)
             os.close(old)
 
 
-def in_use(device: _Commands, directory: str, name: str) -> str:
-    """``inuse <name>``: "free", "busy", "gone" or "failed". The kernel's answer covers
-    objects this process never saw an OPEN for (e.g. opened by a worker that died
-    before this one took over)."""
-    outcome = _by_name(device, directory, b"inuse", name)
-    return "free" if outcome == "ok" else outcome
+def cull_in(device: _Commands, directory: str, name: str) -> int:
+    """``cull <name>`` from inside ``directory``: 0 when the kernel culled it (moved it
+    to the graveyard), else the errno: EBUSY (in use, it stays), ESTALE/ENOENT (already
+    gone), anything else (a failure)."""
+    return _by_name(device, directory, encode_cull, name)
 
 
-def cull_one(device: _Commands, directory: str, name: str) -> str:
-    """``cull <name>``: "culled", "busy" (EBUSY: the object is in use and stays),
-    "gone" (ESTALE/ENOENT) or "failed"."""
-    outcome = _by_name(device, directory, b"cull", name)
-    return "culled" if outcome == "ok" else outcome
+def in_use_in(device: _Commands, directory: str, name: str) -> int:
+    """``inuse <name>`` from inside ``directory``: 0 when no kernel object has the file
+    open, EBUSY when one has, ESTALE/ENOENT when it is gone, another errno on failure.
+    The kernel's answer covers objects this process never saw an OPEN for (e.g. opened
+    by a worker that died before this one took over)."""
+    return _by_name(device, directory, encode_inuse, name)
+

@@ -25,6 +25,7 @@ from cachefilesd_py.config.model import Config
 from cachefilesd_py.daemon.app import Daemon
 from cachefilesd_py.daemon.keeper import RECORD_FDNAME, BindRecord, DeviceKeeper, Notifier
 from cachefilesd_py.frontends.ondemand import wire
+from cachefilesd_py.kernel import commands
 from cachefilesd_py.kernel.device import CachefilesDevice
 from cachefilesd_py.testing.fake_kernel import Background, FakeCachefiles, FakeObjectHandle
 from cachefilesd_py.testing.pattern import pattern_bytes
@@ -103,7 +104,7 @@ def dead_worker_holding_a_read(
     mount = Background(fake.lookup, b"erofs,img", b"img")
     opened = next_request(fake)
     assert isinstance(opened, wire.OpenRequest)
-    fake.write_command(wire.encode_copen(opened.msg_id, SIZE))
+    fake.write_command(commands.encode_copen(opened.msg_id, SIZE))
     handle = mount.result(10)
     reader: Background[bytes] = Background(handle.read, offset, length, 3.0)
     assert isinstance(next_request(fake), wire.ReadRequest)
@@ -325,8 +326,9 @@ def test_a_trim_leaves_alone_a_blob_opened_by_the_previous_worker(
     on the daemon side, re-opened only by their next READ): the new worker's leases do
     not know them. A trim must ask the kernel (``inuse``) before punching holes into a
     file a mounted reader may be reading from."""
+    from cachefilesd_py.blobkey import BlobKey
     from cachefilesd_py.engine.leases import BlobLeases
-    from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
+    from cachefilesd_py.frontends.ondemand.space import make_culler
 
     config, conf = setup
     big = pattern_bytes(5, 0, 40 * 64 * 1024 + 777)
@@ -335,28 +337,28 @@ def test_a_trim_leaves_alone_a_blob_opened_by_the_previous_worker(
     bound(config, fake)
     daemon, t = serve(config, conf, fake)
     try:
-        key = (b"erofs,big", b"big")
-        handle = fake.lookup(*key)
+        key = BlobKey.ondemand(b"erofs,big", b"big")
+        handle = fake.lookup(b"erofs,big", b"big")
         assert handle.read(0, len(big)) == big
         handle.withdraw()  # committed, sidecar bound once the worker saw the CLOSE
-        path = next((Path(config.dir or "") / "cache").rglob("Dbig"))
+        path = key.cache_path(config.dir or "")
         assert daemon._engine is not None
         for _ in range(200):
             if daemon._engine.presence.load_bound(key, path) is not None:
                 break
             threading.Event().wait(0.05)
-        handle = fake.lookup(*key)  # mounted again, by the worker that will die
+        handle = fake.lookup(b"erofs,big", b"big")  # mounted again, by the worker that will die
         blocks = os.stat(path).st_blocks
-        next_worker = OnDemandCuller(fake, Path(config.dir or ""), daemon._engine.presence,
-                                     config, BlobLeases())
-        out = next_worker.cull_pass(need_bytes=5 * 64 * 1024)
-        assert out.trimmed == 0 and out.culled == 0 and out.busy == 1, out
+        next_worker = make_culler(fake, Path(config.dir or ""), daemon._engine.presence,
+                                  BlobLeases(), config)
+        out = next_worker.cull_pass(need_bytes=5 * 64 * 1024).tally
+        assert out.trimmed == 0 and out.culled == 0 and out.kept_in_use == 1, out
         assert os.stat(path).st_blocks == blocks, "holes were punched into a file in use"
         assert handle.read(0, len(big)) == big
         handle.withdraw()
         # once the kernel is done with it, the same trim goes ahead
         for _ in range(200):
-            if next_worker.cull_pass(need_bytes=5 * 64 * 1024).trimmed:
+            if next_worker.cull_pass(need_bytes=5 * 64 * 1024).tally.trimmed:
                 break
             threading.Event().wait(0.05)
         assert os.stat(path).st_blocks < blocks
