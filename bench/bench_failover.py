@@ -87,12 +87,7 @@ def main() -> int:
     log = Path(os.environ["CACHEFILESD_VM_RESULTS"]) / "cachefilesd-py.log"
     work = Path("/tmp/bench-failover")
     work.mkdir()
-    image = Path("/mnt/bench-cache.img")
-    with open(image, "wb") as f:
-        f.truncate(512 << 20)
-    run("mkfs.ext4", "-q", "-F", "-b", "4096", str(image))
-    CACHE.mkdir()
-    run("mount", "-o", "loop", str(image), str(CACHE))
+    fr.loop_cache(CACHE, 512 << 20)
     blobs = Path("/mnt/bench-blobs")
     blobs.mkdir()
     trials = args.worker_kills + args.supervisor_kills + args.worker_kills

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from tests.vm.rig import run
+
 ANON_LINK = "anon_inode:[cachefiles]"
 O_CLOEXEC = 0o2000000
 
@@ -195,6 +197,17 @@ class Readers:
     def failures(self) -> list[ReadResult]:
         with self._lock:
             return [r for r in self.results if not r.ok]
+
+
+def loop_cache(mountpoint: Path, size: int) -> None:
+    """A fresh ext4 filesystem of ``size`` bytes, loop-mounted on ``mountpoint`` (its
+    image file lies next to it, ``<mountpoint>.img``)."""
+    image = mountpoint.with_name(mountpoint.name + ".img")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    run("mkfs.ext4", "-q", "-F", "-b", "4096", str(image))
+    mountpoint.mkdir()
+    run("mount", "-o", "loop", str(image), str(mountpoint))
 
 
 def make_blob_tree(root: Path, *, files: int, size: int, seed: int) -> dict[str, str]:

@@ -143,12 +143,7 @@ class Probe:
 def rig() -> Iterator[Rig]:
     work = Path("/tmp/sdrig")
     work.mkdir()
-    image = Path("/mnt/cache.img")
-    with open(image, "wb") as f:
-        f.truncate(768 << 20)
-    run("mkfs.ext4", "-q", "-F", "-b", "4096", str(image))
-    CACHE.mkdir()
-    run("mount", "-o", "loop", str(image), str(CACHE))
+    fr.loop_cache(CACHE, 768 << 20)
     BLOBS.mkdir()
     digests = {}
     for name, files, size, seed in (
