@@ -8,11 +8,13 @@ import os
 from typing import Any
 
 import psutil
-import pyudev
 
 
 def cache_device(path: str) -> dict[str, Any]:
-    """The block device under ``path``: name, model, rotational, read-only."""
+    """The block device under ``path``: name, model, rotational, read-only. (pyudev is
+    imported here: only on-demand mode asks, and its import is slow on a cold start.)"""
+    import pyudev
+
     try:
         st = os.stat(path)
         dev = pyudev.Devices.from_device_number(pyudev.Context(), "block", st.st_dev)
