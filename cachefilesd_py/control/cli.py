@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """``cachefilesctl``: the control command line. Sub-commands register here."""
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cachefilesd_py.control import commands  # noqa: F401  (registers sub-commands)
+    import argcomplete
+
+    from cachefilesd_py.control import live  # noqa: F401  (registers sub-commands)
 
     parser = build_parser()
+    argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

@@ -17,12 +17,14 @@ kernel's thresholds are fixed at ``bind`` and need a restart, which is logged.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import structlog
 
@@ -30,6 +32,7 @@ from cachefilesd_py.config.load import load_config
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.config.parse import kernel_commands
 from cachefilesd_py.daemon import host, systemd
+from cachefilesd_py.daemon.control import serve_control
 from cachefilesd_py.daemon.stats import Collect, StatsReporter
 from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
@@ -44,6 +47,10 @@ log = structlog.get_logger("daemon")
 #: the daemon's own directory inside the cache root (next to the kernel's cache/ and
 #: graveyard/), holding presence sidecars
 STATE_DIR_NAME = "cachefilesd-py"
+
+#: settings a reload applies to the running daemon; a change of any other one is
+#: reported as needing a restart
+LIVE_SETTINGS = frozenset({"sources"})
 
 
 def raise_nofile_limit() -> int:
@@ -135,20 +142,35 @@ class Daemon:
     def reload(self) -> None:
         from cachefilesd_py.errors import ConfigError
 
+        with contextlib.suppress(ConfigError):  # logged by reload_report
+            self.reload_report()
+
+    def reload_report(self) -> dict[str, Any]:
+        """Re-read the configuration; apply what can be applied live (the ``source``
+        rules) and say which changed settings need a restart. A bad file changes
+        nothing and raises :class:`ConfigError` (``file:line: rule``)."""
+        from cachefilesd_py.errors import ConfigError
+
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
             log.error("reload.rejected", error=str(exc))
-            return
+            raise
+        changed = [k for k, v in vars(new).items() if getattr(self.config, k) != v]
+        applied = [k for k in changed if k in LIVE_SETTINGS]
         if self._engine is not None:
             self._engine.resolve = SourceResolver(new.sources).resolve
+        restart = [k for k in changed if k not in LIVE_SETTINGS]
         if kernel_commands(new) != kernel_commands(self.config):
             log.warning(
                 "reload.kernel_settings_need_restart",
                 note="dir/tag/thresholds are fixed at bind; restart to apply",
             )
+        if restart:
+            log.warning("reload.needs_restart", settings=restart)
         self.config = new
-        log.info("reloaded", sources=len(new.sources))
+        log.info("reloaded", sources=len(new.sources), applied=applied)
+        return {"changed": changed, "applied": applied, "needs_restart": restart}
 
     # -- run -------------------------------------------------------------------------
 
@@ -220,9 +242,11 @@ class Daemon:
             }
 
         self._reporter = StatsReporter(collect).start()
+        control = serve_control(self, "ondemand", collect, engine, driver)
         try:
             driver.serve(self.stop)
         finally:
+            control.close()
             self._reporter.close()
             systemd.stopping()
             driver.shutdown()
