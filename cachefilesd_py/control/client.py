@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -45,7 +46,10 @@ def call(
                 "running, and is control_socket the same path?",
             ) from None
         try:
-            sock.sendall(line)
+            # a daemon that refuses at once (busy) may close before taking the request:
+            # its reply is still there to read
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(line)
             reader = sock.makefile("rb")
             while True:
                 reply_line = reader.readline(MAX_REPLY_BYTES + 1)

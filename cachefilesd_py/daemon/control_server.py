@@ -59,6 +59,8 @@ MAX_CONNECTIONS = 8
 REQUEST_TIMEOUT = 5.0
 #: seconds a client has to take each reply line
 SEND_TIMEOUT = 10.0
+#: seconds to wait for a client to finish sending after its reply was sent
+LINGER_TIMEOUT = 0.2
 #: Linux's SO_PEERGROUPS (4.13+); the socket module does not name it
 SO_PEERGROUPS = 59
 
@@ -71,9 +73,14 @@ def peer_of(conn: socket.socket) -> Peer:
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     groups: frozenset[int] = frozenset()
-    with contextlib.suppress(OSError):
-        buf = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+    try:
+        # Python allows at most 1024 bytes: 256 groups; more gives ERANGE
+        buf = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
         groups = frozenset(struct.unpack(f"{len(buf) // 4}I", buf[: len(buf) // 4 * 4]))
+    except OSError:
+        # more than 256 groups: not guessed from /proc (the pid may be reused by
+        # then); such a caller needs the control group as its primary group
+        groups = frozenset()
     return Peer(pid, uid, gid, groups)
 
 
@@ -268,3 +275,19 @@ class ControlServer:
             log.debug("control.answered", op=op, outcome=outcome, uid=peer.uid if peer else None)
         with contextlib.suppress(OSError):
             self._send(conn, line)
+            _linger(conn)
+
+
+def _linger(conn: socket.socket) -> None:
+    """End the exchange so the client reads the reply: closing a Unix socket with
+    unread bytes in it resets the connection, and the client would get ECONNRESET
+    instead of the error reply (an oversized request leaves such bytes). So: shut our
+    side, then take (and drop) what the client still sends, bounded in bytes and time."""
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(LINGER_TIMEOUT)
+    left = 4 * MAX_REQUEST_BYTES
+    while left > 0:
+        data = conn.recv(min(left, 65536))
+        if not data:
+            return
+        left -= len(data)
