@@ -159,30 +159,10 @@ def parse_superblock(raw: bytes) -> Superblock:
     if len(raw) < SUPER_SIZE:
         raise ErofsCorrupt("image too small for a superblock")
     (
-        magic,
-        _checksum,
-        compat,
-        blkszbits,
-        extslots,
-        root_nid,
-        inos,
-        _build_time,
-        _build_nsec,
-        blocks,
-        meta_blkaddr,
-        xattr_blkaddr,
-        _uuid,
-        _volume,
-        incompat,
-        _algs,
-        extra_devices,
-        devt_slotoff,
-        dirblkbits,
-        xattr_prefix_count,
-        xattr_prefix_start,
-        packed_nid,
-        _filter,
-        _reserved,
+        magic, _checksum, compat, blkszbits, extslots, root_nid, inos, _build_time,
+        _build_nsec, blocks, meta_blkaddr, xattr_blkaddr, _uuid, _volume, incompat,
+        _algs, extra_devices, devt_slotoff, dirblkbits, xattr_prefix_count,
+        xattr_prefix_start, packed_nid, _filter, _reserved,
     ) = _SUPER.unpack_from(raw)
     if magic != MAGIC:
         raise ErofsCorrupt(f"bad magic {magic:#x}: not an EROFS image")
@@ -289,16 +269,13 @@ def parse_inode(nid: int, offset: int, raw: bytes) -> Inode:
         if size >= 1 << 63:
             raise ErofsCorrupt(f"nid {nid}: negative i_size")
     else:
-        (_f, icount, mode, nlink, size, _r, i_u, _ino, _uid, _gid, _r2) = _COMPACT.unpack_from(raw)
+        (_f, icount, mode, nlink, size, _r, i_u, _ino, _uid, _gid, _r2) = _COMPACT.unpack_from(
+            raw
+        )
     kind = stat.S_IFMT(mode)
     if kind not in (
-        stat.S_IFREG,
-        stat.S_IFDIR,
-        stat.S_IFLNK,
-        stat.S_IFCHR,
-        stat.S_IFBLK,
-        stat.S_IFIFO,
-        stat.S_IFSOCK,
+        stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+        stat.S_IFIFO, stat.S_IFSOCK,
     ):
         raise ErofsCorrupt(f"nid {nid}: bogus i_mode {mode:o}")
     if layout == CHUNK_BASED and (i_u & 0xFFFF) & ~CHUNK_FORMAT_ALL:

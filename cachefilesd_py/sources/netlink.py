@@ -101,11 +101,8 @@ ROUTE_ERRORS = {
     errno.EACCES: "prohibited route",
     errno.ENETUNREACH: "network unreachable",
 }
-NO_WAY = {
-    RTN_BLACKHOLE: "blackhole route",
-    RTN_UNREACHABLE: "unreachable route",
-    RTN_PROHIBIT: "prohibited route",
-}
+NO_WAY = {RTN_BLACKHOLE: "blackhole route", RTN_UNREACHABLE: "unreachable route",
+          RTN_PROHIBIT: "prohibited route"}
 
 # <linux/rtnetlink.h> message types that ring the doorbell
 RTM_NEWLINK, RTM_DELLINK = 16, 17
@@ -142,10 +139,7 @@ def failure_kind(exc: BaseException) -> FailureKind | None:
         if isinstance(cur, ConnectionRefusedError):
             return FailureKind.REFUSED
         if isinstance(cur, OSError) and cur.errno in (
-            errno.EHOSTUNREACH,
-            errno.ENETUNREACH,
-            errno.ENETDOWN,
-            errno.EHOSTDOWN,
+            errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN
         ):
             return FailureKind.UNREACHABLE
         if isinstance(cur, TimeoutError) or "Timeout" in type(cur).__name__:
@@ -276,7 +270,9 @@ class NetlinkConnectivity:
             for ev in events:
                 transitions += self._tracker.apply(ev, now)
         for tr in transitions:
-            log.info("source." + tr.new.value, source=tr.source, reason=tr.reason, was=tr.old.value)
+            log.info(
+                "source." + tr.new.value, source=tr.source, reason=tr.reason, was=tr.old.value
+            )
             if self.on_transition is not None:
                 self.on_transition(tr)
 
@@ -465,18 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def show(tr: Transition) -> None:
-        print(
-            json.dumps(
-                {
-                    "source": tr.source,
-                    "old": tr.old.value,
-                    "new": tr.new.value,
-                    "reason": tr.reason,
-                    "at": tr.at,
-                }
-            ),
-            flush=True,
-        )
+        print(json.dumps({"source": tr.source, "old": tr.old.value, "new": tr.new.value,
+                          "reason": tr.reason, "at": tr.at}), flush=True)
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     stop = threading.Event()

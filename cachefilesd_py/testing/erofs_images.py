@@ -59,7 +59,8 @@ def make_tree(root: Path, *, small_files: int = 300) -> Path:
     many.mkdir()
     for i in range(small_files):
         (many / f"file-{i:04d}-{'x' * (i % 40)}").write_bytes(content(1000 + i, i % 200))
-    sizes = {"empty": 0, "one": 1, "b4095": 4095, "b4096": 4096, "b4097": 4097, "mid": 300_000}
+    sizes = {"empty": 0, "one": 1, "b4095": 4095, "b4096": 4096, "b4097": 4097,
+             "mid": 300_000}
     for name, size in sizes.items():
         (root / name).write_bytes(content(sum(name.encode()), size))
     big = bytearray(content(99, 3 << 20))

@@ -108,23 +108,10 @@ class VethPair:
                 ip("netns", "add", self.client_ns)
             ip("netns", "add", self.server_ns)
             client_side = ["netns", self.client_ns] if self.client_ns else []
-            ip(
-                "link",
-                "add",
-                self.client_if,
-                *client_side,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                self.server_if,
-                "netns",
-                self.server_ns,
-            )
-            for ns, dev, addr in (
-                (self.client_ns, self.client_if, self.client_addr),
-                (self.server_ns, self.server_if, self.server_addr),
-            ):
+            ip("link", "add", self.client_if, *client_side, "type", "veth",
+               "peer", "name", self.server_if, "netns", self.server_ns)
+            for ns, dev, addr in ((self.client_ns, self.client_if, self.client_addr),
+                                  (self.server_ns, self.server_if, self.server_addr)):
                 ip(*self._n(ns), "addr", "add", f"{addr}/24", "dev", dev)
                 ip(*self._n(ns), "link", "set", "lo", "up")
                 ip(*self._n(ns), "link", "set", dev, "up")
@@ -150,20 +137,15 @@ class VethPair:
         ip("-n", self.server_ns, "link", "set", self.server_if, "up" if up else "down")
 
     def client_address(self, *, present: bool) -> None:
-        ip(
-            *self._n(self.client_ns),
-            "addr",
-            "add" if present else "del",
-            f"{self.client_addr}/24",
-            "dev",
-            self.client_if,
-        )
+        ip(*self._n(self.client_ns), "addr", "add" if present else "del",
+           f"{self.client_addr}/24", "dev", self.client_if)
 
     def argv_in(self, ns: str, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", ns, *argv] if ns else list(argv)
 
     def run_in(self, ns: str, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv_in(ns, *argv), check=True, text=True, capture_output=True)
+        return subprocess.run(self.argv_in(ns, *argv), check=True, text=True,
+                              capture_output=True)
 
     def destroy(self) -> None:
         """Delete the namespaces (and with them the pair); a client end in the current
@@ -286,15 +268,8 @@ class InProcessWatcher(ConnectivityWatcher):
         self.seen = []
 
         def put(tr: Transition) -> None:
-            self.lines.put(
-                {
-                    "source": tr.source,
-                    "old": tr.old.value,
-                    "new": tr.new.value,
-                    "reason": tr.reason,
-                    "at": tr.at,
-                }
-            )
+            self.lines.put({"source": tr.source, "old": tr.old.value, "new": tr.new.value,
+                            "reason": tr.reason, "at": tr.at})
 
         self.driver = NetlinkConnectivity({h: h for h in hosts}, on_transition=put)
         self.driver.start()
