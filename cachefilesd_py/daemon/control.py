@@ -28,7 +28,7 @@ from cachefilesd_py.control.presence_map import fold
 from cachefilesd_py.control.schema import ControlError, ErrorCode
 from cachefilesd_py.daemon.control_server import ControlServer, Handler
 from cachefilesd_py.daemon.metrics import Figures, Metrics
-from cachefilesd_py.engine.blob import Blob
+from cachefilesd_py.engine.blob import Blob, BlobKey
 from cachefilesd_py.engine.fill import Sink
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import SourceError
@@ -207,12 +207,46 @@ class ControlHandlers:
         return out
 
     def verify(self, name: str, progress: Progress) -> dict[str, Any]:
-        blob = self._find(name)
+        """Check ``name``'s presence bitmap against its cache file and its source
+        (``presence/verify.py``). A blob the kernel has open is checked as the engine
+        holds it; any other blob of the cache tree is opened by the engine for the
+        check (under a use lease, so no trim runs meanwhile) and released after."""
+        engine = self.state.engine
+        assert engine is not None
+        open_blob = next((b for b in engine.blobs() if str(b.key) == name), None)
+        if open_blob is not None:
+            return self._verify_blob(open_blob, progress)
+        key = _parse_key(name)
+        cache_file = _cache_file(self.state.cache_dir, key)
+        if cache_file is None or not cache_file.exists():
+            raise ControlError(ErrorCode.NOT_FOUND, f"{name}: no such blob in the cache tree")
+        lease = _lease_key(key)
+        timeout = self.state.config().fetch_timeout
+        if not engine.leases.acquire_use(lease, timeout=timeout):
+            raise ControlError(ErrorCode.BUSY, f"{name}: being trimmed; try again")
+        try:
+            try:
+                blob = engine.open_blob(key, cache_file, Deadline.after(timeout))
+            except SourceError as exc:
+                raise ControlError(ErrorCode.FAILED, f"{name}: {exc}") from None
+            try:
+                return self._verify_blob(blob, progress)
+            finally:
+                engine.release(blob)
+        finally:
+            engine.leases.release_use(lease)
+
+    def _verify_blob(self, blob: Blob, progress: Progress) -> dict[str, Any]:
+        name = str(blob.key)
         if blob.presence is None:
             raise ControlError(ErrorCode.UNAVAILABLE, f"{name}: no presence bitmap")
-        cache_file = _cache_file(self.state.cache_dir, blob)
+        cache_file = _cache_file(self.state.cache_dir, blob.key)
         if cache_file is None or not cache_file.exists():
-            raise ControlError(ErrorCode.NOT_FOUND, f"{name}: no cache file in the cache tree")
+            raise ControlError(
+                ErrorCode.FAILED,
+                f"{name}: its cache file is new and not linked into the cache tree yet "
+                "(the kernel links it when it drops the object); verify it after that",
+            )
         timeout = self.state.config().fetch_timeout
 
         def read_source(off: int, n: int) -> bytes:
@@ -221,7 +255,10 @@ class ControlHandlers:
             return bytes(buf)
 
         progress({"phase": "verify", "blob": name, "chunks": blob.geometry.nchunks})
-        report = verify(blob.presence, cache_file, read_source)
+        try:
+            report = verify(blob.presence, cache_file, read_source)
+        except (SourceError, OSError) as exc:
+            raise ControlError(ErrorCode.FAILED, f"{name}: {exc}") from None
         return {
             "blob": name,
             "trusted": blob.presence.trusted,
@@ -276,12 +313,25 @@ class ControlHandlers:
         }
 
 
-def _cache_file(cache_dir: Path, blob: Blob) -> Path | None:
-    """Where cachefiles keeps ``blob``'s file (None for keys it cannot store)."""
+def _parse_key(name: str) -> BlobKey:
+    """The key ``blobs`` prints as ``<volume key>/<cookie key>`` (split at the first
+    ``/``: EROFS volume keys hold none)."""
+    volume, sep, cookie = name.partition("/")
+    if not sep or not volume or not cookie:
+        raise ControlError(ErrorCode.BAD_ARGS, f"{name!r} is not <volume key>/<cookie key>")
+    return BlobKey(volume.encode(), cookie.encode())
+
+
+def _lease_key(key: BlobKey) -> tuple[bytes, bytes]:
+    return (key.volume, key.cookie)
+
+
+def _cache_file(cache_dir: Path, key: BlobKey) -> Path | None:
+    """Where cachefiles keeps ``key``'s file (None for keys it cannot store)."""
     from cachefilesd_py.kernel.layout import object_path
 
     try:
-        return object_path(cache_dir, blob.key.volume, blob.key.cookie)
+        return object_path(cache_dir, key.volume, key.cookie)
     except ValueError:
         return None
 

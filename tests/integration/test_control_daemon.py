@@ -1,0 +1,241 @@
+"""The control socket against the daemon's live on-demand stack on the fake kernel:
+``cachefilesctl`` sub-commands (through their ``main``), the Prometheus text parsed
+back with ``prometheus_client``'s parser and its counters checked against what the
+test did, prefetch, live verify and reload reports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cachefilesd_py.config.load import load_config
+from cachefilesd_py.control.cli import main as ctl
+from cachefilesd_py.control.client import call
+from cachefilesd_py.control.schema import ControlError, ErrorCode
+from cachefilesd_py.daemon.app import Daemon, engine_settings
+from cachefilesd_py.daemon.control import ControlService, serve_control
+from cachefilesd_py.engine.service import Engine
+from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
+from cachefilesd_py.kernel.layout import object_path
+from cachefilesd_py.presence.store import PresenceStore
+from cachefilesd_py.sources.open import SourceFactory, SourceSettings
+from cachefilesd_py.sources.resolve import SourceResolver
+from cachefilesd_py.testing.fake_kernel import FakeCachefiles
+from cachefilesd_py.testing.pattern import pattern_bytes
+
+CHUNK = 64 * 1024
+SIZE = 1_000_000 + 123
+DATA = pattern_bytes(13, 0, SIZE)
+BLOB = "erofs,img/img"
+
+
+def conf_text(cache: Path, blobs: Path, sock: str, extra: str = "") -> str:
+    return (
+        f"dir {cache}\ntag t\nondemand\nsource * file://{blobs}/{{cookie}}\n"
+        f"chunk_size 64K\nreadahead 0\nfetch_timeout 3\ncontrol_socket {sock}\n{extra}"
+    )
+
+
+class Live:
+    """The on-demand stack, served by a thread, with its control socket."""
+
+    def __init__(self, root: Path) -> None:
+        self.blobs = root / "blobs"
+        self.blobs.mkdir()
+        (self.blobs / "img").write_bytes(DATA)
+        self.cache = root / "cache"
+        self.cache.mkdir()
+        self.sock = str(root / "ctl.sock")
+        self.conf = root / "cachefilesd.conf"
+        self.conf.write_text(conf_text(self.cache, self.blobs, self.sock))
+        config = load_config(str(self.conf))
+        self.daemon = Daemon(config, str(self.conf), nocull=True)
+        self.fake = FakeCachefiles()
+        self.engine = Engine(
+            resolve=SourceResolver(config.sources).resolve,
+            open_source=SourceFactory(SourceSettings(retries=1, timeout=3)).open,
+            presence=PresenceStore(self.cache / "cachefilesd-py" / "presence"),
+            settings=engine_settings(config),
+        )
+        self.daemon._engine = self.engine
+        self.driver = OnDemandDriver(self.fake, self.engine, self.cache, workers=4, fetch_timeout=3)
+        self.driver.bind([b"dir " + str(self.cache).encode(), b"tag t"])
+        self.engine.start()
+
+        def collect() -> dict[str, object]:
+            return {
+                **vars(self.driver.stats),
+                **vars(self.engine.filler.stats),
+                **self.driver.read_times.summary_ms("read"),
+            }
+
+        self.control: ControlService = serve_control(
+            self.daemon, "ondemand", collect, self.engine, self.driver
+        )
+        self.last_err = ""
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.driver.serve, args=(self.stop, 0.05))
+        self.thread.start()
+
+    def ctl(self, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any]:
+        """Run ``cachefilesctl ARGV --json --socket ...``; (exit status, parsed stdout)."""
+        capsys.readouterr()
+        rc = ctl([*argv, "--json", "--socket", self.sock])
+        out, self.last_err = capsys.readouterr()
+        # the daemon's threads log to stdout too (before the reply is sent)
+        start = out.find("{\n")
+        return rc, json.JSONDecoder().raw_decode(out[start:])[0] if start >= 0 else None
+
+    def close(self) -> None:
+        self.control.close()
+        self.stop.set()
+        self.thread.join(10)
+        self.driver.shutdown()
+        self.fake.close()
+
+
+@pytest.fixture
+def live() -> Iterator[Live]:
+    root = Path(tempfile.mkdtemp(prefix="ctl-live-"))
+    d = Live(root)
+    yield d
+    d.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def metrics_of(text: str) -> dict[str, float]:
+    """``{sample name{labels}: value}`` from the Prometheus text, by its own parser."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out
+
+
+def test_status_blobs_show_stats_and_metrics(
+    live: Live, capsys: pytest.CaptureFixture[str]
+) -> None:
+    obj = live.fake.lookup(b"erofs,img", b"img")
+    assert obj.read(0, 200_000) == DATA[:200_000]
+    reads = live.driver.stats.reads
+    assert reads > 0
+
+    rc, st = live.ctl(capsys, "status")
+    assert rc == 0 and st["mode"] == "ondemand" and st["objects"] == 1
+    assert st["open_blobs"] == 1 and st["space"]["thresholds_pct"]["bcull"] == 5
+
+    rc, listing = live.ctl(capsys, "blobs")
+    [b] = listing["blobs"]
+    assert rc == 0 and b["blob"] == BLOB and b["size"] == SIZE and b["chunk_size"] == CHUNK
+    want_chunks = -(-200_000 // CHUNK)
+    assert b["present_chunks"] == want_chunks and b["chunks"] == -(-SIZE // CHUNK)
+    assert b["source"] == f"file://{live.blobs}/img" and b["pinned"] is False
+
+    rc, shown = live.ctl(capsys, "show", BLOB, "--width", "8")
+    assert rc == 0 and sum(p for p, _n in shown["cells"]) == want_chunks
+    assert sum(n for _p, n in shown["cells"]) == b["chunks"]
+    assert ctl(["show", BLOB, "--socket", live.sock]) == 0
+    drawn = capsys.readouterr().out
+    assert "█" in drawn and "·" in drawn and "all chunks present" in drawn
+
+    rc, stats = live.ctl(capsys, "stats")
+    assert rc == 0 and stats["counters"]["bytes_fetched"] == want_chunks * CHUNK
+
+    m = metrics_of(call(live.sock, "metrics")["text"])
+    assert m["cachefilesd_reads_total"] == reads
+    assert m["cachefilesd_fetched_bytes_total"] == want_chunks * CHUNK
+    assert m["cachefilesd_fetched_chunks_total"] == want_chunks
+    assert m["cachefilesd_read_service_seconds_count"] == reads
+    assert m["cachefilesd_read_service_seconds_bucket{le=+Inf}"] == reads
+    assert m["cachefilesd_open_blobs"] == 1 and m["cachefilesd_kernel_objects"] == 1
+    assert m["cachefilesd_control_requests_total{outcome=ok}"] >= 4
+
+
+def test_prefetch_fills_the_blob_and_reads_then_fetch_nothing(live: Live) -> None:
+    obj = live.fake.lookup(b"erofs,img", b"img")
+    obj.read(0, 4096)
+    seen: list[Any] = []
+    reply = call(live.sock, "prefetch", blob=BLOB, on_progress=seen.append)
+    assert reply["present_pct"] == 100.0 and reply["length"] == SIZE
+    assert seen[-1] == {"done": SIZE, "total": SIZE}
+    fetched = live.engine.filler.stats.bytes_fetched
+    assert fetched == SIZE, "a chunk was fetched twice or not at all"
+    sent = live.fake.reads_sent
+    assert obj.read(0, SIZE) == DATA
+    assert live.engine.filler.stats.bytes_fetched == fetched
+    assert live.fake.reads_sent == sent, "the kernel still had holes after the prefetch"
+
+
+def test_prefetch_range_and_errors(live: Live) -> None:
+    live.fake.lookup(b"erofs,img", b"img")
+    reply = call(live.sock, "prefetch", blob=BLOB, offset=3 * CHUNK, length=CHUNK + 1)
+    assert reply["present_chunks"] == 2
+    with pytest.raises(ControlError) as e:
+        call(live.sock, "prefetch", blob="erofs,img/other")
+    assert e.value.code is ErrorCode.NOT_FOUND
+    with pytest.raises(ControlError) as e:
+        call(live.sock, "prefetch", blob=BLOB, offset=SIZE)
+    assert e.value.code is ErrorCode.BAD_ARGS
+
+
+def test_live_verify(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    obj = live.fake.lookup(b"erofs,img", b"img")
+    obj.read(0, SIZE)
+    # open, its cache file is a new one the kernel has not linked in yet
+    rc, out = live.ctl(capsys, "verify")
+    assert rc == 1 and "not linked into the cache tree yet" in live.last_err
+    obj.withdraw()  # the kernel drops it: the file is linked in, the sidecar bound
+    for _ in range(100):  # its use lease goes after the sidecar is bound
+        if not live.engine.leases.in_use():
+            break
+        time.sleep(0.05)
+    rc, out = live.ctl(capsys, "verify", BLOB)
+    assert out is not None, live.last_err
+    [report] = out["reports"]
+    assert rc == 0 and report["ok"] and report["trusted"], (report, live.last_err)
+    assert report["present"] == report["chunks"]
+    assert live.engine.blobs() == [], "the blob opened for the check stayed open"
+    # a byte of the cache file changed behind the daemon's back: verify says so
+    cache_file = object_path(live.cache, b"erofs,img", b"img")
+    with open(cache_file, "r+b") as f:
+        f.seek(CHUNK + 5)
+        f.write(b"\xff" if DATA[CHUNK + 5] != 0xFF else b"\x00")
+    rc, out = live.ctl(capsys, "verify", BLOB)
+    assert out is not None, live.last_err
+    assert rc == 1 and out["reports"][0]["errors"] == ["chunk 1: bytes differ from the source"]
+
+
+def test_reload_reports_what_changed(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    live.conf.write_text(
+        conf_text(live.cache, live.blobs, live.sock, "source_chunk_size x/* 128K\n")
+        .replace("chunk_size 64K", "chunk_size 128K")
+        .replace(f"file://{live.blobs}/{{cookie}}", f"file://{live.blobs}/{{volume}}")
+    )
+    rc, report = live.ctl(capsys, "reload")
+    assert rc == 0
+    assert report["applied"] == ["sources"]
+    assert set(report["needs_restart"]) == {"chunk_size", "source_chunk_sizes"}
+    assert live.daemon.config.chunk_size == 128 * 1024
+    # a bad file changes nothing and says where it is wrong
+    live.conf.write_text(live.conf.read_text() + "chunk_size 3\n")
+    capsys.readouterr()
+    rc = ctl(["reload", "--socket", live.sock])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{live.conf}:" in err and "given twice" in err
+
+
+def test_unknown_blob_and_no_daemon(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl(["show", "erofs,nope/nope", "--socket", live.sock]) == 1
+    assert "not_found" in capsys.readouterr().err
+    assert ctl(["status", "--socket", live.sock + ".absent"]) == 3
+    assert "no daemon answers" in capsys.readouterr().err
