@@ -257,8 +257,11 @@ class Daemon:
     def _run_classic(self, device: CachefilesDevice) -> int:
         from cachefilesd_py.frontends.classic.driver import run_classic
 
+        control = []
+
         def report(collect: Collect) -> None:
             self._reporter = StatsReporter(lambda: {**collect(), **host.footprint()}).start()
+            control.append(serve_control(self, "classic", collect, None, None))
 
         systemd.status("binding classic cache")
         try:
@@ -272,6 +275,8 @@ class Daemon:
                 report_stats=report,
             )
         finally:
+            for service in control:
+                service.close()
             if self._reporter is not None:
                 self._reporter.close()
 
