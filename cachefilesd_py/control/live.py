@@ -12,11 +12,12 @@ import json
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from cachefilesd_py.control.cli import register
 from cachefilesd_py.control.client import DEFAULT_SOCKET, call
-from cachefilesd_py.control.presence_map import draw
+from cachefilesd_py.control.presence_map import draw, png
 from cachefilesd_py.control.schema import ControlError, ErrorCode
 from cachefilesd_py.errors import CachefilesdError
 
@@ -169,10 +170,13 @@ def _show_args(p: argparse.ArgumentParser) -> None:
     _common(p)
     _blob_arg(p)
     p.add_argument("--width", type=int, default=64, help="cells in the map (8..4096)")
+    p.add_argument("--png", metavar="FILE", help="also write the map as a PNG image")
 
 
 def _show(args: argparse.Namespace) -> int:
     reply = ask(args, "show", blob=args.blob, width=args.width)
+    if args.png:
+        Path(args.png).write_bytes(png(reply["cells"]))
     if args.json:
         return _print_json(reply)
     print(

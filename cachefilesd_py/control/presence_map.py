@@ -47,3 +47,52 @@ def draw(cells: Sequence[Sequence[int]], columns: int = 64) -> list[str]:
     text = "".join(glyph(int(p), int(n)) for p, n in cells)
     lines = [text[i : i + columns] for i in range(0, len(text), columns)] or [""]
     return [*lines, LEGEND]
+
+
+#: PNG colours: no chunk present (grey), every chunk present (green); between, mixed
+_NONE_RGB = (0xD0, 0xD0, 0xD0)
+_FULL_RGB = (0x1B, 0x9E, 0x3E)
+
+
+def _colour(present: int, chunks: int) -> tuple[int, int, int]:
+    f = present / chunks if chunks else 0.0
+    if 0 < present < chunks:  # partly present never looks full or empty
+        f = 0.15 + 0.7 * f
+    return tuple(round(a + (b - a) * f) for a, b in zip(_NONE_RGB, _FULL_RGB, strict=True))  # type: ignore[return-value]
+
+
+def png(cells: Sequence[Sequence[int]], columns: int = 64, cell_px: int = 10) -> bytes:
+    """The cells as a PNG image: ``columns`` cells a row, ``cell_px`` pixels a side,
+    a 1-pixel white grid between cells. An 8-bit RGB PNG is a signature and three
+    chunks (IHDR, IDAT holding the zlib-compressed rows, each led by filter byte 0,
+    IEND), each chunk ``length, type, data, CRC-32``; nothing more is needed."""
+    import struct
+    import zlib
+
+    n = max(1, len(cells))
+    cols = max(1, min(columns, n))
+    rows = -(-n // cols)
+    width, height = cols * cell_px, rows * cell_px
+    white = b"\xff\xff\xff"
+    raw = bytearray()
+    for r in range(rows):
+        line = bytearray()
+        for c in range(cols):
+            i = r * cols + c
+            rgb = bytes(_colour(int(cells[i][0]), int(cells[i][1]))) if i < len(cells) else white
+            line += rgb * (cell_px - 1) + white
+        for y in range(cell_px):
+            raw += b"\x00" + (line if y < cell_px - 1 else white * width)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(raw), 9))
+        + chunk(b"IEND", b"")
+    )

@@ -266,3 +266,35 @@ def test_draw_wraps_and_ends_with_the_legend() -> None:
     lines = draw([(1, 1)] * 10 + [(0, 1)] * 10, columns=8)
     assert lines[:3] == [FULL * 8, FULL * 2 + EMPTY * 6, EMPTY * 4]
     assert lines[-1] == LEGEND
+
+
+def test_png_decodes_to_the_cells() -> None:
+    """The PNG's header, CRCs and pixels, read back by hand (zlib, struct)."""
+    import struct
+    import zlib
+
+    from cachefilesd_py.control.presence_map import png
+
+    cells = [(4, 4), (0, 4), (2, 4)]
+    data = png(cells, columns=2, cell_px=5)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])
+        assert crc == zlib.crc32(kind + body)
+        chunks[kind] = body
+        pos += 12 + n
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (width, height, depth, colour) == (10, 10, 8, 2)
+    raw = zlib.decompress(chunks[b"IDAT"])
+    stride = 1 + 3 * width
+
+    def pixel(x: int, y: int) -> bytes:
+        return raw[y * stride + 1 + 3 * x : y * stride + 4 + 3 * x]
+
+    full, empty, part = pixel(0, 0), pixel(5, 0), pixel(0, 5)
+    assert full == bytes((0x1B, 0x9E, 0x3E)) and empty == bytes((0xD0, 0xD0, 0xD0))
+    assert part not in (full, empty)
+    assert pixel(4, 0) == b"\xff\xff\xff" and pixel(5, 5) == b"\xff\xff\xff"  # grid, padding
