@@ -125,8 +125,10 @@ def test_every_subcommand_against_a_live_mount(
     assert b["blob"] == BLOB and b["size"] == size and 0 < b["present_pct"] < 100
     rc, shown = ctl_json("show", BLOB, "--width", "32")
     assert rc == 0 and sum(p for p, _n in shown["cells"]) == b["present_chunks"]
-    assert ctl(["show", BLOB, "--socket", sock]) == 0
+    picture = Path(os.environ.get("CACHEFILESD_VM_RESULTS", str(workdir))) / "presence-map.png"
+    assert ctl(["show", BLOB, "--socket", sock, "--png", str(picture)]) == 0
     assert "all chunks present" in capsys.readouterr().out
+    assert picture.read_bytes().startswith(b"\x89PNG")
     rc, stats = ctl_json("stats")
     assert rc == 0 and stats["counters"]["reads"] > 0
     rc, text = ctl_json("metrics")
