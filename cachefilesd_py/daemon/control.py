@@ -402,6 +402,21 @@ def start_control(state: ServingState, config: Config) -> ControlService:
     return ControlService(server, metrics)
 
 
+def pass_report(result: Any) -> dict[str, Any]:
+    """A cull pass's result (``space/culler.py`` PassResult) as a reply."""
+    return {
+        "needed": result.needed,
+        "need_bytes": getattr(result, "need_bytes", None),
+        "need_objects": getattr(result, "need_objects", None),
+        "scanned": result.scanned,
+        **result.tally.as_fields(),
+        "decisions": [
+            {"blob": d.blob, "outcome": d.outcome, "bytes": d.bytes, "reason": d.reason}
+            for d in getattr(result, "decisions", [])
+        ],
+    }
+
+
 def serve_control(
     daemon: Any, mode: str, collect: Callable[[], dict[str, object]], engine: Any, driver: Any
 ) -> ControlService:
@@ -434,8 +449,18 @@ def serve_control(
                 return sink
         return None
 
+    culler = getattr(driver, "culler", None) if driver is not None else None
+
+    def cull_plan() -> dict[str, Any]:
+        return pass_report(culler.cull_pass(dry_run=True))
+
+    def cull_now() -> dict[str, Any]:
+        return pass_report(culler.cull_pass())
+
     state = ServingState(
         mode=mode,
+        cull_plan=cull_plan if culler is not None else None,
+        cull_now=cull_now if culler is not None else None,
         cache_dir=daemon.cache_dir,
         config=lambda: daemon.config,
         collect=collect,
