@@ -449,7 +449,7 @@ def serve_control(
                 return sink
         return None
 
-    culler = getattr(driver, "culler", None) if driver is not None else None
+    culler: Any = getattr(driver, "culler", None) if driver is not None else None
 
     def cull_plan() -> dict[str, Any]:
         return pass_report(culler.cull_pass(dry_run=True))
