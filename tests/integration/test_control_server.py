@@ -245,3 +245,35 @@ def test_fuzz_harness_over_its_corpus() -> None:
     assert corpus
     for f in corpus:
         harness["TestOneInput"](f.read_bytes())
+
+
+def test_random_requests_never_crash_the_server(sock_path: str) -> None:
+    """Hypothesis over the live socket: whatever the bytes, one reply line that parses
+    (an error for all but valid requests), and the server keeps answering."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    srv = ControlServer(sock_path, handlers()).start()
+    try:
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(
+            st.one_of(
+                st.binary(max_size=3000),
+                st.builds(
+                    lambda a, b: a + b,
+                    st.sampled_from([b'{"v":1,"op":"status"', b'{"v":1,"op":"prefetch","args":{']),
+                    st.binary(max_size=200),
+                ),
+            )
+        )
+        def exchange(data: bytes) -> None:
+            lines = raw_exchange(sock_path, data)
+            assert len(lines) >= 1
+            parse_reply(lines[-1])
+
+        exchange()
+        assert call(sock_path, "status") == {"up": True}
+        assert srv.answered.get("internal", 0) == 0
+    finally:
+        srv.close()
