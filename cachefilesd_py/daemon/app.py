@@ -48,10 +48,6 @@ log = structlog.get_logger("daemon")
 #: graveyard/), holding presence sidecars
 STATE_DIR_NAME = "cachefilesd-py"
 
-#: settings a reload applies to the running daemon; a change of any other one is
-#: reported as needing a restart
-LIVE_SETTINGS = frozenset({"sources"})
-
 
 def raise_nofile_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -157,10 +153,9 @@ class Daemon:
             log.error("reload.rejected", error=str(exc))
             raise
         changed = [k for k, v in vars(new).items() if getattr(self.config, k) != v]
-        applied = [k for k in changed if k in LIVE_SETTINGS]
-        if self._engine is not None:
-            self._engine.resolve = SourceResolver(new.sources).resolve
-        restart = [k for k in changed if k not in LIVE_SETTINGS]
+        live = self._apply_live(new)
+        applied = [k for k in changed if k in live]
+        restart = [k for k in changed if k not in live]
         if kernel_commands(new) != kernel_commands(self.config):
             log.warning(
                 "reload.kernel_settings_need_restart",
@@ -172,9 +167,42 @@ class Daemon:
         log.info("reloaded", sources=len(new.sources), applied=applied)
         return {"changed": changed, "applied": applied, "needs_restart": restart}
 
+    def _apply_live(self, new: Config) -> frozenset[str]:
+        """Swap in what new kernel objects and fetches will use; the settings applied.
+
+        ``source`` rules; ``source_headers`` (the files are read again on every reload,
+        so a rotated token is picked up even when the configuration did not change)
+        and ``fetch_retries`` for sources opened from now on; chunk sizes and
+        read-ahead for blobs opened from now on (an open blob keeps its geometry; a
+        chunk larger than the fill buffers sized at start needs a restart)."""
+        engine, factory = self._engine, self._factory
+        if engine is None or factory is None:
+            return frozenset()
+        from dataclasses import replace
+
+        from cachefilesd_py.config.load import headers_for
+
+        live = {"sources", "source_headers", "fetch_retries", "readahead"}
+        engine.resolve = SourceResolver(new.sources).resolve
+        factory.settings = replace(
+            factory.settings, headers_for=headers_for(new), retries=new.fetch_retries
+        )
+        wanted = engine_settings(new)
+        chunks = [wanted.chunk_size, *(size for _p, size in wanted.chunk_size_rules)]
+        changes: dict[str, Any] = {"readahead": wanted.readahead}
+        if all(c <= engine.settings.max_run for c in chunks):  # one chunk fits a buffer
+            changes |= {
+                "chunk_size": wanted.chunk_size,
+                "chunk_size_rules": wanted.chunk_size_rules,
+            }
+            live |= {"chunk_size", "source_chunk_sizes"}
+        engine.settings = replace(engine.settings, **changes)
+        return frozenset(live)
+
     # -- run -------------------------------------------------------------------------
 
     _engine: Engine | None = None
+    _factory: SourceFactory | None = None
     _reporter: StatsReporter | None = None
 
     def run(self) -> int:
@@ -194,6 +222,7 @@ class Daemon:
         state_dir = self.cache_dir / STATE_DIR_NAME
         presence = PresenceStore(state_dir / "presence")
         factory = SourceFactory(source_settings(self.config))
+        self._factory = factory
         engine = Engine(
             resolve=SourceResolver(self.config.sources).resolve,
             open_source=factory.open,

@@ -21,15 +21,16 @@ from cachefilesd_py.config.load import load_config
 from cachefilesd_py.control.cli import main as ctl
 from cachefilesd_py.control.client import call
 from cachefilesd_py.control.schema import ControlError, ErrorCode
-from cachefilesd_py.daemon.app import Daemon, engine_settings
+from cachefilesd_py.daemon.app import Daemon, engine_settings, source_settings
 from cachefilesd_py.daemon.control import ControlService, serve_control
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
 from cachefilesd_py.kernel.layout import object_path
 from cachefilesd_py.presence.store import PresenceStore
-from cachefilesd_py.sources.open import SourceFactory, SourceSettings
+from cachefilesd_py.sources.open import SourceFactory
 from cachefilesd_py.sources.resolve import SourceResolver
 from cachefilesd_py.testing.fake_kernel import FakeCachefiles
+from cachefilesd_py.testing.fault_server import FaultServer
 from cachefilesd_py.testing.pattern import pattern_bytes
 
 CHUNK = 64 * 1024
@@ -38,9 +39,9 @@ DATA = pattern_bytes(13, 0, SIZE)
 BLOB = "erofs,img/img"
 
 
-def conf_text(cache: Path, blobs: Path, sock: str, extra: str = "") -> str:
+def conf_text(cache: Path, source: str, sock: str, extra: str = "") -> str:
     return (
-        f"dir {cache}\ntag t\nondemand\nsource * file://{blobs}/{{cookie}}\n"
+        f"dir {cache}\ntag t\nondemand\nsource * {source}\n"
         f"chunk_size 64K\nreadahead 0\nfetch_timeout 3\ncontrol_socket {sock}\n{extra}"
     )
 
@@ -48,7 +49,7 @@ def conf_text(cache: Path, blobs: Path, sock: str, extra: str = "") -> str:
 class Live:
     """The on-demand stack, served by a thread, with its control socket."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, source: str = "", extra: str = "") -> None:
         self.blobs = root / "blobs"
         self.blobs.mkdir()
         (self.blobs / "img").write_bytes(DATA)
@@ -56,13 +57,16 @@ class Live:
         self.cache.mkdir()
         self.sock = str(root / "ctl.sock")
         self.conf = root / "cachefilesd.conf"
-        self.conf.write_text(conf_text(self.cache, self.blobs, self.sock))
+        self.source = source or f"file://{self.blobs}/{{cookie}}"
+        self.conf.write_text(conf_text(self.cache, self.source, self.sock, extra))
         config = load_config(str(self.conf))
         self.daemon = Daemon(config, str(self.conf), nocull=True)
         self.fake = FakeCachefiles()
+        self.factory = SourceFactory(source_settings(config))
+        self.daemon._factory = self.factory
         self.engine = Engine(
             resolve=SourceResolver(config.sources).resolve,
-            open_source=SourceFactory(SourceSettings(retries=1, timeout=3)).open,
+            open_source=self.factory.open,
             presence=PresenceStore(self.cache / "cachefilesd-py" / "presence"),
             settings=engine_settings(config),
         )
@@ -215,23 +219,49 @@ def test_live_verify(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 1 and out["reports"][0]["errors"] == ["chunk 1: bytes differ from the source"]
 
 
-def test_reload_reports_what_changed(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+def test_reload_applies_and_reports(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
+    (live.blobs / "other").write_bytes(DATA[:300_000])
     live.conf.write_text(
-        conf_text(live.cache, live.blobs, live.sock, "source_chunk_size x/* 128K\n")
+        conf_text(live.cache, live.source, live.sock, "source_chunk_size x/* 128K\n")
         .replace("chunk_size 64K", "chunk_size 128K")
-        .replace(f"file://{live.blobs}/{{cookie}}", f"file://{live.blobs}/{{volume}}")
+        .replace("fetch_timeout 3", "fetch_timeout 4")
     )
     rc, report = live.ctl(capsys, "reload")
     assert rc == 0
-    assert report["applied"] == ["sources"]
-    assert set(report["needs_restart"]) == {"chunk_size", "source_chunk_sizes"}
+    assert report["applied"] == ["chunk_size", "source_chunk_sizes"]
+    assert report["needs_restart"] == ["fetch_timeout"]
     assert live.daemon.config.chunk_size == 128 * 1024
+    # a blob opened from now on gets the new chunk size
+    live.fake.lookup(b"erofs,other", b"other").read(0, 10)
+    [b] = [b for b in call(live.sock, "blobs")["blobs"] if b["blob"] == "erofs,other/other"]
+    assert b["chunk_size"] == 128 * 1024
     # a bad file changes nothing and says where it is wrong
     live.conf.write_text(live.conf.read_text() + "chunk_size 3\n")
     capsys.readouterr()
     rc = ctl(["reload", "--socket", live.sock])
     err = capsys.readouterr().err
     assert rc == 1 and f"{live.conf}:" in err and "given twice" in err
+    assert live.daemon.config.chunk_size == 128 * 1024
+
+
+def test_reload_picks_up_a_rotated_token(capsys: pytest.CaptureFixture[str]) -> None:
+    root = Path(tempfile.mkdtemp(prefix="ctl-token-"))
+    headers = root / "headers"
+    headers.write_text("Authorization: Bearer one\n")
+    headers.chmod(0o600)
+    with FaultServer({"img": DATA, "img2": DATA}) as srv:
+        d = Live(root, srv.url + "/{cookie}", f"source_headers * {headers}\n")
+        try:
+            d.fake.lookup(b"erofs,img", b"img").read(0, 10)
+            assert srv.request_headers[-1]["Authorization"] == "Bearer one"
+            headers.write_text("Authorization: Bearer two\n")  # rotated; config unchanged
+            rc, report = d.ctl(capsys, "reload")
+            assert rc == 0 and report["changed"] == []
+            d.fake.lookup(b"erofs,img2", b"img2").read(0, 10)
+            assert srv.request_headers[-1]["Authorization"] == "Bearer two"
+        finally:
+            d.close()
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def test_unknown_blob_and_no_daemon(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
