@@ -33,6 +33,7 @@ from cachefilesd_py.config.model import Config
 from cachefilesd_py.daemon import host, systemd
 from cachefilesd_py.daemon.control import serve_control
 from cachefilesd_py.daemon.stats import Collect, StatsReporter
+from cachefilesd_py.engine.cull import BlobCuller
 from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.bind import kernel_commands
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
@@ -175,7 +176,8 @@ class Daemon:
         so a rotated token is picked up even when the configuration did not change)
         and ``fetch_retries`` for sources opened from now on; chunk sizes and
         read-ahead for blobs opened from now on (an open blob keeps its geometry; a
-        chunk larger than the fill buffers sized at start needs a restart)."""
+        chunk larger than the fill buffers sized at start needs a restart); pins and
+        caps for the next cull pass. The cull policy keeps its state: a restart."""
         engine, factory = self._engine, self._factory
         if engine is None or factory is None:
             return frozenset()
@@ -198,12 +200,17 @@ class Daemon:
             }
             live |= {"chunk_size", "source_chunk_sizes"}
         engine.settings = replace(engine.settings, **changes)
+        culler = self._culler
+        if culler is not None:  # pins and caps: the next cull pass uses them
+            culler.rules = CullRules.from_config(new)
+            live |= {"pins", "cache_max_bytes", "cache_max_objects", "volume_max_bytes"}
         return frozenset(live)
 
     # -- run -------------------------------------------------------------------------
 
     _engine: Engine | None = None
     _factory: SourceFactory | None = None
+    _culler: BlobCuller | None = None
     _reporter: StatsReporter | None = None
 
     def run(self) -> int:
@@ -247,6 +254,7 @@ class Daemon:
                 self.config,
                 CullRules.from_config(self.config),
             )
+        self._culler = driver.culler
         driver.bind(kernel_commands(self.config))
         engine.start()
         systemd.ready()

@@ -322,16 +322,14 @@ def _parse_key(name: str) -> BlobKey:
     return BlobKey(volume.encode(), cookie.encode())
 
 
-def _lease_key(key: BlobKey) -> tuple[bytes, bytes]:
-    return (key.volume, key.cookie)
+def _lease_key(key: BlobKey) -> BlobKey:
+    return key
 
 
 def _cache_file(cache_dir: Path, key: BlobKey) -> Path | None:
     """Where cachefiles keeps ``key``'s file (None for keys it cannot store)."""
-    from cachefilesd_py.kernel.layout import object_path
-
     try:
-        return object_path(cache_dir, key.volume, key.cookie)
+        return key.cache_path(cache_dir)
     except ValueError:
         return None
 

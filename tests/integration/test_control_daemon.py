@@ -25,10 +25,12 @@ from cachefilesd_py.daemon.app import Daemon, engine_settings, source_settings
 from cachefilesd_py.daemon.control import ControlService, serve_control
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
+from cachefilesd_py.frontends.ondemand.space import make_culler
 from cachefilesd_py.kernel.layout import object_path
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory
 from cachefilesd_py.sources.resolve import SourceResolver
+from cachefilesd_py.space.caps import CullRules
 from cachefilesd_py.testing.fake_kernel import FakeCachefiles
 from cachefilesd_py.testing.fault_server import FaultServer
 from cachefilesd_py.testing.pattern import pattern_bytes
@@ -49,7 +51,7 @@ def conf_text(cache: Path, source: str, sock: str, extra: str = "") -> str:
 class Live:
     """The on-demand stack, served by a thread, with its control socket."""
 
-    def __init__(self, root: Path, source: str = "", extra: str = "") -> None:
+    def __init__(self, root: Path, source: str = "", extra: str = "", cull: bool = False) -> None:
         self.blobs = root / "blobs"
         self.blobs.mkdir()
         (self.blobs / "img").write_bytes(DATA)
@@ -72,6 +74,16 @@ class Live:
         )
         self.daemon._engine = self.engine
         self.driver = OnDemandDriver(self.fake, self.engine, self.cache, workers=4, fetch_timeout=3)
+        if cull:
+            self.driver.culler = make_culler(
+                self.fake,
+                self.cache,
+                self.engine.presence,
+                self.engine.leases,
+                config,
+                CullRules.from_config(config),
+            )
+            self.daemon._culler = self.driver.culler
         self.driver.bind([b"dir " + str(self.cache).encode(), b"tag t"])
         self.engine.start()
 
@@ -80,6 +92,11 @@ class Live:
                 **vars(self.driver.stats),
                 **vars(self.engine.filler.stats),
                 **self.driver.read_times.summary_ms("read"),
+                **(
+                    {"culled": c.totals.culled, "trimmed": c.totals.trimmed}
+                    if (c := self.driver.culler) is not None
+                    else {}
+                ),
             }
 
         self.control: ControlService = serve_control(
@@ -269,3 +286,40 @@ def test_unknown_blob_and_no_daemon(live: Live, capsys: pytest.CaptureFixture[st
     assert "not_found" in capsys.readouterr().err
     assert ctl(["status", "--socket", live.sock + ".absent"]) == 3
     assert "no daemon answers" in capsys.readouterr().err
+
+
+def test_cull_dry_run_then_now(capsys: pytest.CaptureFixture[str]) -> None:
+    root = Path(tempfile.mkdtemp(prefix="ctl-cull-"))
+    d = Live(root, extra="cache_max_bytes 200K\n", cull=True)
+    try:
+        obj = d.fake.lookup(b"erofs,img", b"img")
+        assert obj.read(0, SIZE) == DATA
+        obj.withdraw()  # idle now: the cap may cull or trim it
+        for _ in range(100):
+            if not d.engine.leases.in_use():
+                break
+            time.sleep(0.05)
+        path = object_path(d.cache, b"erofs,img", b"img")
+        blocks = path.stat().st_blocks
+        rc, plan = d.ctl(capsys, "cull", "--dry-run")
+        assert rc == 0 and plan["needed"] and plan["need_bytes"] > 0, plan
+        [decision] = plan["decisions"]
+        assert decision["blob"] == BLOB and decision["outcome"] in ("culled", "trimmed")
+        assert decision["reason"]
+        assert path.stat().st_blocks == blocks, "a dry run removed something"
+        # a pin, applied by reload, keeps it
+        d.conf.write_text(d.conf.read_text() + "pin img/*\n")
+        rc, report = d.ctl(capsys, "reload")
+        assert rc == 0 and "pins" in report["applied"]
+        rc, plan = d.ctl(capsys, "cull", "--dry-run")
+        assert [x["outcome"] for x in plan["decisions"]] == ["pinned"]
+        d.conf.write_text(d.conf.read_text().replace("pin img/*\n", ""))
+        assert d.ctl(capsys, "reload")[0] == 0
+        rc, done = d.ctl(capsys, "cull", "--now")
+        assert rc == 0 and done["culled"] + done["trimmed"] == 1, done
+        assert not path.exists() or path.stat().st_blocks < blocks
+        m = metrics_of(call(d.sock, "metrics")["text"])
+        assert m["cachefilesd_culled_blobs_total"] + m["cachefilesd_trimmed_blobs_total"] >= 1
+    finally:
+        d.close()
+        shutil.rmtree(root, ignore_errors=True)
