@@ -56,4 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m`` runs this file as ``__main__``, a second copy of the module whose
+    # COMMANDS no sub-command registers into: run the real module's main
+    from cachefilesd_py.control.cli import main as real_main
+
+    sys.exit(real_main())

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -279,6 +281,19 @@ def test_reload_picks_up_a_rotated_token(capsys: pytest.CaptureFixture[str]) -> 
         finally:
             d.close()
             shutil.rmtree(root, ignore_errors=True)
+
+
+def test_cachefilesctl_as_a_process(live: Live) -> None:
+    """``python -m cachefilesd_py.control.cli`` (found in the guest: the sub-commands
+    registered into the imported module, not into ``__main__``'s copy)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cachefilesd_py.control.cli", "status", "--socket", live.sock],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "mode          ondemand" in proc.stdout
 
 
 def test_unknown_blob_and_no_daemon(live: Live, capsys: pytest.CaptureFixture[str]) -> None:
