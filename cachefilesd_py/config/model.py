@@ -67,6 +67,12 @@ class Config:
     volume_max_bytes: tuple[SizeRule, ...] = ()
     cull_policy: str = "s3fifo"
     pins: tuple[str, ...] = ()
+    #: the control socket (``docs/control.md``); "" when ``control_socket none``
+    control_socket: str = "/run/cachefilesd-py/control.sock"
+    #: a group (name or number) whose members may use the read-only control calls
+    control_group: str | None = None
+    #: ``<loopback address>:<port>`` for Prometheus metrics over HTTP (off if None)
+    metrics_listen: str | None = None
 
     def threshold(self, name: str) -> int:
         """The effective percentage: as configured, else the kernel's default."""

@@ -19,6 +19,7 @@ is checked *before* anything reaches the kernel, and every error reads
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -57,6 +58,9 @@ ONCE = {
     "cache_max_bytes",
     "cache_max_objects",
     "cull_policy",
+    "control_socket",
+    "control_group",
+    "metrics_listen",
     *THRESHOLDS,
 }
 
@@ -269,6 +273,43 @@ def _policy(text: str) -> str:
     return text
 
 
+def _control_socket(text: str) -> str:
+    if text == "none":
+        return ""
+    if not text.startswith("/"):
+        raise ValueError(f"must be an absolute path or 'none', not {text!r}")
+    if len(text.encode()) > 107:
+        raise ValueError("a Unix socket path has at most 107 bytes")
+    return text
+
+
+def _group(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?", text):
+        raise ValueError(f"must be a group name or number, not {text!r}")
+    return text
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``127.0.0.1:9101`` or ``[::1]:9101`` → (host, port); loopback addresses only
+    (the metrics say what the cache holds and how it is used: not for the network)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"must be <loopback address>:<port>, not {text!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    if not address.is_loopback:
+        raise ValueError(f"{host} is not a loopback address (metrics stay on this host)")
+    return host, int(port_text)
+
+
+def _listen(text: str) -> str:
+    parse_listen(text)
+    return text
+
+
 def _pin(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
     return replace(cfg, pins=(*cfg.pins, _one(args, "a blob pattern")))
 
@@ -301,4 +342,7 @@ HANDLERS: dict[str, Handler] = {
     "volume_max_bytes": _pattern_size("volume_max_bytes", chunk=False),
     "cull_policy": _set("cull_policy", _policy),
     "pin": _pin,
+    "control_socket": _set("control_socket", _control_socket),
+    "control_group": _set("control_group", _group),
+    "metrics_listen": _set("metrics_listen", _listen),
 }

@@ -23,6 +23,7 @@ kernel's thresholds are fixed at ``bind`` and need a restart, which is logged.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import signal
 import threading
@@ -37,7 +38,9 @@ import structlog
 from cachefilesd_py.config.load import load_config
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.daemon import host
+from cachefilesd_py.daemon.control import serve_control
 from cachefilesd_py.daemon.stats import Collect, StatsReporter
+from cachefilesd_py.engine.cull import BlobCuller
 from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.bind import kernel_commands
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
@@ -147,26 +150,78 @@ class Daemon:
     def reload(self) -> None:
         from cachefilesd_py.errors import ConfigError
 
+        with contextlib.suppress(ConfigError):  # logged by reload_report
+            self.reload_report()
+
+    def reload_report(self) -> dict[str, Any]:
+        """Re-read the configuration; apply what can be applied live (the ``source``
+        rules) and say which changed settings need a restart. A bad file changes
+        nothing and raises :class:`ConfigError` (``file:line: rule``)."""
+        from cachefilesd_py.errors import ConfigError
+
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
             log.error("reload.rejected", error=str(exc))
-            return
-        if self._engine is not None:
-            self._engine.resolve = SourceResolver(new.sources).resolve
+            raise
+        changed = [k for k, v in vars(new).items() if getattr(self.config, k) != v]
+        live = self._apply_live(new)
+        applied = [k for k in changed if k in live]
+        restart = [k for k in changed if k not in live]
         if kernel_commands(new) != kernel_commands(self.config):
             log.warning(
                 "reload.kernel_settings_need_restart",
                 note="dir/tag/thresholds are fixed at bind; restart to apply",
             )
+        if restart:
+            log.warning("reload.needs_restart", settings=restart)
         self.config = new
-        log.info("reloaded", sources=len(new.sources))
+        log.info("reloaded", sources=len(new.sources), applied=applied)
+        return {"changed": changed, "applied": applied, "needs_restart": restart}
+
+    def _apply_live(self, new: Config) -> frozenset[str]:
+        """Swap in what new kernel objects and fetches will use; the settings applied.
+
+        ``source`` rules; ``source_headers`` (the files are read again on every reload,
+        so a rotated token is picked up even when the configuration did not change)
+        and ``fetch_retries`` for sources opened from now on; chunk sizes and
+        read-ahead for blobs opened from now on (an open blob keeps its geometry; a
+        chunk larger than the fill buffers sized at start needs a restart); pins and
+        caps for the next cull pass. The cull policy keeps its state: a restart."""
+        engine, factory = self._engine, self._factory
+        if engine is None or factory is None:
+            return frozenset()
+        from dataclasses import replace
+
+        from cachefilesd_py.config.load import headers_for
+
+        live = {"sources", "source_headers", "fetch_retries", "readahead"}
+        engine.resolve = SourceResolver(new.sources).resolve
+        factory.settings = replace(
+            factory.settings, headers_for=headers_for(new), retries=new.fetch_retries
+        )
+        wanted = engine_settings(new)
+        chunks = [wanted.chunk_size, *(size for _p, size in wanted.chunk_size_rules)]
+        changes: dict[str, Any] = {"readahead": wanted.readahead}
+        if all(c <= engine.settings.max_run for c in chunks):  # one chunk fits a buffer
+            changes |= {
+                "chunk_size": wanted.chunk_size,
+                "chunk_size_rules": wanted.chunk_size_rules,
+            }
+            live |= {"chunk_size", "source_chunk_sizes"}
+        engine.settings = replace(engine.settings, **changes)
+        culler = self._culler
+        if culler is not None:  # pins and caps: the next cull pass uses them
+            culler.rules = CullRules.from_config(new)
+            live |= {"pins", "cache_max_bytes", "cache_max_objects", "volume_max_bytes"}
+        return frozenset(live)
 
     # -- building and serving --------------------------------------------------------
 
     _engine: Engine | None = None
     _driver: OnDemandDriver | None = None
     _factory: SourceFactory | None = None
+    _culler: BlobCuller | None = None
     _reporter: StatsReporter | None = None
 
     def prepare(self, device: Device) -> None:
@@ -201,6 +256,7 @@ class Daemon:
                 CullRules.from_config(self.config),
             )
         self._driver = driver
+        self._culler = driver.culler
 
     def serve(self, on_serving: Callable[[], object] = lambda: None) -> int:
         """Serve the bound device until :attr:`stop` is set; ``on_serving`` is called
@@ -245,10 +301,12 @@ class Daemon:
             }
 
         self._reporter = StatsReporter(collect).start()
+        control = serve_control(self, "ondemand", collect, engine, driver)
         on_serving()
         try:
             driver.serve(self.stop)
         finally:
+            control.close()
             self._reporter.close()
             driver.shutdown()
             factory.close()
@@ -258,8 +316,11 @@ class Daemon:
     def _serve_classic(self, on_serving: Callable[[], object]) -> int:
         from cachefilesd_py.frontends.classic.driver import run_classic
 
+        control = []
+
         def report(collect: Collect) -> None:
             self._reporter = StatsReporter(lambda: {**collect(), **host.footprint()}).start()
+            control.append(serve_control(self, "classic", collect, None, None))
 
         assert self._device is not None
         try:
@@ -273,5 +334,7 @@ class Daemon:
                 report_stats=report,
             )
         finally:
+            for service in control:
+                service.close()
             if self._reporter is not None:
                 self._reporter.close()

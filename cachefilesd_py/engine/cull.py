@@ -47,9 +47,15 @@ from cachefilesd_py.kernel.fd import OwnedFd
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.space.caps import CullRules
 from cachefilesd_py.space.chunks import chunks_to_trim, keep_head_chunks
-from cachefilesd_py.space.culler import PassResult, run_plan, volume_dir_of
+from cachefilesd_py.space.culler import (
+    DecisionRecord,
+    PassResult,
+    Remover,
+    run_plan,
+    volume_dir_of,
+)
 from cachefilesd_py.space.graveyard import reap
-from cachefilesd_py.space.plan import CullPlan, Needs, Outcome, Tally
+from cachefilesd_py.space.plan import CullPlan, Decision, Needs, Outcome, Tally
 from cachefilesd_py.space.policy import CullPolicy
 from cachefilesd_py.space.scan import Candidate, scan
 
@@ -88,6 +94,7 @@ class BlobCuller:
         #: totals since start, for the daemon's stats
         self.totals = Tally()
         self._lock = threading.Lock()
+        self._pass_lock = threading.Lock()
 
     # -- signals from the frontend --------------------------------------------------
 
@@ -126,10 +133,29 @@ class BlobCuller:
 
     # -- doing -----------------------------------------------------------------------
 
-    def cull_pass(self, need_bytes: int | None = None, need_objects: int = 0) -> PassResult:
+    def cull_pass(
+        self,
+        need_bytes: int | None = None,
+        need_objects: int = 0,
+        *,
+        dry_run: bool = False,
+        record: bool = False,
+    ) -> PassResult:
         """Cull toward the limits. The tree is scanned only when there is something to
         free (statvfs is cheap; a scan of a big cache is not), or when absolute caps
-        are configured (they need the tree's totals)."""
+        are configured (they need the tree's totals).
+
+        ``dry_run``: decide as a pass would, remove nothing (a cull is assumed to free
+        the file's blocks, a trim what it was asked for; a real trim may find the blob
+        untrimmable and cull it whole). ``record`` (implied by ``dry_run``): keep every
+        decision in the result. Passes run one at a time (the space thread's and the
+        operator's)."""
+        with self._pass_lock:
+            return self._cull_pass(need_bytes, need_objects, dry_run, record or dry_run)
+
+    def _cull_pass(
+        self, need_bytes: int | None, need_objects: int, dry_run: bool, record: bool
+    ) -> PassResult:
         out = PassResult()
         caps = self.rules.caps
         if need_bytes is None and not caps.configured:
@@ -146,6 +172,7 @@ class BlobCuller:
         if need_bytes is None:
             need_bytes = max(self.limits_need(), cap_needs.bytes)
         needs = Needs(need_bytes, max(need_objects, cap_needs.objects), cap_needs.volumes)
+        out.need_bytes, out.need_objects = needs.bytes, needs.objects
         if not needs.any:
             return out
         out.needed = True
@@ -159,9 +186,24 @@ class BlobCuller:
             in_use=lambda c: key_by_id[id(c)] in busy,
             trim=True,
         )
-        remover = _BlobRemover(self, key_by_id)
+        remover: Remover = _DryRemover() if dry_run else _BlobRemover(self, key_by_id)
         ordered = [c for c, _k in self.order(keyed)]
-        out.tally = run_plan(plan, ordered, remover, describe=lambda c: str(key_by_id[id(c)]))
+
+        def keep(cand: Candidate, decision: Decision, outcome: Outcome, freed: int) -> None:
+            out.decisions.append(
+                DecisionRecord(str(key_by_id[id(cand)]), outcome.value, freed, decision.reason)
+            )
+
+        out.tally = run_plan(
+            plan,
+            ordered,
+            remover,
+            describe=lambda c: str(key_by_id[id(c)]),
+            on_decision=keep if record else None,
+        )
+        if dry_run:
+            log.info("cull.plan", need_bytes=need_bytes, decisions=len(out.decisions))
+            return out
         if self.graveyard is not None:
             reap(str(self.graveyard))
         self.totals.add(out.tally)
@@ -241,6 +283,16 @@ class BlobCuller:
         for path in orphans:
             path.unlink(missing_ok=True)
         return len(orphans)
+
+
+class _DryRemover:
+    """The :class:`Remover` of a dry run: every removal "succeeds", nothing is done."""
+
+    def cull(self, cand: Candidate) -> Outcome:
+        return Outcome.CULLED
+
+    def trim(self, cand: Candidate, nbytes: int) -> tuple[Outcome, int]:
+        return Outcome.TRIMMED, nbytes
 
 
 class _BlobRemover:
