@@ -253,6 +253,16 @@ def _still_blocked(job: Background[Any], duration: float = QUIET) -> bool:
     return True
 
 
+def _marked(
+    h: PreContentHarness, name: str, *, filled: bool = False, fill: bool = True
+) -> tuple[Path, Group, MiniServer]:
+    """A new backing file, a new group marking it, and a server of that group."""
+    b = h.backing_file(name, filled=filled)
+    g = h.group()
+    g.mark(b)
+    return b, g, MiniServer(h, g, fill=fill)
+
+
 def _unfilled_page(fills: list[FileRange], size: int) -> int | None:
     """The offset of a page of ``[0, size)`` that no fill touched, if any."""
     for off in range(0, size - PAGE + 1, PAGE):
@@ -274,10 +284,7 @@ def case_read_of_a_hole_raises_one_event_with_its_range(h: PreContentHarness) ->
     4 KiB), its pid the reader's, its fd the same file; the reader sleeps until the
     answer; filling the range through the event's fd and allowing it gives the reader
     the filled bytes."""
-    b = h.backing_file("range")
-    g = h.group()
-    g.mark(b)
-    s = MiniServer(h, g)
+    b, g, s = _marked(h, "range")
     try:
         reader = Background(h.read_file, b, 2 * PAGE + 100, PAGE)
         (ev,) = s.wait_events(1, "a 4 KiB read at 8 KiB + 100")
@@ -297,10 +304,7 @@ def case_filling_through_the_event_fd_raises_no_event(h: PreContentHarness) -> O
     """Bytes written through the event's fd raise no event of their own (the kernel
     opened it without notifications), so the fill cannot recurse; but the kernel knows
     nothing of presence: reading the filled range again raises an event again."""
-    b = h.backing_file("fill")
-    g = h.group()
-    g.mark(b)
-    s = MiniServer(h, g)
+    b, g, s = _marked(h, "fill")
     try:
         reader = Background(h.read_file, b, 0, 4 * PAGE)
         (ev,) = s.wait_events(1, "a read of 16 KiB")
@@ -319,10 +323,7 @@ def case_filling_through_the_event_fd_raises_no_event(h: PreContentHarness) -> O
 
 
 def _serve_erofs(h: PreContentHarness, *, by_fd: bool) -> Observations:
-    b = h.backing_file("erofs-fd" if by_fd else "erofs")
-    g = h.group()
-    g.mark(b)
-    s = MiniServer(h, g)
+    b, g, s = _marked(h, "erofs-fd" if by_fd else "erofs")
     try:
         mnt = s.run(lambda: h.mount(b, by_fd=by_fd), "the mount")
         at_mount = len(s.events)
@@ -362,10 +363,7 @@ def case_present_ranges_still_raise_an_event_per_backing_read(
 ) -> Observations:
     """A file holding the whole image still raises an event for every backing read:
     the daemon's own bitmap must answer each (here: allowed without filling)."""
-    b = h.backing_file("present", filled=True)
-    g = h.group()
-    g.mark(b)
-    s = MiniServer(h, g, fill=False)
+    b, g, s = _marked(h, "present", filled=True, fill=False)
     try:
         mnt = s.run(lambda: h.mount(b), "the mount")
         assert _payload(h, s, mnt) == h.payload
@@ -398,10 +396,7 @@ def case_removing_the_mark_stops_the_events(h: PreContentHarness) -> Observation
     """Removing the mark while EROFS is mounted: later backing reads raise no event
     (the reads of a fully present file then cost nothing), and a hole would read as
     zeros, so only a fully present file may lose its mark."""
-    b = h.backing_file("unmarked")
-    g = h.group()
-    g.mark(b)
-    s = MiniServer(h, g)
+    b, g, s = _marked(h, "unmarked")
     try:
         reader = h.open_file(b)  # opened while marked
         mnt = s.run(lambda: h.mount(b), "the mount")
@@ -464,10 +459,7 @@ def case_deny_errno_reaches_the_reader(h: PreContentHarness) -> Observations:
     """``FAN_DENY_ERRNO(e)`` fails the reader's call with ``e``, for each errno the
     kernel allows; through EROFS the reader of the mounted file gets the errno EROFS
     turns a failed backing read into."""
-    b = h.backing_file("deny")
-    g = h.group()
-    g.mark(b)
-    s = MiniServer(h, g)
+    b, g, s = _marked(h, "deny")
     seen: dict[str, object] = {}
     try:
         for err in sorted(wire.DENY_ERRNOS):
@@ -529,10 +521,7 @@ def case_responses_the_kernel_refuses(h: PreContentHarness) -> Observations:
     """A deny with an errno outside the allowed set, an allow with an errno, and an
     answer for an fd with no pending event fail the ``write()`` (EINVAL, EINVAL,
     ENOENT) and leave the real event pending; it can still be answered."""
-    b = h.backing_file("refused")
-    g = h.group()
-    g.mark(b)
-    s = MiniServer(h, g)
+    b, g, s = _marked(h, "refused")
     try:
         reader = Background(h.read_file, b, 0, PAGE)
         (ev,) = s.wait_events(1, "a read")
@@ -566,10 +555,7 @@ def case_closing_the_group_fails_open(h: PreContentHarness) -> Observations:
     """Closing the group allows every pending event, read or still queued: readers of
     holes get zeros. Through EROFS, a file whose metadata was served before the group
     closed reads as zeros. The frontend must never let a mount outlive its group."""
-    b = h.backing_file("fail-open")
-    g = h.group()
-    g.mark(b)
-    s = MiniServer(h, g)
+    b, g, s = _marked(h, "fail-open")
     try:
         taken = Background(h.read_file, b, 0, PAGE)
         s.wait_events(1, "the first read")  # read, never answered
@@ -614,10 +600,7 @@ def case_a_killed_holder_leaves_its_event_pending(h: PreContentHarness) -> Obser
     names the dead process's fd *number*. Answers match by number, so when the
     survivor's own event gets the same number, its first answer goes to the orphan
     (whose hole is then read as zeros) and only the second to its own event."""
-    b = h.backing_file("holder")
-    g = h.group()
-    g.mark(b)
-    s = MiniServer(h, g)
+    b, g, s = _marked(h, "holder")
     holder = None
     try:
         first = h.open_file(b)
@@ -661,10 +644,7 @@ def case_punching_a_hole_while_mounted(h: PreContentHarness) -> Observations:
     from the thread that answers). Afterwards the backing reads of that range raise
     events again, and allowing them unfilled gives the mount's reader zeros: the
     daemon's bitmap must forget a range before its hole is punched."""
-    b = h.backing_file("punch", filled=True)
-    g = h.group()
-    g.mark(b)
-    s = MiniServer(h, g, fill=False)
+    b, g, s = _marked(h, "punch", filled=True, fill=False)
     try:
         mnt = s.run(lambda: h.mount(b), "the mount")
         assert _payload(h, s, mnt) == h.payload
@@ -694,10 +674,7 @@ def case_several_events_on_one_range(h: PreContentHarness) -> Observations:
     """Concurrent reads of one missing range raise one event each (permission events
     are never merged), all with the same range and their own fds; one fill through any
     of them and an allow for each serves them all."""
-    b = h.backing_file("concurrent")
-    g = h.group()
-    g.mark(b)
-    s = MiniServer(h, g)
+    b, g, s = _marked(h, "concurrent")
     n = 4
     try:
         readers = [Background(h.read_file, b, 16 * PAGE, 2 * PAGE) for _ in range(n)]
@@ -748,10 +725,7 @@ def case_an_ordinary_write_raises_an_event(h: PreContentHarness) -> Observations
     """A write through an ordinary fd opened after the mark raises ``FAN_PRE_ACCESS``
     with the pages the write touches (the daemon's own writes must go through event
     fds)."""
-    b = h.backing_file("write")
-    g = h.group()
-    g.mark(b)
-    s = MiniServer(h, g)
+    b, g, s = _marked(h, "write")
     try:
         writer = Background(h.write_file, b, b"x" * 100, 3 * PAGE + 7)
         (ev,) = s.wait_events(1, "a write")
