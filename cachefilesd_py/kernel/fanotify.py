@@ -45,9 +45,12 @@ opens its backing file at mount time.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
+import fcntl
 import os
+import termios
 from pathlib import Path
 
 from cachefilesd_py.kernel._sys import _check, _libc
@@ -208,6 +211,14 @@ def accepts_response(group_fd: int, record: bytes) -> bool:
             return False
         raise
     return True
+
+
+def queued_bytes(group_fd: int) -> int:
+    """``ioctl(FIONREAD)``: how many bytes of events wait in the queue, not yet read
+    (events already read and waiting for an answer do not count)."""
+    buf = array.array("i", [0])
+    fcntl.ioctl(group_fd, termios.FIONREAD, buf, True)
+    return buf[0]
 
 
 def write_response(group_fd: int, record: bytes) -> None:

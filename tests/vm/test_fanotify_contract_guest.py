@@ -69,6 +69,9 @@ class RealGroup:
             self.event_fds.update(e.fd for e in wire.decode_events(raw) if e.fd >= 0)
         return raw
 
+    def queued_bytes(self) -> int:
+        return fanotify.queued_bytes(self.fd.fileno())
+
     def respond(self, record: bytes) -> None:
         fanotify.write_response(self.fd.fileno(), record)
 
