@@ -231,8 +231,7 @@ IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")
 def _image_name(text: str, what: str) -> str:
     if not IMAGE_NAME.match(text):
         raise ValueError(
-            f"{what} {text!r} must be 1 to 255 of A-Z a-z 0-9 . _ + -, not starting with"
-            " . _ + or -"
+            f"{what} {text!r} must be 1 to 255 of A-Z a-z 0-9 . _ + -, not starting with . _ + or -"
         )
     return text
 
@@ -249,7 +248,9 @@ def _fanotify_image(cfg: Config, args: list[str], f: str, n: int) -> Config:
     _image_name(name, "image name")
     mountpoint = args[1]
     if not mountpoint.startswith("/") or "," in mountpoint:
-        raise ValueError(f"the mount point must be an absolute path without ',', not {mountpoint!r}")
+        raise ValueError(
+            f"the mount point must be an absolute path without ',', not {mountpoint!r}"
+        )
     blobs = tuple(_image_name(b, "blob name") for b in args[2:])
     names = [name, *blobs]
     if len(set(names)) != len(names):

@@ -159,6 +159,8 @@ class Daemon:
         nofile = raise_nofile_limit()
         if not self.cache_dir.is_dir():
             raise OSError(2, f"Can't confirm cache location: {self.cache_dir}")
+        if self.config.fanotify:
+            return self._run_fanotify(nofile)
         device = CachefilesDevice()
         try:
             if self.config.ondemand:
@@ -229,6 +231,30 @@ class Daemon:
             factory.close()
             log.info("stats", final=True, **collect())
         return 0
+
+    def _run_fanotify(self, nofile: int) -> int:
+        from cachefilesd_py.daemon.fanotify_mode import run_fanotify
+
+        def keep_reporter(reporter: StatsReporter) -> None:
+            self._reporter = reporter
+
+        def keep_engine(engine: Engine) -> None:
+            self._engine = engine
+
+        try:
+            return run_fanotify(
+                self.config,
+                self.cache_dir,
+                self.cache_dir / STATE_DIR_NAME,
+                self.stop,
+                engine_settings=engine_settings(self.config),
+                source_settings=source_settings(self.config),
+                nofile=nofile,
+                on_engine=keep_engine,
+                on_reporter=keep_reporter,
+            )
+        finally:
+            log.info("terminated")
 
     def _run_classic(self, device: CachefilesDevice) -> int:
         from cachefilesd_py.frontends.classic.driver import run_classic

@@ -241,7 +241,9 @@ def test_every_permission_event_is_answered_once_and_never_allowed_over_a_hole(
         assert isinstance(answer, sess.Answer)
         answers.append(answer)
         if answer.allow:
-            img.present |= set(range(fill.offset // CHUNK, -(-(fill.offset + fill.length) // CHUNK)))
+            img.present |= set(
+                range(fill.offset // CHUNK, -(-(fill.offset + fill.length) // CHUNK))
+            )
     answered = sorted(a.fd for a in answers)
     assert answered == sorted(expected_answers)
     assert len(set(answered)) == len(answered)

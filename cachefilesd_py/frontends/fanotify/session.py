@@ -201,9 +201,7 @@ class Session(Generic[H]):
 
     # -- events ----------------------------------------------------------------------
 
-    def receive(
-        self, raw: bytes, identify: Callable[[int], Identity | None]
-    ) -> list[Action[H]]:
+    def receive(self, raw: bytes, identify: Callable[[int], Identity | None]) -> list[Action[H]]:
         """The bytes of one ``read()`` of the group. ``identify(fd)`` names the file an
         event's fd refers to (None if it cannot: then the event is denied)."""
         try:
