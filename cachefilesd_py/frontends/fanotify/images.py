@@ -99,9 +99,7 @@ def blob_keys(spec: FanotifyImage) -> list[BlobKey]:
     return [BlobKey.named(spec.volume, n) for n in (spec.name, *spec.blobs)]
 
 
-def prepare_blob(
-    engine: Engine, group_fd: int, cache_dir: Path, key: BlobKey, deadline: Deadline
-) -> ServedBlob:
+def prepare_blob(engine: Engine, cache_dir: Path, key: BlobKey, deadline: Deadline) -> ServedBlob:
     """Steps 1-3 of the module docstring; the caller registers the identity with the
     session and then calls :func:`mark`. Raises ``SourceError``/``OSError``; on error
     the use lease is given back and the blob released."""

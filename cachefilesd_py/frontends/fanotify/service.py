@@ -102,7 +102,6 @@ class FanotifyFrontend:
             for key in img.blob_keys(spec):
                 served = img.prepare_blob(
                     self.engine,
-                    self.group.fileno(),
                     self.cache_dir,
                     key,
                     Deadline.after(self.fetch_timeout),
