@@ -18,6 +18,8 @@ lets a read through), and
   event is allowed; a failed fill is denied with ``FAN_DENY_ERRNO(EIO)`` (plain
   ``FAN_DENY``, EPERM, on a kernel that does not take it; EROFS reports EIO to its
   reader either way). Never allowed unfilled.
+- a blob whose every chunk is present gets an ignore mark (``images.silence``): the
+  kernel stops asking for it;
 - each answer is written, then the event's fd closed (``OwnedFd``), in that order: the
   kernel matches answers by fd number, and a number closed first could be handed to
   the next event.
@@ -51,7 +53,7 @@ from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import CachefilesdError
 from cachefilesd_py.frontends.fanotify import session as sess
 from cachefilesd_py.frontends.fanotify import wire
-from cachefilesd_py.frontends.fanotify.images import ServedBlob
+from cachefilesd_py.frontends.fanotify.images import ServedBlob, silence
 from cachefilesd_py.kernel import fanotify
 from cachefilesd_py.kernel.dio import AlignedBuffer
 from cachefilesd_py.kernel.fd import OwnedFd
@@ -106,6 +108,8 @@ class DriverStats:
     responses_failed: int = 0
     fills_failed: int = 0
     read_pauses: int = 0
+    #: blobs that got an ignore mark (every chunk present: no more events)
+    silenced: int = 0
 
 
 class FanotifyDriver:
@@ -269,6 +273,16 @@ class FanotifyDriver:
             # whatever happened, the event gets its answer (deny unless filled)
             self.run(self.session.filled(fill.ticket, ok), received)
             self.fill_times.record(time.monotonic() - received)
+        if ok:
+            self._maybe_silence(fill.image)
+
+    def _maybe_silence(self, served: ServedBlob) -> None:
+        try:
+            if silence(self.group.fileno(), served):
+                with self._stats_lock:
+                    self.stats.silenced += 1
+        except OSError as exc:  # the events keep coming: still correct, only slower
+            log.warning("fanotify.silence_failed", blob=str(served.key), error=str(exc))
 
     # -- stats -----------------------------------------------------------------------
 
