@@ -274,9 +274,10 @@ class FanotifyDriver:
             self.run(self.session.filled(fill.ticket, ok), received)
             self.fill_times.record(time.monotonic() - received)
         if ok:
-            self._maybe_silence(fill.image)
+            self.maybe_silence(fill.image)
 
-    def _maybe_silence(self, served: ServedBlob) -> None:
+    def maybe_silence(self, served: ServedBlob) -> None:
+        """An ignore mark for a blob whose every chunk is present (counted)."""
         try:
             if silence(self.group.fileno(), served):
                 with self._stats_lock:

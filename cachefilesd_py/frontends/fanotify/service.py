@@ -109,7 +109,7 @@ class FanotifyFrontend:
                 image.blobs.append(served)
                 self.driver.session.add_image(served.identity, served, served.size)
                 img.mark(self.group.fileno(), served)
-                img.silence(self.group.fileno(), served)
+                self.driver.maybe_silence(served)
             img.mount_image(image)
         except BaseException:
             self._release_image(image)
