@@ -287,6 +287,11 @@ class FanotifyDriver:
 
     # -- stats -----------------------------------------------------------------------
 
+    def held_fds(self) -> int:
+        """Event fds of fills in flight (each closed right after its answer)."""
+        with self._fds_lock:
+            return len(self._fill_fds)
+
     def stats_fields(self) -> dict[str, Any]:
         with self._stats_lock:
             fields: dict[str, Any] = dict(vars(self.stats))
