@@ -123,8 +123,12 @@ class FanotifyDriver:
         workers: int = 8,
         fetch_timeout: float = 30.0,
         capacity: int = 1024,
+        silence_complete: bool = True,
     ) -> None:
         self.group = group
+        #: give a blob whose every chunk is present an ignore mark (off: benchmarks of
+        #: the event path)
+        self.silence_complete = silence_complete
         self.engine = engine
         self.fetch_timeout = fetch_timeout
         self.deny_errno = deny_errno_of(group.fileno())
@@ -278,6 +282,8 @@ class FanotifyDriver:
 
     def maybe_silence(self, served: ServedBlob) -> None:
         """An ignore mark for a blob whose every chunk is present (counted)."""
+        if not self.silence_complete:
+            return
         try:
             if silence(self.group.fileno(), served):
                 with self._stats_lock:

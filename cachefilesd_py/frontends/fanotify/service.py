@@ -60,7 +60,9 @@ class FanotifyFrontend:
         *,
         workers: int = 8,
         fetch_timeout: float = 30.0,
+        silence_complete: bool = True,
     ) -> None:
+        self.silence_complete = silence_complete
         self.engine = engine
         self.cache_dir = cache_dir
         self.specs = specs
@@ -75,7 +77,11 @@ class FanotifyFrontend:
         that could not be served, with why."""
         self.group = fanotify.pre_content_group()
         self.driver = FanotifyDriver(
-            self.group, self.engine, workers=self.workers, fetch_timeout=self.fetch_timeout
+            self.group,
+            self.engine,
+            workers=self.workers,
+            fetch_timeout=self.fetch_timeout,
+            silence_complete=self.silence_complete,
         )
         self.driver.start()
         log.info("fanotify.group", deny_errno=self.driver.deny_errno)
