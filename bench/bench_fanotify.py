@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 from cachefilesd_py.config.model import FanotifyImage, SourceRule
@@ -34,21 +33,8 @@ from cachefilesd_py.frontends.fanotify.service import FanotifyFrontend
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory
 from cachefilesd_py.sources.resolve import SourceResolver
+from bench.bench_ondemand import timed_read
 from tests.vm.rig import mkfs_erofs, run, start_nginx
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def timed_read(path: Path) -> float:
-    drop_caches()
-    start = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.read(1 << 20):
-            pass
-    return time.perf_counter() - start
 
 
 def cache_fs(work: Path, name: str, size_mb: int) -> Path:
