@@ -27,13 +27,13 @@ import os
 import tempfile
 from pathlib import Path
 
+from bench.bench_ondemand import timed_read
 from cachefilesd_py.config.model import FanotifyImage, SourceRule
 from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.fanotify.service import FanotifyFrontend
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory
 from cachefilesd_py.sources.resolve import SourceResolver
-from bench.bench_ondemand import timed_read
 from tests.vm.rig import mkfs_erofs, run, start_nginx
 
 
