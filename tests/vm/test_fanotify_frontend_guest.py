@@ -48,6 +48,7 @@ def build(workdir: Path, layout: str) -> tuple[Path, Path, str]:
     return src, root, "imgs/app.erofs"
 
 
+@pytest.mark.timeout(900)  # two fresh daemon interpreters in a loaded TCG guest
 @pytest.mark.parametrize(
     ("layout", "kind"), [("plain", "http"), ("plain", "file"), ("blobdev", "http")]
 )
@@ -97,6 +98,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.timeout(900)
 def test_origin_failure_gives_eio_never_zeros(
     workdir: Path,
     loop_fs: Callable[..., Path],
