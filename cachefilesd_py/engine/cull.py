@@ -21,7 +21,9 @@ ask to free (``limits_need``). The decisions are the shared cull plan's
   wait, ``engine/leases.py``), its tail chunks' bits are cleared in the sidecar
   durably first, then holes are punched over them. A bit may lag its data, never lead
   it: a crash between the two leaves data without a bit, a refetch later. A blob
-  without a trusted sidecar cannot be trimmed and is culled whole.
+  without a trusted sidecar cannot be trimmed and is culled whole. A blob the kernel
+  still has open (``in_kernel_use``: on-demand mode asks ``inuse``; it covers objects
+  a dead worker opened) is not trimmed.
 
 Lock order: ``BlobCuller._lock`` guards the policy only and is a leaf (nothing else is
 taken while it is held). A pass takes, one at a time and never nested in each other,
@@ -69,6 +71,7 @@ class BlobCuller:
         key_of: Callable[[Candidate], BlobKey | None],
         cull: Callable[[Candidate], int],
         limits_need: Callable[[], int],
+        in_kernel_use: Callable[[Candidate], bool] = lambda _cand: False,
         scan_limit: int = 1 << 20,
     ) -> None:
         self.tree = tree
@@ -80,6 +83,7 @@ class BlobCuller:
         self.key_of = key_of
         self._cull = cull
         self.limits_need = limits_need
+        self.in_kernel_use = in_kernel_use
         self.scan_limit = scan_limit
         #: totals since start, for the daemon's stats
         self.totals = Tally()
@@ -187,6 +191,12 @@ class BlobCuller:
         path = Path(cand.directory) / cand.name
         with self.leases.trim(key) as granted:
             if not granted:
+                return Outcome.BUSY, 0
+            # The leases know the objects this process opened; the kernel knows them
+            # all (after a failover, objects the dead worker opened stay open in the
+            # kernel until a READ re-opens them). With the lease held no new OPEN is
+            # answered, so the kernel's "not in use" holds until the punch is done.
+            if self.in_kernel_use(cand):
                 return Outcome.BUSY, 0
             bp = self.presence.load_bound(key, path)
             if bp is None:

@@ -284,12 +284,13 @@ def run_classic(
     stop: threading.Event,
     *,
     nocull: bool,
-    setup: list[bytes],
+    setup: list[bytes] | None,
     on_ready: Callable[[], object] = lambda: None,
     report_stats: Callable[[Callable[[], dict[str, object]]], object] = lambda _collect: None,
 ) -> int:
-    """Bind and serve until ``stop``; ``report_stats`` is handed a function returning
-    the driver's counters, for periodic and on-demand stats lines."""
+    """Bind (unless ``commands`` is None: the device is bound already) and serve until
+    ``stop``; ``report_stats`` is handed a function returning the driver's counters,
+    for periodic and on-demand stats lines."""
     assert config.dir is not None
     driver = ClassicDriver(
         device,
@@ -298,7 +299,8 @@ def run_classic(
         table_size=1 << config.culltable,
         rules=CullRules.from_config(config),
     )
-    driver.bind(setup)
+    if setup is not None:
+        driver.bind(setup)
     on_ready()
     report_stats(lambda: dict(vars(driver.stats)))
     try:

@@ -128,6 +128,12 @@ class OnDemandDriver:
         #: set when the reader paused for room, cleared when the READ scheduler is
         #: down to half its capacity: while set, long-waiting READs are shed
         self._overflow = False
+        #: liveness, for the supervisor's watchdog (daemon/health.py): when the request
+        #: loop last went round, and since when each READ taken off the device has been
+        #: in service (queued or filling), by msg id
+        self.last_loop = time.monotonic()
+        self._in_service: dict[int, float] = {}
+        self._in_service_lock = threading.Lock()
 
     # -- start-up --------------------------------------------------------------------
 
@@ -158,6 +164,7 @@ class OnDemandDriver:
         poller.register(fd, select.POLLIN)
         try:
             while not stop.is_set():
+                self.last_loop = time.monotonic()
                 if not self._has_room():
                     self._wait_room(stop, poll_interval)
                     continue
@@ -175,6 +182,17 @@ class OnDemandDriver:
         finally:
             if self.space is not None:
                 self.space.stop()
+
+    @property
+    def culling(self) -> bool:
+        """Whether a cull pass is running (or asked for)."""
+        return self.space is not None and not self.space.idle.is_set()
+
+    def oldest_read_age(self) -> float | None:
+        """Seconds the oldest READ now in service has been, or None."""
+        with self._in_service_lock:
+            oldest = min(self._in_service.values(), default=None)
+        return None if oldest is None else time.monotonic() - oldest
 
     def _has_room(self) -> bool:
         return self.reads.has_room() and self.opens.has_room()
@@ -266,6 +284,8 @@ class OnDemandDriver:
 
     def _on_read(self, action: sess.ServeRead[OwnedFd, OnDemandObject], received: float) -> None:
         self._count("reads")
+        with self._in_service_lock:
+            self._in_service[action.msg_id] = received
         obj = action.handle
         if not action.fill or obj is None:
             self._serve(action, received, False)
@@ -314,6 +334,8 @@ class OnDemandDriver:
                 ok = self._fill(obj, action, Deadline.after(self.fetch_timeout))
         finally:
             self._complete(action)
+            with self._in_service_lock:
+                self._in_service.pop(action.msg_id, None)
             self.read_times.record(time.monotonic() - received)
             self.run(self.session.served(action.ticket))
         if ok and obj is not None:
