@@ -39,6 +39,21 @@ class HeaderRule:
 
 
 @dataclass(frozen=True)
+class FanotifyImage:
+    """``fanotify_image <volume>/<name> <mountpoint> [<blob> ...]``: an EROFS image the
+    fanotify frontend serves from a sparse cache file it mounts on ``mountpoint``;
+    ``blobs`` are the extra blobs of a chunked image (``device=``, in the image's
+    device-table order), in the same volume."""
+
+    volume: str
+    name: str
+    mountpoint: str
+    blobs: tuple[str, ...] = ()
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     # cachefilesd's own directives
     dir: str | None = None
@@ -52,6 +67,9 @@ class Config:
     nocull: bool = False
     # this project's directives
     ondemand: bool = False
+    #: serve EROFS file-backed mounts through fanotify pre-content events
+    fanotify: bool = False
+    fanotify_images: tuple[FanotifyImage, ...] = ()
     sources: tuple[SourceRule, ...] = ()
     #: 1 MiB: chosen by the sweep in docs/benchmarks.md (bench.bench_ondemand)
     chunk_size: int = 1024 * 1024

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from cachefilesd_py.config.model import (
     THRESHOLDS,
     Config,
+    FanotifyImage,
     HeaderRule,
     SizeRule,
     SourceRule,
@@ -49,6 +50,7 @@ ONCE = {
     "resume_thresholds",
     "nocull",
     "ondemand",
+    "fanotify",
     "chunk_size",
     "readahead",
     "fetch_timeout",
@@ -142,6 +144,24 @@ def _check_whole(cfg: Config, filename: str, seen: dict[str, int]) -> Config:
         raise ConfigError(
             "'ondemand' needs at least one 'source' rule", filename, seen.get("ondemand")
         )
+    if cfg.fanotify:
+        if cfg.ondemand:
+            raise ConfigError(
+                "'fanotify' and 'ondemand' exclude each other (one frontend per daemon)",
+                filename,
+                seen.get("fanotify"),
+            )
+        if not cfg.sources:
+            raise ConfigError(
+                "'fanotify' needs at least one 'source' rule", filename, seen.get("fanotify")
+            )
+        if not cfg.fanotify_images:
+            raise ConfigError(
+                "'fanotify' needs at least one 'fanotify_image' line", filename, seen["fanotify"]
+            )
+    elif cfg.fanotify_images:
+        first = cfg.fanotify_images[0]
+        raise ConfigError("'fanotify_image' needs the 'fanotify' directive", filename, first.line)
     return cfg
 
 
@@ -206,6 +226,50 @@ def _source(cfg: Config, args: list[str], f: str, n: int) -> Config:
     if "{" in leftover or "}" in leftover:
         raise ValueError("unknown placeholder: only {volume} and {cookie} exist")
     return replace(cfg, sources=(*cfg.sources, SourceRule(pattern, template, f, n)))
+
+
+#: volume and blob names of fanotify images: they name files in the cache directory
+IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")
+
+
+def _image_name(text: str, what: str) -> str:
+    if not IMAGE_NAME.match(text):
+        raise ValueError(
+            f"{what} {text!r} must be 1 to 255 of A-Z a-z 0-9 . _ + -, not starting with . _ + or -"
+        )
+    return text
+
+
+def _fanotify_image(cfg: Config, args: list[str], f: str, n: int) -> Config:
+    if len(args) < 2:
+        raise ValueError(
+            "takes <volume>/<name> <mountpoint> and optionally the image's extra blobs"
+        )
+    volume, slash, name = args[0].partition("/")
+    if not slash:
+        raise ValueError(f"the image is named <volume>/<name>, not {args[0]!r}")
+    _image_name(volume, "volume")
+    _image_name(name, "image name")
+    mountpoint = args[1]
+    if not mountpoint.startswith("/") or "," in mountpoint:
+        raise ValueError(
+            f"the mount point must be an absolute path without ',', not {mountpoint!r}"
+        )
+    blobs = tuple(_image_name(b, "blob name") for b in args[2:])
+    names = [name, *blobs]
+    if len(set(names)) != len(names):
+        raise ValueError("an image names each of its blobs once")
+    for other in cfg.fanotify_images:
+        if other.mountpoint.rstrip("/") == mountpoint.rstrip("/"):
+            raise ValueError(f"mount point {mountpoint} is already used on line {other.line}")
+        taken = {other.name, *other.blobs} if other.volume == volume else set()
+        if taken & set(names):
+            raise ValueError(
+                f"blob {volume}/{sorted(taken & set(names))[0]} is already served by line"
+                f" {other.line}"
+            )
+    image = FanotifyImage(volume, name, mountpoint, blobs, f, n)
+    return replace(cfg, fanotify_images=(*cfg.fanotify_images, image))
 
 
 def _chunk(size_text: str) -> int:
@@ -324,6 +388,8 @@ HANDLERS: dict[str, Handler] = {
     "resume_thresholds": _resume,
     "nocull": _flag("nocull"),
     "ondemand": _flag("ondemand"),
+    "fanotify": _flag("fanotify"),
+    "fanotify_image": _fanotify_image,
     "source": _source,
     "chunk_size": _set("chunk_size", _chunk),
     "source_chunk_size": _pattern_size("source_chunk_sizes", chunk=True),

@@ -313,6 +313,31 @@ class Daemon:
             log.info("stats", final=True, **collect())
         return 0
 
+    def run_fanotify(self, nofile: int) -> int:
+        """fanotify mode: one process, no /dev/cachefiles (daemon/fanotify_mode.py)."""
+        from cachefilesd_py.daemon.fanotify_mode import run_fanotify
+
+        def keep_reporter(reporter: StatsReporter) -> None:
+            self._reporter = reporter
+
+        def keep_engine(engine: Engine) -> None:
+            self._engine = engine
+
+        try:
+            return run_fanotify(
+                self.config,
+                self.cache_dir,
+                self.cache_dir / STATE_DIR_NAME,
+                self.stop,
+                engine_settings=engine_settings(self.config),
+                source_settings=source_settings(self.config),
+                nofile=nofile,
+                on_engine=keep_engine,
+                on_reporter=keep_reporter,
+            )
+        finally:
+            log.info("terminated")
+
     def _serve_classic(self, on_serving: Callable[[], object]) -> int:
         from cachefilesd_py.frontends.classic.driver import run_classic
 

@@ -91,6 +91,18 @@ def run(config: Config, options: object) -> int:
                     note="raise LimitNOFILE= / ulimit -n for more concurrently open blobs")
     if not Path(config.dir).is_dir():
         raise OSError(errno.ENOENT, f"Can't confirm cache location: {config.dir}")
+    if config.fanotify:
+        # no /dev/cachefiles: one process serves the fanotify group (no supervisor or
+        # fd store for it yet, README "fanotify mode")
+        from cachefilesd_py.daemon.app import Daemon
+
+        daemon = Daemon(
+            config,
+            getattr(options, "config_path", "/etc/cachefilesd.conf"),
+            bool(getattr(options, "nocull", False)),
+        )
+        daemon.install_signals()
+        return daemon.run_fanotify(nofile)
     keeper = DeviceKeeper(config)
     keeper.acquire(systemd.listen_fds())
     try:
