@@ -162,6 +162,7 @@ class OnDemandDriver:
         fd = self.device.fileno()
         watching_out = False
         poller.register(fd, select.POLLIN)
+        self.last_loop = time.monotonic()  # a spare built long ago starts afresh
         try:
             while not stop.is_set():
                 self.last_loop = time.monotonic()
@@ -225,6 +226,10 @@ class OnDemandDriver:
                 return handled
             handled += 1
             self.dispatch(buf)
+            # reading is the loop's progress: under a steady stream of requests this
+            # loop may not return to poll() for a long time, and the supervisor must
+            # not take that for a stuck reader (daemon/health.py)
+            self.last_loop = time.monotonic()
         return handled
 
     def dispatch(self, raw: bytes) -> None:
