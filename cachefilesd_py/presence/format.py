@@ -55,6 +55,9 @@ CRC = struct.Struct("<I")
 assert CRC.size == 4
 #: the token's length is a u16
 MAX_TOKEN = 0xFFFF
+#: the most chunks a sidecar may describe: 2**32 (16 TiB in 4 KiB chunks, a 512 MiB
+#: bitmap); a reader with no expected geometry bounds its read by this
+MAX_CHUNKS = 1 << 32
 
 
 def key_digest(key: tuple[bytes, bytes]) -> bytes:
@@ -73,6 +76,8 @@ class Sidecar:
 
 
 def _geometry_problem(chunk_size: int, blob_size: int, nchunks: int) -> str | None:
+    if nchunks > MAX_CHUNKS:
+        return f"chunk count {nchunks} is above the format's {MAX_CHUNKS}"
     if chunk_size <= 0 or chunk_size & (chunk_size - 1):
         return f"chunk size {chunk_size} is not a power of two"
     if nchunks != -(-blob_size // chunk_size):

@@ -24,6 +24,18 @@ Crash consistency: a bit may lag its data, never lead it.
    setting the xattr that makes it trusted (then fsyncs the file for the xattr).
 4. ``clear_chunks`` persists the cleared bits *before* the caller punches holes.
 
+A checkpoint saves each sidecar on its own: one that cannot be saved (a full disk, a
+directory squatting on its name, a source token too long for the format) is logged as
+``presence.save_failed`` and counted in ``save_failures``; its blob stays dirty (its
+bits are not durable, the next checkpoint tries again) and the others are saved.
+
+Reading a sidecar never trusts the file (``_read_sidecar``): it is opened with
+``O_NONBLOCK|O_NOFOLLOW`` (a FIFO cannot block the open, a symlink is refused, whatever
+it points to), it must be a regular file (``fstat``), and it is read only up to the
+length its head claims, after checking that claim against the largest sidecar the
+caller's geometry allows and against the file's size. Anything else is a miss, and the
+next save replaces it: ``rename(2)`` replaces the name, whatever the name was.
+
 Lock order: ``BlobPresence.lock`` is a leaf lock (nothing else is taken while holding
 it); ``PresenceStore._io_lock`` serialises sidecar writes and may be held while taking
 a ``BlobPresence.lock`` briefly for a snapshot.
@@ -31,8 +43,10 @@ a ``BlobPresence.lock`` briefly for a snapshot.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +54,14 @@ from pathlib import Path
 import structlog
 
 from cachefilesd_py.errors import PresenceCorrupt
-from cachefilesd_py.kernel.durable import crashpoint, fsync_path, save_file_atomically, syncfs
+from cachefilesd_py.kernel.durable import (
+    crashpoint,
+    fsync_dir,
+    fsync_path,
+    save_file_atomically,
+    syncfs,
+)
+from cachefilesd_py.kernel.fd import OwnedFd
 from cachefilesd_py.presence import format as fmt
 from cachefilesd_py.presence.bitmap import ChunkBitmap, ChunkGeometry
 
@@ -91,6 +112,8 @@ class PresenceStore:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._io_lock = threading.Lock()
         self._fs_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        #: sidecars a checkpoint or bind could not save (each logged)
+        self.save_failures = 0
 
     def sidecar_path(self, key: BlobKeyBytes) -> Path:
         return self.root / (hashlib.sha256(key[0] + b"\0" + key[1]).hexdigest() + ".presence")
@@ -136,12 +159,9 @@ class PresenceStore:
         token: str,
     ) -> str | fmt.Sidecar:
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return "no sidecar"
-        except OSError as exc:
-            return f"sidecar unreadable: {exc.strerror}"
-        try:
+            data = _read_sidecar(path, fmt.largest_length(geometry.nchunks))
+            if data is None:
+                return "no sidecar"
             sc = fmt.decode(data)
         except PresenceCorrupt as exc:
             return str(exc)
@@ -175,25 +195,55 @@ class PresenceStore:
         )
         save_file_atomically(self.sidecar_path(bp.key), fmt.encode(sc))
 
-    def checkpoint(self, presences: list[BlobPresence], *, force: bool = False) -> int:
-        """Persist what is durable of each dirty blob; returns how many were saved."""
-        with self._io_lock:
-            snaps = [(bp, *bp.snapshot()) for bp in presences if force or bp.dirty]
-            if not snaps:
-                return 0
+    def _save_snapshot(self, bp: BlobPresence, version: int, bitmap: bytes) -> Exception | None:
+        """Save one snapshot whose data is durable; the error if it could not be saved
+        (logged and counted: the blob stays dirty, its bits not durable)."""
+        try:
+            self._save(bp, bitmap)
+        except (OSError, ValueError) as exc:
+            self.save_failures += 1
+            log.warning(
+                "presence.save_failed",
+                blob=_name(bp.key),
+                sidecar=self.sidecar_path(bp.key).name,
+                error=str(exc),
+            )
+            return exc
+        with bp.lock:
+            bp.saved_version = max(bp.saved_version, version)
+        return None
+
+    def _snapshot_durably(
+        self, presences: list[BlobPresence], force: bool
+    ) -> list[tuple[BlobPresence, int, bytes]]:
+        """Snapshots of the (dirty) bitmaps, then a ``syncfs``: the data of every bit
+        in them is durable when this returns. Call with ``_io_lock`` held."""
+        snaps = [(bp, *bp.snapshot()) for bp in presences if force or bp.dirty]
+        if snaps:
             crashpoint("checkpoint.before_syncfs")
-            syncfs(self._fs_fd)  # the data of every bit in the snapshots is now durable
+            syncfs(self._fs_fd)
             crashpoint("checkpoint.after_syncfs")
-            for bp, version, bitmap in snaps:
-                self._save(bp, bitmap)
-                with bp.lock:
-                    bp.saved_version = max(bp.saved_version, version)
-            return len(snaps)
+        return snaps
+
+    def checkpoint(self, presences: list[BlobPresence], *, force: bool = False) -> int:
+        """Persist what is durable of each dirty blob; returns how many were saved.
+
+        Raises OSError only when ``syncfs`` fails (then nothing is durable and nothing
+        is saved); a sidecar that cannot be saved is logged and skipped."""
+        with self._io_lock:
+            snaps = self._snapshot_durably(presences, force)
+            return sum(self._save_snapshot(*snap) is None for snap in snaps)
 
     def bind(self, bp: BlobPresence, cache_file: Path) -> None:
         """The kernel made ``cache_file`` reachable: make the sidecar durable, then
-        point the file's xattr at it."""
-        self.checkpoint([bp], force=True)
+        point the file's xattr at it. Raises OSError (and binds nothing) when the
+        sidecar cannot be saved."""
+        with self._io_lock:
+            (snap,) = self._snapshot_durably([bp], force=True)
+            error = self._save_snapshot(*snap)
+        if error is not None:
+            code = error.errno if isinstance(error, OSError) and error.errno else errno.EIO
+            raise OSError(code, f"sidecar not saved, cache file left unbound: {error}")
         crashpoint("bind.before_xattr")
         os.setxattr(cache_file, BINDING_XATTR, bp.binding_id.hex().encode())
         fsync_path(cache_file)
@@ -205,15 +255,16 @@ class PresenceStore:
         to ``key`` and ``cache_file`` is bound to it. For trimming, which needs no
         source: it only ever clears bits."""
         try:
-            sc = fmt.decode(self.sidecar_path(key).read_bytes())
+            data = _read_sidecar(self.sidecar_path(key), fmt.largest_length(fmt.MAX_CHUNKS))
+            if data is None:
+                return None
+            sc = fmt.decode(data)
             bound = os.getxattr(cache_file, BINDING_XATTR)
         except (OSError, PresenceCorrupt):
             return None
         if bound != sc.binding_id.hex().encode() or sc.key_hash != fmt.key_digest(key):
             return None
-        geometry = ChunkGeometry(sc.blob_size, sc.chunk_size)
-        if geometry.nchunks != sc.nchunks:
-            return None
+        geometry = ChunkGeometry(sc.blob_size, sc.chunk_size)  # decode checked it
         bp = BlobPresence(
             key,
             geometry,
@@ -230,16 +281,28 @@ class PresenceStore:
         self.clear_runs(bp, [(first, count)])
 
     def clear_runs(self, bp: BlobPresence, runs: list[tuple[int, int]]) -> None:
-        """Forget runs ``(first, count)`` of chunks durably, in one sidecar save."""
+        """Forget runs ``(first, count)`` of chunks durably, in one sidecar save.
+
+        When the sidecar cannot be rewritten (trims run when space is short: ENOSPC is
+        the likely failure), every bit is forgotten instead: the sidecar is unlinked
+        durably, which needs no space, and the blob is a miss from then on. Raises
+        OSError only if even that fails; then the bytes must stay."""
         with self._io_lock:
             with bp.lock:
                 for first, count in runs:
                     bp.bitmap.clear_range(first, count)
                 bp.version += 1
                 version, bitmap = bp.version, bp.bitmap.to_bytes()
-            self._save(bp, bitmap)
+            if self._save_snapshot(bp, version, bitmap) is None:
+                return
+            path = self.sidecar_path(bp.key)
+            path.unlink(missing_ok=True)
+            fsync_dir(path.parent)
             with bp.lock:
+                bp.bitmap.clear_range(0, bp.bitmap.nchunks)
+                bp.trusted = False
                 bp.saved_version = max(bp.saved_version, version)
+            log.warning("presence.forgotten", blob=_name(bp.key), reason="sidecar not saved")
 
     def remove(self, key: BlobKeyBytes) -> None:
         self.sidecar_path(key).unlink(missing_ok=True)
@@ -260,3 +323,47 @@ def _name(key: BlobKeyBytes) -> str:
         + "/"
         + key[1].decode("utf-8", "backslashreplace")
     )
+
+
+def _read_sidecar(path: Path, limit: int) -> bytes | None:
+    """The bytes of the sidecar at ``path`` (None if there is none), read without
+    trusting the file: never blocking, never through a symlink, only a regular file,
+    at most ``limit`` bytes and only as many as its head claims. PresenceCorrupt
+    otherwise."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = OwnedFd(os.open(path, flags))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PresenceCorrupt("sidecar is a symbolic link") from exc
+        raise PresenceCorrupt(f"sidecar unreadable: {exc.strerror}") from exc
+    with fd:
+        try:
+            st = os.fstat(fd.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise PresenceCorrupt("sidecar is not a regular file")
+            length = fmt.claimed_length(_pread_upto(fd.fileno(), fmt.HEAD.size))
+            if length > limit:
+                raise PresenceCorrupt(
+                    f"sidecar claims {length} bytes, more than the blob's {limit} allow"
+                )
+            if st.st_size != length:
+                raise PresenceCorrupt("sidecar length does not match its chunk count")
+            return _pread_upto(fd.fileno(), length + 1)  # decode sees a file that grew
+        except OSError as exc:
+            raise PresenceCorrupt(f"sidecar unreadable: {exc.strerror}") from exc
+
+
+def _pread_upto(fd: int, size: int) -> bytes:
+    """Up to ``size`` bytes from the start of ``fd`` (fewer only at end of file)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        part = os.pread(fd, min(size - got, 1 << 20), got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
