@@ -58,6 +58,7 @@ from cachefilesd_py.kernel.durable import (
     crashpoint,
     fsync_dir,
     fsync_path,
+    remove_stale_temps,
     save_file_atomically,
     syncfs,
 )
@@ -114,6 +115,7 @@ class PresenceStore:
         self._fs_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         #: sidecars a checkpoint or bind could not save (each logged)
         self.save_failures = 0
+        remove_stale_temps(self.root)
 
     def sidecar_path(self, key: BlobKeyBytes) -> Path:
         return self.root / (hashlib.sha256(key[0] + b"\0" + key[1]).hexdigest() + ".presence")
