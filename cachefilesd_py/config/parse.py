@@ -36,7 +36,7 @@ from cachefilesd_py.errors import ConfigError
 
 MAX_LINE = 4095
 PERCENT = re.compile(r"^(\d{1,3})%$")
-SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE | re.ASCII)
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 POLICIES = ("s3fifo", "lru", "fifo")
 ONCE = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from cachefilesd_py.config.parse import parse_config
+from cachefilesd_py.errors import ConfigError
 from cachefilesd_py.frontends.classic.commands import parse_state
 
 
@@ -20,3 +22,11 @@ def test_classic_state_takes_only_the_kernels_lowercase_hex(word: str) -> None:
     assert state.cull and state.get("fstop") == 10
     assert name == "cull" or name not in state.values
     assert word.split()[0] in state.malformed
+
+
+@pytest.mark.parametrize("suffix", ["\u212a", "\u212aiB"])  # KELVIN SIGN, which folds to k
+def test_a_size_with_a_unicode_case_fold_of_a_unit_is_a_config_error(suffix: str) -> None:
+    """fuzz_config: the case-insensitive size pattern matched U+212A as ``K``, then
+    ``UNITS[suffix.upper()]`` raised KeyError out of the parser."""
+    with pytest.raises(ConfigError, match=r"c\.conf:2: readahead: .* is not a size"):
+        parse_config(f"dir /c\nreadahead 4{suffix}\n", "c.conf")
