@@ -84,6 +84,8 @@ class BlobPresence:
     #: bumped by every change; ``saved_version`` is the version last made durable
     version: int = 0
     saved_version: int = -1
+    #: the last save of this blob's sidecar failed (warned once, until one succeeds)
+    save_failing: bool = False
 
     def note_written(self, first: int, count: int) -> None:
         with self.lock:
@@ -204,15 +206,23 @@ class PresenceStore:
             self._save(bp, bitmap)
         except (OSError, ValueError) as exc:
             self.save_failures += 1
-            log.warning(
+            # a lasting failure (a directory on the name, a token the format cannot
+            # hold) would otherwise warn at every checkpoint
+            report = log.debug if bp.save_failing else log.warning
+            report(
                 "presence.save_failed",
                 blob=_name(bp.key),
                 sidecar=self.sidecar_path(bp.key).name,
                 error=str(exc),
+                failures=self.save_failures,
             )
+            bp.save_failing = True
             return exc
         with bp.lock:
             bp.saved_version = max(bp.saved_version, version)
+        if bp.save_failing:
+            bp.save_failing = False
+            log.info("presence.save_recovered", blob=_name(bp.key))
         return None
 
     def _snapshot_durably(

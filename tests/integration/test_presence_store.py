@@ -332,8 +332,14 @@ def test_a_sidecar_that_cannot_be_saved_does_not_stop_the_checkpoint(tmp_path: P
     failed = [e for e in logs if e["event"] == "presence.save_failed"]
     assert len(failed) == 1 and failed[0]["blob"] == "erofs,v/b"
     assert [p.name for p in tmp_path.joinpath("presence").iterdir() if ".tmp" in p.name] == []
+    with capture_logs() as logs:
+        assert store.checkpoint([a, b, c]) == 0  # still failing: counted, not warned again
+    assert store.save_failures == 2
+    assert [(e["event"], e["log_level"]) for e in logs] == [("presence.save_failed", "debug")]
     store.sidecar_path(b.key).rmdir()
-    assert store.checkpoint([a, b, c]) == 1 and not b.dirty
+    with capture_logs() as logs:
+        assert store.checkpoint([a, b, c]) == 1 and not b.dirty
+    assert [e["event"] for e in logs] == ["presence.save_recovered"]
 
 
 def test_a_token_too_long_for_the_format_is_a_save_failure(tmp_path: Path) -> None:
