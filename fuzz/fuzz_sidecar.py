@@ -2,9 +2,12 @@
 and through the store's load paths on real files → a ``BlobPresence`` (trusted only if
 the bytes are a valid sidecar of the expected blob) or a miss, never an exception.
 
-The store part writes ``data`` as the sidecar of :data:`KEY` and binds the cache file
-to the binding id found at bytes 32..48 of ``data``, so a mutated sidecar gets past
-the binding check and reaches the geometry, token and bitmap checks behind it. The
+Checksums stop a byte-level fuzzer cold (a mutation almost never keeps a crc32 valid),
+so each input is also tried *resealed*: both crcs recomputed where its header puts
+them, which is what an attacker who can write the file does. The store part writes the
+input as the sidecar of :data:`KEY` and binds the cache file to the binding id found
+at bytes 32..48 of it, so a mutated sidecar gets past the binding check and reaches the
+geometry, token and bitmap checks behind it. The
 seeds in ``fuzz/corpus/sidecar/`` are sidecars written by ``PresenceStore`` for
 :data:`KEY` with :data:`BLOB_SIZE`, :data:`CHUNK` and :data:`TOKEN`.
 """
@@ -15,6 +18,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 from cachefilesd_py.errors import PresenceCorrupt
@@ -65,5 +69,21 @@ def _check_store(data: bytes, sc: fmt.Sidecar | None) -> None:
         assert bound.geometry == ChunkGeometry(sc.blob_size, sc.chunk_size)
 
 
+def reseal(data: bytes) -> bytes:
+    """``data`` with both checksums recomputed where its header says they are."""
+    if len(data) < fmt.HEAD.size:
+        return data
+    hend = fmt.HEAD.size + fmt.HEAD.unpack_from(data)[-1]
+    if len(data) < hend + 2 * fmt.CRC.size:
+        return data
+    out = bytearray(data)
+    out[hend : hend + 4] = fmt.CRC.pack(zlib.crc32(out[:hend]))
+    out[-4:] = fmt.CRC.pack(zlib.crc32(out[hend + 4 : -4]))
+    return bytes(out)
+
+
 def TestOneInput(data: bytes) -> None:
     _check_store(data, _check_decoded(data))
+    sealed = reseal(data)
+    if sealed != data:
+        _check_store(sealed, _check_decoded(sealed))
