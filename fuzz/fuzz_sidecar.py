@@ -18,13 +18,13 @@ import atexit
 import os
 import shutil
 import tempfile
-import zlib
 from pathlib import Path
 
 from cachefilesd_py.errors import PresenceCorrupt
 from cachefilesd_py.presence import format as fmt
 from cachefilesd_py.presence.bitmap import ChunkBitmap, ChunkGeometry
 from cachefilesd_py.presence.store import BINDING_XATTR, BlobPresence, PresenceStore
+from cachefilesd_py.testing.sidecars import reseal
 
 MAX_LEN = 4096
 KEY = (b"erofs,fuzz.img", b"fuzz.img")
@@ -67,19 +67,6 @@ def _check_store(data: bytes, sc: fmt.Sidecar | None) -> None:
     if bound is not None:
         assert sc is not None and bound.bitmap.to_bytes() == sc.bitmap
         assert bound.geometry == ChunkGeometry(sc.blob_size, sc.chunk_size)
-
-
-def reseal(data: bytes) -> bytes:
-    """``data`` with both checksums recomputed where its header says they are."""
-    if len(data) < fmt.HEAD.size:
-        return data
-    hend = fmt.HEAD.size + fmt.HEAD.unpack_from(data)[-1]
-    if len(data) < hend + 2 * fmt.CRC.size:
-        return data
-    out = bytearray(data)
-    out[hend : hend + 4] = fmt.CRC.pack(zlib.crc32(out[:hend]))
-    out[-4:] = fmt.CRC.pack(zlib.crc32(out[hend + 4 : -4]))
-    return bytes(out)
 
 
 def TestOneInput(data: bytes) -> None:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import tracemalloc
-import zlib
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from cachefilesd_py.presence import format as fmt
 from cachefilesd_py.presence import store as store_module
 from cachefilesd_py.presence.store import BINDING_XATTR, BlobPresence, PresenceStore
 from cachefilesd_py.presence.verify import verify
+from cachefilesd_py.testing.sidecars import reseal
 
 KEY = (b"erofs,img", b"img")
 CHUNK = 4096
@@ -177,14 +177,6 @@ def bound_sidecar(cache: tuple[PresenceStore, Path]) -> tuple[PresenceStore, Pat
     store.bind(bp, f)
     assert store.load(KEY, f, SIZE, CHUNK, "t1").trusted
     return store, f, store.sidecar_path(KEY).read_bytes()
-
-
-def reseal(raw: bytearray) -> bytes:
-    tlen = fmt.HEAD.unpack_from(raw)[-1]
-    hend = fmt.HEAD.size + tlen
-    raw[hend : hend + 4] = fmt.CRC.pack(zlib.crc32(raw[:hend]))
-    raw[-4:] = fmt.CRC.pack(zlib.crc32(raw[hend + 4 : -4]))
-    return bytes(raw)
 
 
 def test_a_bit_past_the_last_chunk_is_a_miss_not_an_error(cache) -> None:  # type: ignore[no-untyped-def]

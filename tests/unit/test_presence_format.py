@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import replace
 
 import pytest
@@ -12,6 +11,7 @@ from hypothesis import strategies as st
 from cachefilesd_py.errors import PresenceCorrupt
 from cachefilesd_py.presence import format as fmt
 from cachefilesd_py.presence.bitmap import ChunkBitmap, ChunkGeometry
+from cachefilesd_py.testing.sidecars import reseal
 
 SC = fmt.Sidecar(
     262144,
@@ -45,21 +45,6 @@ def test_truncation_is_detected(cut: int) -> None:
 
 
 # -- hostile sidecars: every decode problem is PresenceCorrupt, never anything else ----
-
-
-def reseal(raw: bytes | bytearray) -> bytes:
-    """Recompute both checksums of a (possibly mutated) sidecar, so that a test reaches
-    the checks behind them: what an attacker who can write the file could do."""
-    raw = bytearray(raw)
-    if len(raw) < fmt.HEAD.size:
-        return bytes(raw)
-    tlen = fmt.HEAD.unpack_from(raw)[-1]
-    hend = fmt.HEAD.size + tlen
-    if len(raw) < hend + 8:
-        return bytes(raw)
-    raw[hend : hend + 4] = fmt.CRC.pack(zlib.crc32(raw[:hend]))
-    raw[-4:] = fmt.CRC.pack(zlib.crc32(raw[hend + 4 : -4]))
-    return bytes(raw)
 
 
 def with_fields(**fields: int) -> bytes:
