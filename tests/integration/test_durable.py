@@ -146,3 +146,42 @@ def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path: 
         (tmp_path / name).write_bytes(b"x")
     assert durable.remove_stale_temps(tmp_path) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, k in names.items() if k)
+
+
+_DIE_AT = """
+import os, sys
+from pathlib import Path
+from cachefilesd_py.kernel import durable
+
+def die(point: str) -> None:
+    if point == sys.argv[2]:
+        os._exit(9)  # no cleanup runs: a crash, not an exception
+
+durable.set_crash_hook(die)
+durable.save_file_atomically(Path(sys.argv[1]), b"new")
+"""
+
+
+@pytest.mark.parametrize(
+    ("point", "expected"), [("save.before_rename", b"old"), ("save.before_dir_sync", b"new")]
+)
+def test_a_writer_killed_between_steps_leaves_old_or_new_and_the_next_start_sweeps(
+    target: Path, point: str, expected: bytes
+) -> None:
+    """A real death (no ``except`` runs), then what the next daemon start sees: the
+    target whole (old or new, never a mix or empty) and the dead writer's temporary,
+    which :class:`PresenceStore` removes when it opens the directory."""
+    from cachefilesd_py.presence.store import PresenceStore
+
+    died = subprocess.run([sys.executable, "-c", _DIE_AT, str(target), point], check=False)
+    assert died.returncode == 9
+    assert target.read_bytes() == expected
+    left = leftovers(target.parent)
+    if point == "save.before_rename":
+        assert len(left) == 1  # fsynced new bytes under the temporary name, never renamed
+        assert (target.parent / left[0]).read_bytes() == b"new"
+    else:
+        assert left == []
+    PresenceStore(target.parent)
+    assert leftovers(target.parent) == []
+    assert target.read_bytes() == expected
