@@ -24,7 +24,8 @@ from structlog.testing import capture_logs
 REPO = Path(__file__).resolve().parents[2]
 FUZZ = REPO / "fuzz"
 HARNESSES = sorted(p.stem.removeprefix("fuzz_") for p in FUZZ.glob("fuzz_*.py"))
-#: hypothesis-derived inputs per harness: with the corpus, a few seconds each
+#: hypothesis-derived inputs per harness: with the corpus, a few seconds each. A harness
+#: may ask for fewer with ``CI_EXAMPLES`` (one whose inputs cost a network deadline each)
 EXAMPLES = 500
 
 
@@ -90,12 +91,13 @@ def test_harness_accepts_its_whole_corpus(name: str) -> None:
 def test_harness_on_derived_and_random_inputs(name: str) -> None:
     harness, seeds = load(name), corpus(name)
     max_len = getattr(harness, "MAX_LEN", 4096)
+    examples = getattr(harness, "CI_EXAMPLES", EXAMPLES)
     tokens = [t for t in getattr(harness, "TOKENS", ()) if t]
     inputs = st.one_of(mutated(seeds, max_len, tokens), st.binary(max_size=min(max_len, 512)))
     check: Callable[[bytes], None] = harness.TestOneInput
 
     @settings(
-        max_examples=EXAMPLES,
+        max_examples=examples,
         derandomize=True,
         database=None,
         deadline=None,
