@@ -102,15 +102,19 @@ def save_file_atomically(path: Path, data: bytes) -> None:
 def remove_stale_temps(directory: Path) -> int:
     """Remove the temporary files of :func:`save_file_atomically` whose writer process
     is gone (a crash between create and rename); returns how many went. A live pid's
-    are kept: it may be saving right now."""
+    are kept: it may be saving right now. Whatever cannot be unlinked (a directory at
+    such a name: EISDIR) is left where it is: the sweep runs at start-up and must never
+    stop it, and a save never writes through what sits at its name."""
     removed = 0
     for entry in os.scandir(directory):
         m = _TEMP_NAME.match(entry.name)
         if m is None or _alive(int(m.group(1))):
             continue
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(entry.path)
-            removed += 1
+        except OSError:
+            continue
+        removed += 1
     return removed
 
 

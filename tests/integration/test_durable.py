@@ -185,3 +185,13 @@ def test_a_writer_killed_between_steps_leaves_old_or_new_and_the_next_start_swee
     PresenceStore(target.parent)
     assert leftovers(target.parent) == []
     assert target.read_bytes() == expected
+
+
+def test_what_cannot_be_removed_at_a_stale_name_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    """Anyone who can write the directory can put a directory at a temporary's name
+    (unlink: EISDIR); the sweep runs when the store opens, so it must not raise: it
+    skips that entry and removes the rest."""
+    (tmp_path / f".a.presence.tmp-{10**30}-1").mkdir()
+    (tmp_path / f".b.presence.tmp-{10**30}-1").write_bytes(b"x")
+    assert durable.remove_stale_temps(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [f".a.presence.tmp-{10**30}-1"]
