@@ -317,11 +317,26 @@ class PresenceStore:
             log.warning("presence.forgotten", blob=_name(bp.key), reason="sidecar not saved")
 
     def remove(self, key: BlobKeyBytes) -> None:
-        self.sidecar_path(key).unlink(missing_ok=True)
+        """Drop ``key``'s sidecar (its cache file is gone). Never raises: it runs inside
+        a cull pass, and what cannot be unlinked (a directory on the name) is a miss
+        at every load anyway."""
+        path = self.sidecar_path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("presence.remove_failed", sidecar=path.name, error=exc.strerror)
 
     def orphans(self, known: set[BlobKeyBytes]) -> list[Path]:
+        """Sidecars of no known blob, for the sweep to unlink: files and symlinks only
+        (a directory on a sidecar's name cannot be unlinked; it is left alone)."""
         keep = {self.sidecar_path(k).name for k in known}
-        return [p for p in self.root.glob("*.presence") if p.name not in keep]
+        return [
+            Path(e.path)
+            for e in os.scandir(self.root)
+            if e.name.endswith(".presence")
+            and e.name not in keep
+            and not e.is_dir(follow_symlinks=False)
+        ]
 
     def close(self) -> None:
         if self._fs_fd >= 0:

@@ -373,3 +373,20 @@ def test_clear_runs_that_cannot_save_forgets_the_whole_blob_durably(
     assert not store.sidecar_path(KEY).exists()
     assert bp.bitmap.count() == 0 and not bp.trusted and store.save_failures == 1
     assert not store.load(KEY, f, SIZE, CHUNK, "t1").trusted
+
+
+def test_a_directory_on_a_sidecar_name_never_stops_a_cull_or_the_orphan_sweep(
+    tmp_path: Path,
+) -> None:
+    """A directory where a sidecar belongs is a miss at load; removing the blob's
+    sidecar (after a cull) and listing orphans must not raise over it either (both run
+    inside a cull pass)."""
+    store = PresenceStore(tmp_path / "presence")
+    squatted = store.sidecar_path(KEY)
+    squatted.mkdir()
+    (store.root / ("0" * 64 + ".presence")).mkdir()
+    assert not store.load(KEY, tmp_path / "Dimg", SIZE, CHUNK, "t1").trusted
+    with capture_logs() as logs:
+        store.remove(KEY)
+    assert [e["event"] for e in logs] == ["presence.remove_failed"]
+    assert store.orphans(set()) == []
