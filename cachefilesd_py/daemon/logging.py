@@ -19,7 +19,8 @@ separators, format characters such as bidi overrides) become backslash escapes
 (``\\n``, ``\\x1b``, ``\\u202e``; a lone surrogate from undecodable bytes becomes the
 byte, ``\\xff``), and a value that holds a space, ``"`` or ``=`` is double-quoted. A
 traceback is one escaped value. One event is always exactly one line, and the only
-``<N>`` prefix in the journal is the daemon's. JSON escapes by itself (``json.dumps``
+``<N>`` prefix in the journal is the daemon's (a journal line is also kept shorter than
+the length at which journald would cut it into records). JSON escapes by itself (``json.dumps``
 escapes controls and everything outside ASCII).
 """
 
@@ -107,13 +108,27 @@ def escape_values(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str
     return safe
 
 
+#: longest journal line, in bytes. journald cuts a longer stdout line every ``LineMax=``
+#: bytes (48K by default) and parses a ``<N>`` prefix at the start of each piece, so a
+#: value long enough to put ``<2>`` there would forge a record of its own. Longer lines
+#: end in :data:`TRUNCATED` instead (a ``LineMax=`` set below this reopens the hole).
+JOURNAL_LINE_MAX = 16 * 1024
+TRUNCATED = "...[truncated]"
+
+
 def _journal_renderer(_logger: Any, method: str, event: dict[str, Any]) -> str:
-    """``<N>event key=value ...``: values already escaped by :func:`escape_values`."""
+    """``<N>event key=value ...``: values already escaped by :func:`escape_values`,
+    the line cut to :data:`JOURNAL_LINE_MAX` bytes."""
     prio = PRIORITY.get(method, 6)
     name = event.pop("event", "")
     event.pop("timestamp", None)
     rest = " ".join(f"{k}={v}" for k, v in event.items())
-    return f"<{prio}>{name} {rest}".rstrip()
+    line = f"<{prio}>{name} {rest}".rstrip()
+    raw = line.encode("utf-8", "surrogateescape")
+    if len(raw) <= JOURNAL_LINE_MAX:
+        return line
+    keep = raw[: JOURNAL_LINE_MAX - len(TRUNCATED)].decode("utf-8", "ignore")
+    return keep + TRUNCATED
 
 
 _LEVEL_COLOURS = {

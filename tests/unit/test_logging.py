@@ -45,6 +45,35 @@ def test_a_cookie_with_a_newline_cannot_forge_a_line(
         assert "<2>" not in lines[0].split(" ", 1)[0]
 
 
+def journald_records(stream: str, line_max: int = 48 * 1024) -> list[str]:
+    """What journald makes of a stdout stream: a record per line, and a record per
+    ``line_max`` bytes of a longer line (``LineMax=``, 48K by default), each of which
+    gets its own ``<N>`` prefix parsed (systemd's journald-stream.c)."""
+    records = []
+    for line in stream.encode().split(b"\n"):
+        while len(line) > line_max:
+            records.append(line[:line_max].decode(errors="replace"))
+            line = line[line_max:]
+        if line:
+            records.append(line.decode(errors="replace"))
+    return records
+
+
+def test_a_long_value_cannot_forge_a_record_where_journald_splits_the_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """journald cuts a line at ``LineMax`` and reads a priority prefix at the start of
+    each piece: a value long enough to put ``<2>`` there forged a critical record."""
+    configure_logging(0, "journal", use_stderr=True)
+    prefix = len("<4>source.failed error=")
+    forged = "a" * (48 * 1024 - prefix) + "<2>forged-critical" + "b" * 20_000
+    structlog.get_logger("t").warning("source.failed", error=forged)
+    records = journald_records(capsys.readouterr().err)
+    assert len(records) == 1
+    assert records[0].startswith("<4>source.failed error=aaa")
+    assert records[0].endswith("...[truncated]")
+
+
 @pytest.mark.parametrize("fmt", ["journal", "console"])
 def test_keys_event_names_and_tracebacks_are_escaped_too(
     capsys: pytest.CaptureFixture[str], fmt: str
