@@ -68,6 +68,12 @@ from cachefilesd_py.presence.bitmap import ChunkBitmap, ChunkGeometry
 
 log = structlog.get_logger("presence")
 
+#: the smallest chunk size a configuration may choose (``config/parse.py``: 4K to 64M)
+SMALLEST_CHUNK = 4096
+#: :meth:`PresenceStore.load_bound` allows a sidecar of a blob this large whatever the
+#: cache file's size says (a file the kernel has not grown yet)
+TRIM_BOUND_FLOOR = 64 << 30
+
 BINDING_XATTR = "user.cachefilesd_py.presence"
 BlobKeyBytes = tuple[bytes, bytes]
 
@@ -265,9 +271,16 @@ class PresenceStore:
         """The presence of an idle blob as its sidecar records it (geometry and source
         token from the sidecar's header), or None unless the sidecar is intact, belongs
         to ``key`` and ``cache_file`` is bound to it. For trimming, which needs no
-        source: it only ever clears bits."""
+        source: it only ever clears bits.
+
+        With no geometry from a source, the sidecar's claim is bounded by the cache
+        file: its size (at least :data:`TRIM_BOUND_FLOOR`) in the smallest chunk the
+        configuration allows, so a hostile head cannot make this read more than that
+        needs (2 MiB of bitmap for a file of up to 64 GiB)."""
         try:
-            data = _read_sidecar(self.sidecar_path(key), fmt.largest_length(fmt.MAX_CHUNKS))
+            span = max(os.stat(cache_file).st_size, TRIM_BOUND_FLOOR)
+            limit = fmt.largest_length(min(fmt.MAX_CHUNKS, -(-span // SMALLEST_CHUNK)))
+            data = _read_sidecar(self.sidecar_path(key), limit)
             if data is None:
                 return None
             sc = fmt.decode(data)

@@ -390,3 +390,28 @@ def test_a_directory_on_a_sidecar_name_never_stops_a_cull_or_the_orphan_sweep(
         store.remove(KEY)
     assert [e["event"] for e in logs] == ["presence.remove_failed"]
     assert store.orphans(set()) == []
+
+
+def test_load_bound_reads_no_more_than_the_cache_file_can_need(cache) -> None:  # type: ignore[no-untyped-def]
+    """``load_bound`` (a cull's trim) has no geometry from a source: the sidecar's
+    claim is bounded by the cache file's size in the smallest chunks (4 KiB). A sparse
+    sidecar whose head claims 2^31 chunks (a 256 MiB bitmap) was read whole."""
+    store, f, raw = bound_sidecar(cache)
+    path = store.sidecar_path(KEY)
+    head = bytearray(raw[: fmt.HEAD.size])
+    nchunks = 1 << 31
+    struct.pack_into("<QQ", head, 16, nchunks * CHUNK, nchunks)  # blob size, chunks
+    with open(path, "wb") as out:
+        out.write(bytes(head))
+        out.truncate(fmt.claimed_length(bytes(head)))
+    tracemalloc.start()
+    try:
+        bound = store.load_bound(KEY, f)
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert bound is None
+    assert peak < 16 << 20, f"read {peak} bytes of a hostile sidecar"
+    path.write_bytes(raw)  # the honest sidecar is still trusted for trimming
+    trimmed = store.load_bound(KEY, f)
+    assert trimmed is not None and trimmed.bitmap.count() == 2
