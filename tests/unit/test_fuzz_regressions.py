@@ -30,3 +30,20 @@ def test_a_size_with_a_unicode_case_fold_of_a_unit_is_a_config_error(suffix: str
     ``UNITS[suffix.upper()]`` raised KeyError out of the parser."""
     with pytest.raises(ConfigError, match=r"c\.conf:2: readahead: .* is not a size"):
         parse_config(f"dir /c\nreadahead 4{suffix}\n", "c.conf")
+
+
+@pytest.mark.parametrize("mask", ["-1", "+5", "1_0", "\u0661\u0662", "0x1ffffffff", "4294967296"])
+def test_a_debug_mask_the_kernel_cannot_take_is_a_config_error(mask: str) -> None:
+    """fuzz_config (with the commands built by ``kernel/commands.py``, which refuse a
+    mask outside 0..2**32-1): ``int(text, 0)`` took signs, ``_``, non-ASCII digits and
+    any size, so ``--check-config`` passed what ``debug`` cannot carry (issue 10 item
+    12 names ``debug -1``)."""
+    with pytest.raises(ConfigError, match=r"c\.conf:2: debug: "):
+        parse_config(f"dir /c\ndebug {mask}\n", "c.conf")
+
+
+@pytest.mark.parametrize(
+    ("mask", "value"), [("0", 0), ("7", 7), ("0x1F", 31), ("4294967295", 2**32 - 1)]
+)
+def test_debug_masks_the_kernel_takes_still_parse(mask: str, value: int) -> None:
+    assert parse_config(f"dir /c\ndebug {mask}\n", "c.conf").debug == value
