@@ -9,9 +9,10 @@ takes whole (no newline or NUL, at most 4095 bytes).
 from __future__ import annotations
 
 from cachefilesd_py.config.model import Config
-from cachefilesd_py.config.parse import HANDLERS, kernel_commands, parse_config
+from cachefilesd_py.config.parse import HANDLERS, parse_config
 from cachefilesd_py.daemon.cli import describe
 from cachefilesd_py.errors import ConfigError
+from cachefilesd_py.frontends.bind import kernel_commands
 
 MAX_LEN = 8192
 #: a libFuzzer dictionary: the directives and their argument forms, and characters

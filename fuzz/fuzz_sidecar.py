@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.errors import PresenceCorrupt
 from cachefilesd_py.presence import format as fmt
 from cachefilesd_py.presence.bitmap import ChunkBitmap, ChunkGeometry
@@ -27,7 +28,7 @@ from cachefilesd_py.presence.store import BINDING_XATTR, BlobPresence, PresenceS
 from cachefilesd_py.testing.sidecars import reseal
 
 MAX_LEN = 4096
-KEY = (b"erofs,fuzz.img", b"fuzz.img")
+KEY = BlobKey(b"erofs,fuzz.img", b"fuzz.img")
 CHUNK = 4096
 BLOB_SIZE = 100 * CHUNK + 123
 TOKEN = '409723:"5f2b-1a"'
@@ -55,13 +56,14 @@ def _check_decoded(data: bytes) -> fmt.Sidecar | None:
 def _check_store(data: bytes, sc: fmt.Sidecar | None) -> None:
     STORE.sidecar_path(KEY).write_bytes(data)
     os.setxattr(CACHE_FILE, BINDING_XATTR, data[32:48].hex().encode())
-    bp = STORE.load(KEY, CACHE_FILE, BLOB_SIZE, CHUNK, TOKEN)
-    assert isinstance(bp, BlobPresence)
-    assert bp.geometry == ChunkGeometry(BLOB_SIZE, CHUNK) and bp.token == TOKEN
-    if bp.trusted:
+    bp = STORE.load(KEY, CACHE_FILE, BLOB_SIZE, TOKEN, chunk_size=CHUNK)
+    assert isinstance(bp, BlobPresence) and bp.token == TOKEN
+    if bp.trusted:  # a trusted sidecar keeps its own chunk size
         assert sc is not None and bp.bitmap.to_bytes() == sc.bitmap
-        assert (sc.blob_size, sc.chunk_size, sc.token) == (BLOB_SIZE, CHUNK, TOKEN)
+        assert (sc.blob_size, sc.token) == (BLOB_SIZE, TOKEN)
+        assert bp.geometry == ChunkGeometry(BLOB_SIZE, sc.chunk_size)
     else:
+        assert bp.geometry == ChunkGeometry(BLOB_SIZE, CHUNK)
         assert bp.bitmap.count() == 0
     bound = STORE.load_bound(KEY, CACHE_FILE)
     if bound is not None:

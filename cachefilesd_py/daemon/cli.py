@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from cachefilesd_py import __version__
 from cachefilesd_py.config.load import load_config
 from cachefilesd_py.config.model import Config
-from cachefilesd_py.config.parse import kernel_commands
 from cachefilesd_py.errors import CachefilesdError, ConfigError
+from cachefilesd_py.frontends.bind import kernel_commands
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cachefilesd-py: {exc}", file=sys.stderr)
         return exc.exit_code
     if opts.check_config:
-        print(describe(cfg))
+        try:
+            print(describe(cfg))
+        except ConfigError as exc:
+            print(f"cachefilesd-py: {exc}", file=sys.stderr)
+            return exc.exit_code
         return 0
     from cachefilesd_py.daemon.logging import configure_logging
 

@@ -1,11 +1,12 @@
 """Durable presence: sidecar files bound to cache files by an xattr.
 
 Where: one sidecar per blob in ``<cache dir>/cachefilesd-py/presence/``, named by the
-sha256 of the blob key. The cache file carries the xattr ``user.cachefilesd_py.presence``
-whose value is the sidecar's random 16-byte binding id (hex). A sidecar is trusted only
-if that xattr is on the cache file the kernel uses for the blob *and* the sidecar's
-header matches the blob (key, size, chunk size, source identity token). Anything else is
-a miss: an empty bitmap, logged as ``presence.distrusted``, never an error.
+blob key's digest (``BlobKey.digest``). The cache file carries the xattr
+``user.cachefilesd_py.presence`` whose value is the sidecar's random 16-byte binding id
+(hex). A sidecar is trusted only if that xattr is on the cache file the kernel uses for
+the blob *and* the sidecar's header matches the blob (key, size, source identity token).
+Anything else is a miss: an empty bitmap, logged as ``presence.distrusted``, never an
+error. A trusted sidecar keeps its own chunk size (see :meth:`PresenceStore.load`).
 
 Why an xattr and a sidecar: an xattr-only bitmap tops out near 1 GiB of blob (64 KiB
 values); a sidecar alone could outlive its cache file (the kernel culls, replaces or
@@ -33,8 +34,9 @@ Reading a sidecar never trusts the file (``_read_sidecar``): it is opened with
 ``O_NONBLOCK|O_NOFOLLOW`` (a FIFO cannot block the open, a symlink is refused, whatever
 it points to), it must be a regular file (``fstat``), and it is read only up to the
 length its head claims, after checking that claim against the largest sidecar the
-caller's geometry allows and against the file's size. Anything else is a miss, and the
-next save replaces it: ``rename(2)`` replaces the name, whatever the name was.
+blob's size allows (in the smallest chunks) and against the file's size. Anything else
+is a miss, and the next save replaces it: ``rename(2)`` replaces the name, whatever
+the name was.
 
 Lock order: ``BlobPresence.lock`` is a leaf lock (nothing else is taken while holding
 it); ``PresenceStore._io_lock`` serialises sidecar writes and may be held while taking
@@ -44,15 +46,16 @@ a ``BlobPresence.lock`` briefly for a snapshot.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
+from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.errors import PresenceCorrupt
 from cachefilesd_py.kernel.durable import (
     crashpoint,
@@ -75,12 +78,11 @@ SMALLEST_CHUNK = 4096
 TRIM_BOUND_FLOOR = 64 << 30
 
 BINDING_XATTR = "user.cachefilesd_py.presence"
-BlobKeyBytes = tuple[bytes, bytes]
 
 
 @dataclass(eq=False)
 class BlobPresence:
-    key: BlobKeyBytes
+    key: BlobKey
     geometry: ChunkGeometry
     token: str
     binding_id: bytes
@@ -125,30 +127,53 @@ class PresenceStore:
         self.save_failures = 0
         remove_stale_temps(self.root)
 
-    def sidecar_path(self, key: BlobKeyBytes) -> Path:
-        return self.root / (hashlib.sha256(key[0] + b"\0" + key[1]).hexdigest() + ".presence")
+    def sidecar_path(self, key: BlobKey) -> Path:
+        return self.root / (key.digest.hex() + ".presence")
 
     def load(
         self,
-        key: BlobKeyBytes,
+        key: BlobKey,
         cache_file: Path | None,
         blob_size: int,
-        chunk_size: int,
         token: str,
+        *,
+        chunk_size: int,
+        chunk_size_ok: Callable[[int], bool] = lambda _size: True,
     ) -> BlobPresence:
-        geometry = ChunkGeometry(blob_size, chunk_size)
-        empty = BlobPresence(key, geometry, token, os.urandom(16), ChunkBitmap(geometry.nchunks))
+        """The blob's presence: from its sidecar if the sidecar is trusted, else empty.
+
+        ``chunk_size`` is what a blob without a trusted sidecar gets. A trusted sidecar
+        keeps the chunk size it records, even when the configuration now says another
+        (its bits count its own chunks; the admin changed ``chunk_size`` since), as
+        long as ``chunk_size_ok`` accepts it (the engine's fill buffers must hold a
+        chunk); otherwise the sidecar is distrusted and the blob starts empty."""
+        empty = BlobPresence(
+            key,
+            ChunkGeometry(blob_size, chunk_size),
+            token,
+            os.urandom(16),
+            ChunkBitmap(ChunkGeometry(blob_size, chunk_size).nchunks),
+        )
         if cache_file is None:
             return empty
         path = self.sidecar_path(key)
-        reason = self._distrust_reason(key, cache_file, path, geometry, token)
+        reason = self._distrust_reason(key, cache_file, path, blob_size, token, chunk_size_ok)
         if isinstance(reason, str):
             if reason != "no sidecar":
                 log.warning(
-                    "presence.distrusted", blob=_name(key), file=str(cache_file), reason=reason
+                    "presence.distrusted", blob=str(key), file=str(cache_file), reason=reason
                 )
             return empty
         sc = reason
+        geometry = ChunkGeometry(blob_size, sc.chunk_size)
+        if sc.chunk_size != chunk_size:
+            log.info(
+                "presence.kept_chunk_size",
+                blob=str(key),
+                chunk=sc.chunk_size,
+                configured=chunk_size,
+                note="the sidecar's chunk size is kept for this blob; new blobs get the new one",
+            )
         bp = BlobPresence(
             key,
             geometry,
@@ -162,14 +187,15 @@ class PresenceStore:
 
     def _distrust_reason(
         self,
-        key: BlobKeyBytes,
+        key: BlobKey,
         cache_file: Path,
         path: Path,
-        geometry: ChunkGeometry,
+        blob_size: int,
         token: str,
+        chunk_size_ok: Callable[[int], bool],
     ) -> str | fmt.Sidecar:
         try:
-            data = _read_sidecar(path, fmt.largest_length(geometry.nchunks))
+            data = _read_sidecar(path, fmt.largest_length(_most_chunks(blob_size)))
             if data is None:
                 return "no sidecar"
             sc = fmt.decode(data)
@@ -181,14 +207,14 @@ class PresenceStore:
             return "cache file carries no binding xattr"
         if bound != sc.binding_id.hex().encode():
             return "cache file is bound to another sidecar"
-        if sc.key_hash != fmt.key_digest(key):
+        if sc.key_hash != key.digest:
             return "sidecar belongs to another blob"
-        if (sc.blob_size, sc.chunk_size, sc.nchunks) != (
-            geometry.blob_size,
-            geometry.chunk_size,
-            geometry.nchunks,
-        ):
-            return "blob size or chunk size changed"
+        if sc.chunk_size <= 0 or sc.chunk_size & (sc.chunk_size - 1):
+            return f"sidecar chunk size {sc.chunk_size} is not a power of two"
+        if (sc.blob_size, sc.nchunks) != (blob_size, -(-blob_size // sc.chunk_size)):
+            return "blob size changed"
+        if not chunk_size_ok(sc.chunk_size):
+            return f"sidecar chunk size {sc.chunk_size} cannot be filled any more"
         if sc.token != token:
             return "source identity changed"
         return sc
@@ -199,7 +225,7 @@ class PresenceStore:
             bp.geometry.blob_size,
             bp.geometry.nchunks,
             bp.binding_id,
-            fmt.key_digest(bp.key),
+            bp.key.digest,
             bp.token,
             bitmap,
         )
@@ -217,7 +243,7 @@ class PresenceStore:
             report = log.debug if bp.save_failing else log.warning
             report(
                 "presence.save_failed",
-                blob=_name(bp.key),
+                blob=str(bp.key),
                 sidecar=self.sidecar_path(bp.key).name,
                 error=str(exc),
                 failures=self.save_failures,
@@ -228,7 +254,7 @@ class PresenceStore:
             bp.saved_version = max(bp.saved_version, version)
         if bp.save_failing:
             bp.save_failing = False
-            log.info("presence.save_recovered", blob=_name(bp.key))
+            log.info("presence.save_recovered", blob=str(bp.key))
         return None
 
     def _snapshot_durably(
@@ -267,7 +293,7 @@ class PresenceStore:
         fsync_path(cache_file)
         bp.trusted = True
 
-    def load_bound(self, key: BlobKeyBytes, cache_file: Path) -> BlobPresence | None:
+    def load_bound(self, key: BlobKey, cache_file: Path) -> BlobPresence | None:
         """The presence of an idle blob as its sidecar records it (geometry and source
         token from the sidecar's header), or None unless the sidecar is intact, belongs
         to ``key`` and ``cache_file`` is bound to it. For trimming, which needs no
@@ -279,7 +305,7 @@ class PresenceStore:
         needs (2 MiB of bitmap for a file of up to 64 GiB)."""
         try:
             span = max(os.stat(cache_file).st_size, TRIM_BOUND_FLOOR)
-            limit = fmt.largest_length(min(fmt.MAX_CHUNKS, -(-span // SMALLEST_CHUNK)))
+            limit = fmt.largest_length(_most_chunks(span))
             data = _read_sidecar(self.sidecar_path(key), limit)
             if data is None:
                 return None
@@ -287,7 +313,7 @@ class PresenceStore:
             bound = os.getxattr(cache_file, BINDING_XATTR)
         except (OSError, PresenceCorrupt):
             return None
-        if bound != sc.binding_id.hex().encode() or sc.key_hash != fmt.key_digest(key):
+        if bound != sc.binding_id.hex().encode() or sc.key_hash != key.digest:
             return None
         geometry = ChunkGeometry(sc.blob_size, sc.chunk_size)  # decode checked it
         bp = BlobPresence(
@@ -327,9 +353,9 @@ class PresenceStore:
                 bp.bitmap.clear_range(0, bp.bitmap.nchunks)
                 bp.trusted = False
                 bp.saved_version = max(bp.saved_version, version)
-            log.warning("presence.forgotten", blob=_name(bp.key), reason="sidecar not saved")
+            log.warning("presence.forgotten", blob=str(bp.key), reason="sidecar not saved")
 
-    def remove(self, key: BlobKeyBytes) -> None:
+    def remove(self, key: BlobKey) -> None:
         """Drop ``key``'s sidecar (its cache file is gone). Never raises: it runs inside
         a cull pass, and what cannot be unlinked (a directory on the name) is a miss
         at every load anyway."""
@@ -339,7 +365,7 @@ class PresenceStore:
         except OSError as exc:
             log.warning("presence.remove_failed", sidecar=path.name, error=exc.strerror)
 
-    def orphans(self, known: set[BlobKeyBytes]) -> list[Path]:
+    def orphans(self, known: set[BlobKey]) -> list[Path]:
         """Sidecars of no known blob, for the sweep to unlink: files and symlinks only
         (a directory on a sidecar's name cannot be unlinked; it is left alone)."""
         keep = {self.sidecar_path(k).name for k in known}
@@ -357,12 +383,11 @@ class PresenceStore:
             self._fs_fd = -1
 
 
-def _name(key: BlobKeyBytes) -> str:
-    return (
-        key[0].decode("utf-8", "backslashreplace")
-        + "/"
-        + key[1].decode("utf-8", "backslashreplace")
-    )
+def _most_chunks(blob_size: int) -> int:
+    """The most chunks a sidecar of a ``blob_size``-byte blob can count: a trusted
+    sidecar keeps its own chunk size (:meth:`PresenceStore.load`), never below
+    :data:`SMALLEST_CHUNK`."""
+    return min(fmt.MAX_CHUNKS, -(-blob_size // SMALLEST_CHUNK))
 
 
 def _read_sidecar(path: Path, limit: int) -> bytes | None:

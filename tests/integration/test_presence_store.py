@@ -11,11 +11,13 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
+from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.kernel import durable
 from cachefilesd_py.presence import format as fmt
 from cachefilesd_py.presence import store as store_module
@@ -23,7 +25,7 @@ from cachefilesd_py.presence.store import BINDING_XATTR, BlobPresence, PresenceS
 from cachefilesd_py.presence.verify import verify
 from cachefilesd_py.testing.sidecars import reseal
 
-KEY = (b"erofs,img", b"img")
+KEY = BlobKey(b"erofs,img", b"img")
 CHUNK = 4096
 SIZE = 10 * CHUNK + 100
 
@@ -55,12 +57,12 @@ class Crash(Exception):
 
 def test_bind_then_reload_is_trusted(cache: tuple[PresenceStore, Path]) -> None:
     store, f = cache
-    bp = store.load(KEY, None, SIZE, CHUNK, "t1")
+    bp = store.load(KEY, None, SIZE, "t1", chunk_size=CHUNK)
     assert not bp.trusted
     write_chunks(f, 2, 3)
     bp.note_written(2, 3)
     store.bind(bp, f)
-    again = store.load(KEY, f, SIZE, CHUNK, "t1")
+    again = store.load(KEY, f, SIZE, "t1", chunk_size=CHUNK)
     assert again.trusted and again.bitmap.present_runs(0, 11) == [(2, 3)]
     report = verify(again, f, source_bytes)
     assert report.ok and report.present == 3 and report.lagging == 0
@@ -77,33 +79,52 @@ def test_bind_then_reload_is_trusted(cache: tuple[PresenceStore, Path]) -> None:
 )
 def test_broken_binding_is_a_miss(cache, mutate, reason) -> None:  # type: ignore[no-untyped-def]
     store, f = cache
-    bp = store.load(KEY, None, SIZE, CHUNK, "t1")
+    bp = store.load(KEY, None, SIZE, "t1", chunk_size=CHUNK)
     write_chunks(f, 0, 2)
     bp.note_written(0, 2)
     store.bind(bp, f)
     mutate(store, f)
-    again = store.load(KEY, f, SIZE, CHUNK, "t1")
+    again = store.load(KEY, f, SIZE, "t1", chunk_size=CHUNK)
     assert not again.trusted, reason
     assert again.bitmap.count() == 0
 
 
-@pytest.mark.parametrize("changed", [("size",), ("chunk",), ("token",), ("key",)])
+@pytest.mark.parametrize("changed", [("size",), ("unfillable chunk",), ("token",), ("key",)])
 def test_mismatched_blob_is_a_miss(cache, changed) -> None:  # type: ignore[no-untyped-def]
     store, f = cache
-    bp = store.load(KEY, None, SIZE, CHUNK, "t1")
+    bp = store.load(KEY, None, SIZE, "t1", chunk_size=CHUNK)
     bp.note_written(0, 1)
     store.bind(bp, f)
-    size, chunk, token, key = SIZE, CHUNK, "t1", KEY
+    size, token, key = SIZE, "t1", KEY
+    fits: Callable[[int], bool] = lambda _chunk: True  # noqa: E731
     if changed == ("size",):
         size += 1
-    elif changed == ("chunk",):
-        chunk *= 2
+    elif changed == ("unfillable chunk",):
+        fits = lambda chunk: chunk > CHUNK  # noqa: E731 - the buffers no longer hold it
     elif changed == ("token",):
         token = "t2"
     else:
-        key = (b"erofs,img", b"other")
+        key = BlobKey(b"erofs,img", b"other")
         os.rename(store.sidecar_path(KEY), store.sidecar_path(key))
-    assert not store.load(key, f, size, chunk, token).trusted
+    again = store.load(key, f, size, token, chunk_size=CHUNK, chunk_size_ok=fits)
+    assert not again.trusted and again.bitmap.count() == 0
+
+
+def test_a_changed_chunk_size_keeps_the_sidecars_own(cache) -> None:  # type: ignore[no-untyped-def]
+    """The admin changed ``chunk_size``: a blob with a trusted sidecar keeps the chunk
+    size its sidecar records (and its bits); only new blobs get the new size."""
+    store, f = cache
+    bp = store.load(KEY, None, SIZE, "t1", chunk_size=CHUNK)
+    write_chunks(f, 2, 3)
+    bp.note_written(2, 3)
+    store.bind(bp, f)
+    again = store.load(KEY, f, SIZE, "t1", chunk_size=4 * CHUNK)
+    assert again.trusted
+    assert again.geometry.chunk_size == CHUNK
+    assert again.bitmap.present_runs(0, again.geometry.nchunks) == [(2, 3)]
+    assert verify(again, f, source_bytes).ok
+    fresh = store.load(BlobKey(b"erofs,img", b"new"), f, SIZE, "t1", chunk_size=4 * CHUNK)
+    assert not fresh.trusted and fresh.geometry.chunk_size == 4 * CHUNK
 
 
 @pytest.mark.parametrize(
@@ -117,7 +138,7 @@ def test_mismatched_blob_is_a_miss(cache, changed) -> None:  # type: ignore[no-u
 )
 def test_crash_at_every_step_never_lets_a_bit_lead_its_data(cache, point) -> None:  # type: ignore[no-untyped-def]
     store, f = cache
-    bp = store.load(KEY, None, SIZE, CHUNK, "t1")
+    bp = store.load(KEY, None, SIZE, "t1", chunk_size=CHUNK)
     write_chunks(f, 0, 4)
     bp.note_written(0, 4)
     store.bind(bp, f)  # chunks 0..3 durable and bound
@@ -135,7 +156,7 @@ def test_crash_at_every_step_never_lets_a_bit_lead_its_data(cache, point) -> Non
             store.bind(bp, f) if point == "bind.before_xattr" else store.checkpoint([bp])
     finally:
         durable.set_crash_hook(None)
-    again = store.load(KEY, f, SIZE, CHUNK, "t1")
+    again = store.load(KEY, f, SIZE, "t1", chunk_size=CHUNK)
     assert again.trusted
     present = {i for i in range(11) if again.is_present(i)}
     assert {0, 1, 2, 3} <= present <= {0, 1, 2, 3, 6, 7}
@@ -144,12 +165,12 @@ def test_crash_at_every_step_never_lets_a_bit_lead_its_data(cache, point) -> Non
 
 def test_clear_chunks_is_durable_before_returning(cache) -> None:  # type: ignore[no-untyped-def]
     store, f = cache
-    bp = store.load(KEY, None, SIZE, CHUNK, "t1")
+    bp = store.load(KEY, None, SIZE, "t1", chunk_size=CHUNK)
     write_chunks(f, 0, 5)
     bp.note_written(0, 5)
     store.bind(bp, f)
     store.clear_chunks(bp, 1, 2)
-    again = store.load(KEY, f, SIZE, CHUNK, "t1")
+    again = store.load(KEY, f, SIZE, "t1", chunk_size=CHUNK)
     assert again.bitmap.present_runs(0, 11) == [(0, 1), (3, 2)]
     assert store.orphans({KEY}) == []
     assert store.orphans(set()) == [store.sidecar_path(KEY)]
@@ -157,7 +178,7 @@ def test_clear_chunks_is_durable_before_returning(cache) -> None:  # type: ignor
 
 def test_verify_reports_wrong_bytes(cache) -> None:  # type: ignore[no-untyped-def]
     store, f = cache
-    bp = store.load(KEY, None, SIZE, CHUNK, "t1")
+    bp = store.load(KEY, None, SIZE, "t1", chunk_size=CHUNK)
     write_chunks(f, 0, 2)
     bp.note_written(0, 3)  # chunk 2 claimed but never written: a hole
     report = verify(bp, f, source_bytes)
@@ -171,11 +192,11 @@ def test_verify_reports_wrong_bytes(cache) -> None:  # type: ignore[no-untyped-d
 def bound_sidecar(cache: tuple[PresenceStore, Path]) -> tuple[PresenceStore, Path, bytes]:
     """A trusted sidecar for KEY with chunks 0..1 present; returns its bytes."""
     store, f = cache
-    bp = store.load(KEY, None, SIZE, CHUNK, "t1")
+    bp = store.load(KEY, None, SIZE, "t1", chunk_size=CHUNK)
     write_chunks(f, 0, 2)
     bp.note_written(0, 2)
     store.bind(bp, f)
-    assert store.load(KEY, f, SIZE, CHUNK, "t1").trusted
+    assert store.load(KEY, f, SIZE, "t1", chunk_size=CHUNK).trusted
     return store, f, store.sidecar_path(KEY).read_bytes()
 
 
@@ -185,7 +206,7 @@ def test_a_bit_past_the_last_chunk_is_a_miss_not_an_error(cache) -> None:  # typ
     mutated[-5] |= 0x80  # SIZE is 11 chunks: bit 15 is past the end
     store.sidecar_path(KEY).write_bytes(reseal(mutated))
     with capture_logs() as logs:
-        again = store.load(KEY, f, SIZE, CHUNK, "t1")
+        again = store.load(KEY, f, SIZE, "t1", chunk_size=CHUNK)
     assert not again.trusted and again.bitmap.count() == 0
     assert [e["reason"] for e in logs if e["event"] == "presence.distrusted"] == [
         "sidecar has bits set past the last chunk"
@@ -199,7 +220,7 @@ def test_load_bound_refuses_a_geometry_it_cannot_build(cache) -> None:  # type: 
     struct.pack_into("<I", mutated, 12, 0)  # chunk size 0
     store.sidecar_path(KEY).write_bytes(reseal(mutated))
     assert store.load_bound(KEY, f) is None
-    assert not store.load(KEY, f, SIZE, CHUNK, "t1").trusted
+    assert not store.load(KEY, f, SIZE, "t1", chunk_size=CHUNK).trusted
 
 
 def test_a_fifo_as_sidecar_is_a_miss_and_never_blocks(cache) -> None:  # type: ignore[no-untyped-def]
@@ -209,7 +230,7 @@ def test_a_fifo_as_sidecar_is_a_miss_and_never_blocks(cache) -> None:  # type: i
     os.mkfifo(path)
     results: list[object] = []
     worker = threading.Thread(
-        target=lambda: results.append(store.load(KEY, f, SIZE, CHUNK, "t1")), daemon=True
+        target=lambda: results.append(store.load(KEY, f, SIZE, "t1", chunk_size=CHUNK)), daemon=True
     )
     worker.start()
     worker.join(10)
@@ -229,25 +250,26 @@ def test_a_symlinked_sidecar_is_never_followed_and_the_next_save_replaces_it(cac
     elsewhere.write_bytes(raw)  # a perfectly valid sidecar, but reached through a link
     path.unlink()
     path.symlink_to(elsewhere)
-    bp = store.load(KEY, f, SIZE, CHUNK, "t1")
+    bp = store.load(KEY, f, SIZE, "t1", chunk_size=CHUNK)
     assert not bp.trusted
     assert store.load_bound(KEY, f) is None
     bp.note_written(3, 1)
     write_chunks(f, 3, 1)
     store.bind(bp, f)
     assert not path.is_symlink() and elsewhere.read_bytes() == raw
-    again = store.load(KEY, f, SIZE, CHUNK, "t1")
+    again = store.load(KEY, f, SIZE, "t1", chunk_size=CHUNK)
     assert again.trusted and again.bitmap.present_runs(0, 11) == [(3, 1)]
 
 
 DEV_ZERO_CHILD = """
 import os, sys
 from pathlib import Path
+from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.presence.store import PresenceStore
 store = PresenceStore(Path(sys.argv[1]))
 f = Path(sys.argv[2])
-key = (b"erofs,img", b"img")
-bp = store.load(key, f, 10 * 4096 + 100, 4096, "t1")
+key = BlobKey(b"erofs,img", b"img")
+bp = store.load(key, f, 10 * 4096 + 100, "t1", chunk_size=4096)
 print("trusted" if bp.trusted else "miss", store.load_bound(key, f))
 """
 
@@ -289,7 +311,7 @@ def test_a_sidecar_larger_than_the_blob_allows_is_not_read(cache) -> None:  # ty
             out.truncate(1 << 30 if contents is raw else claimed)
         tracemalloc.start()
         try:
-            bp = store.load(KEY, f, SIZE, CHUNK, "t1")
+            bp = store.load(KEY, f, SIZE, "t1", chunk_size=CHUNK)
             bound = store.load_bound(KEY, f)
             _now, peak = tracemalloc.get_traced_memory()
         finally:
@@ -304,7 +326,7 @@ def test_a_sidecar_larger_than_the_blob_allows_is_not_read(cache) -> None:  # ty
 def three_dirty_blobs(store: PresenceStore) -> list[BlobPresence]:
     blobs = []
     for name in (b"a", b"b", b"c"):
-        bp = store.load((b"erofs,v", name), None, SIZE, CHUNK, "t1")
+        bp = store.load(BlobKey(b"erofs,v", name), None, SIZE, "t1", chunk_size=CHUNK)
         bp.note_written(1, 2)
         blobs.append(bp)
     return blobs
@@ -346,7 +368,7 @@ def test_a_token_too_long_for_the_format_is_a_save_failure(tmp_path: Path) -> No
 
 def test_bind_of_an_unsavable_sidecar_raises_oserror_and_binds_nothing(cache) -> None:  # type: ignore[no-untyped-def]
     store, f = cache
-    bp = store.load(KEY, None, SIZE, CHUNK, "t1")
+    bp = store.load(KEY, None, SIZE, "t1", chunk_size=CHUNK)
     bp.note_written(0, 1)
     store.sidecar_path(KEY).mkdir()
     with pytest.raises(OSError):
@@ -372,7 +394,7 @@ def test_clear_runs_that_cannot_save_forgets_the_whole_blob_durably(
     store.clear_runs(bp, [(1, 1)])
     assert not store.sidecar_path(KEY).exists()
     assert bp.bitmap.count() == 0 and not bp.trusted and store.save_failures == 1
-    assert not store.load(KEY, f, SIZE, CHUNK, "t1").trusted
+    assert not store.load(KEY, f, SIZE, "t1", chunk_size=CHUNK).trusted
 
 
 def test_a_directory_on_a_sidecar_name_never_stops_a_cull_or_the_orphan_sweep(
@@ -385,7 +407,7 @@ def test_a_directory_on_a_sidecar_name_never_stops_a_cull_or_the_orphan_sweep(
     squatted = store.sidecar_path(KEY)
     squatted.mkdir()
     (store.root / ("0" * 64 + ".presence")).mkdir()
-    assert not store.load(KEY, tmp_path / "Dimg", SIZE, CHUNK, "t1").trusted
+    assert not store.load(KEY, tmp_path / "Dimg", SIZE, "t1", chunk_size=CHUNK).trusted
     with capture_logs() as logs:
         store.remove(KEY)
     assert [e["event"] for e in logs] == ["presence.remove_failed"]

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachefilesd_py.config.parse import kernel_commands, parse_config, parse_size
+from cachefilesd_py.config.parse import parse_config, parse_size
 from cachefilesd_py.errors import ConfigError
+from cachefilesd_py.frontends.bind import kernel_commands
 
 BASE = "dir /var/cache/fscache\n"
 
