@@ -38,7 +38,9 @@ from cachefilesd_py.errors import ConfigError
 
 MAX_LINE = 4095
 PERCENT = re.compile(r"^(\d{1,3})%$")
-SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE | re.ASCII)
+#: a debug mask as the kernel takes it: decimal or 0x hex, ASCII, no sign
+DEBUG_MASK = re.compile(r"^(?:0[xX][0-9a-fA-F]+|[0-9]+)$", re.ASCII)
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 POLICIES = ("s3fifo", "lru", "fifo")
 ONCE = {
@@ -315,10 +317,15 @@ def _flag(field_name: str) -> Handler:
 
 
 def _debug(text: str) -> int:
+    if not DEBUG_MASK.match(text):
+        raise ValueError(f"debug command requires a numeric mask, not {text!r}")
     try:
-        return int(text, 0)
+        mask = int(text, 0)
     except ValueError:
         raise ValueError(f"debug command requires a numeric mask, not {text!r}") from None
+    if mask >= 1 << 32:
+        raise ValueError(f"debug mask {text} is above the kernel's 32 bits")
+    return mask
 
 
 def _timeout(text: str) -> float:
