@@ -37,7 +37,8 @@ from cachefilesd_py.config.model import (
 from cachefilesd_py.errors import ConfigError
 
 MAX_LINE = 4095
-PERCENT = re.compile(r"^(\d{1,3})%$")
+#: ASCII digits only: str.isdigit() and \d also take other scripts' digits (١٠)
+PERCENT = re.compile(r"^([0-9]{1,3})%$", re.ASCII)
 SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE | re.ASCII)
 #: a debug mask as the kernel takes it: decimal or 0x hex, ASCII, no sign
 DEBUG_MASK = re.compile(r"^(?:0[xX][0-9a-fA-F]+|[0-9]+)$", re.ASCII)
@@ -77,8 +78,8 @@ def parse_size(text: str) -> int:
 
 
 def _count(text: str, what: str, lo: int, hi: int) -> int:
-    if not text.isdigit():
-        raise ValueError(f"{what} must be a whole number, not {text!r}")
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{what} must be a whole number in ASCII digits, not {text!r}")
     value = int(text)
     if not lo <= value <= hi:
         raise ValueError(f"{what} must lie in {lo}..{hi}, not {value}")
@@ -211,7 +212,7 @@ def _resume(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
         if text == "-":
             values.append(None)
             continue
-        if not text.isdigit() or int(text) == 0:
+        if not (text.isascii() and text.isdigit()) or int(text) == 0:
             raise ValueError(f"invalid resume threshold ({what}): {text!r}")
         values.append(int(text))
     return replace(cfg, resume_blocks=values[0], resume_files=values[1])
@@ -364,7 +365,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     """``127.0.0.1:9101`` or ``[::1]:9101`` → (host, port); loopback addresses only
     (the metrics say what the cache holds and how it is used: not for the network)."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    port_ok = port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536
+    if not sep or not port_ok:
         raise ValueError(f"must be <loopback address>:<port>, not {text!r}")
     host = host.removeprefix("[").removesuffix("]")
     try:

@@ -151,3 +151,22 @@ def test_kernel_command_order_always_passes_the_kernel_checks(values, given_) ->
     assert cmds[0] == b"dir /var/cache/fscache"
     assert kernel_accepts(cmds)
     assert len([c for c in cmds if c.startswith(b"b")]) == sum(given_)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "fetch_retries \u0661\u0662",  # Arabic-Indic 12
+        "brun \u0661\u0660%",
+        "fetch_concurrency \uff18",  # fullwidth 8
+        "resume_thresholds \u0665 -",
+        "culltable \u0661\u0664",
+    ],
+)
+def test_numbers_take_ascii_digits_only(line: str) -> None:
+    """str.isdigit() and a str pattern's \\d take any script's digits; the kernel and
+    cachefilesd read ASCII only, so such a value is a configuration error (issue 10
+    item 12), named with its line."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"dir /var/cache/fscache\n{line}\n", "c.conf")
+    assert "c.conf:2" in str(info.value)
