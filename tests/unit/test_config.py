@@ -170,3 +170,17 @@ def test_numbers_take_ascii_digits_only(line: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(f"dir /var/cache/fscache\n{line}\n", "c.conf")
     assert "c.conf:2" in str(info.value)
+
+
+def test_every_configured_chunk_size_fits_one_fill_buffer() -> None:
+    """A ``source_chunk_size`` above the 4 MiB default buffer made every full-chunk READ
+    of those blobs fail (issue 10 item 12): the fill buffers are sized for the largest
+    chunk any rule can give."""
+    from cachefilesd_py.daemon.app import engine_settings
+
+    cfg = parse_config(
+        "dir /var/cache/fscache\nondemand\nsource * file:///srv/{cookie}\n"
+        "source_chunk_size big/* 16M\n",
+        "c.conf",
+    )
+    assert engine_settings(cfg).max_run >= 16 << 20
