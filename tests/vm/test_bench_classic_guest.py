@@ -12,7 +12,10 @@ import pytest
 
 from bench.bench_classic import main
 
-pytestmark = pytest.mark.guest
+#: a benchmark, not a test of the daemon: it runs cachefilesd C and cachefilesd-py on
+#: copies of a cache (≈ 12 minutes under TCG), so scripts/test leaves it out; run it with
+#: ``scripts/vmtest -- python -m pytest -m bench -p no:cacheprovider tests/vm``
+pytestmark = [pytest.mark.guest, pytest.mark.bench]
 
 
 @pytest.mark.timeout(1800)
