@@ -14,8 +14,8 @@ class SourceRule:
 
     pattern: str
     url_template: str
-    file: str = ""
-    line: int = 0
+    file: str = field(default="", compare=False)
+    line: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,8 @@ class SizeRule:
 
     pattern: str
     size: int
-    file: str = ""
-    line: int = 0
+    file: str = field(default="", compare=False)
+    line: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,16 @@ class HeaderRule:
 
     pattern: str
     path: str
-    file: str = ""
-    line: int = 0
+    file: str = field(default="", compare=False)
+    line: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
 class Config:
     # cachefilesd's own directives
     dir: str | None = None
+    #: the line of the ``dir`` directive (0: not from a file), for errors about it
+    dir_line: int = field(default=0, compare=False)
     tag: str | None = None
     secctx: str | None = None
     debug: int | None = None
