@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from cachefilesd_py.config.load import load_config
@@ -17,18 +18,32 @@ from cachefilesd_py.sources.open import SourceFactory
 from cachefilesd_py.sources.policy import Deadline
 from cachefilesd_py.sources.resolve import SourceResolver
 
+#: the kernel's volume keys of EROFS start with it; configuration, CLI and logs omit it
+EROFS_VOLUME_PREFIX = b"erofs,"
+
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", default="/etc/cachefilesd.conf", metavar="FILE")
-    p.add_argument("volume", help="volume key, e.g. erofs,image.erofs")
-    p.add_argument("cookie", help="cookie key (blob name)")
+    p.add_argument(
+        "volume",
+        help="the volume as the configuration's patterns spell it: the fsid or domain_id "
+        "(images, not erofs,images)",
+    )
+    p.add_argument("cookie", help="the blob's name in the volume (its cookie key)")
 
 
 def _verify(args: argparse.Namespace) -> int:
     """Compare a blob's presence bitmap with its cache file and its source."""
+    if args.volume.startswith("erofs,"):
+        print(
+            f"cachefilesctl: spell the volume as the configuration does: "
+            f"{args.volume.removeprefix('erofs,')!r}, without 'erofs,'",
+            file=sys.stderr,
+        )
+        return 2
     cfg = load_config(args.f)
     assert cfg.dir is not None
-    volume, cookie = args.volume.encode(), args.cookie.encode()
+    volume, cookie = EROFS_VOLUME_PREFIX + args.volume.encode(), args.cookie.encode()
     try:
         path: Path | None = object_path(Path(cfg.dir), volume, cookie)
     except ValueError:  # a key the kernel could not have stored
