@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cachefilesd_py.control import commands  # noqa: F401  (registers sub-commands)
+    from cachefilesd_py.control import commands, install  # noqa: F401  (register sub-commands)
 
     parser = build_parser()
     args = parser.parse_args(argv)
