@@ -72,3 +72,14 @@ def test_package_pins_are_the_tested_versions_and_in_range() -> None:
     for name, pinned in pins.items():
         assert pinned in ranges[name], (name, pinned, ranges[name])
         assert version(name) == pinned, (name, version(name), pinned)
+
+
+def test_the_package_build_and_its_cache_key_read_the_same_files() -> None:
+    import re
+
+    from tests.deb import SOURCES as KEYED
+
+    script = (TREE / "packaging" / "build-deb").read_text()
+    m = re.search(r"^SOURCES=\(([^)]*)\)", script, re.MULTILINE)
+    assert m is not None
+    assert tuple(m.group(1).split()) == KEYED

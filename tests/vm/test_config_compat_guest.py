@@ -29,7 +29,8 @@ from cachefilesd_py.config.parse import kernel_commands, parse_config
 from tests.unit.c_config_table import ROWS
 from tests.vm.rig import run
 
-pytestmark = pytest.mark.guest
+# one process of cachefilesd per row: minutes under TCG
+pytestmark = [pytest.mark.guest, pytest.mark.timeout(1800)]
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cachefilesd-py"
 CACHEFILESD = CACHE / "cachefilesd-c" / "root" / "sbin" / "cachefilesd"

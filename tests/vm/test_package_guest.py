@@ -30,13 +30,15 @@ import pytest
 from tests.deb import built_deb
 from tests.vm.rig import mkfs_erofs, mount_erofs, run, tree_digests
 
-pytestmark = pytest.mark.guest
+# dpkg and postinst's byte-compilation are slow under TCG
+pytestmark = [pytest.mark.guest, pytest.mark.timeout(1800)]
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cachefilesd-py"
 C_DEB = sorted((CACHE / "cachefilesd-c").glob("cachefilesd_*.deb"))
 CONF = Path("/etc/cachefilesd.conf")
 SAMPLE = Path(__file__).resolve().parents[2] / "conf" / "cachefilesd.conf"
 POLICY = Path("/usr/sbin/policy-rc.d")
+MANDB_AUTO = Path("/var/lib/man-db/auto-update")
 UNIT = "/lib/systemd/system/cachefilesd-py.service"
 #: README.md's fstab line
 FSTAB = (
@@ -45,9 +47,23 @@ FSTAB = (
 )
 
 
-def dpkg(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def apt_install(deb: Path) -> subprocess.CompletedProcess[str]:
+    """README's command, unattended (an existing configuration is kept)."""
+    return dpkg(
+        "-y",
+        "-o",
+        "Dpkg::Options::=--force-confdef",
+        "-o",
+        "Dpkg::Options::=--force-confold",
+        "install",
+        str(deb),
+        tool="apt-get",
+    )
+
+
+def dpkg(*args: str, check: bool = True, tool: str = "dpkg") -> subprocess.CompletedProcess[str]:
     res = subprocess.run(
-        ["dpkg", *args],
+        [tool, *args],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
@@ -55,7 +71,9 @@ def dpkg(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         timeout=600,
     )
     if check and res.returncode != 0:
-        raise AssertionError(f"dpkg {' '.join(args)}: {res.returncode}\n{res.stdout}\n{res.stderr}")
+        raise AssertionError(
+            f"{tool} {' '.join(args)}: {res.returncode}\n{res.stdout}\n{res.stderr}"
+        )
     return res
 
 
@@ -79,9 +97,11 @@ def deb() -> Iterator[Path]:
     deb = built_deb()
     had_c = status("cachefilesd").startswith("ii")
     saved_conf = CONF.read_bytes() if CONF.exists() else None
-    # no maintainer script may start a daemon here
+    # no maintainer script may start a daemon here; no man-db index rebuild per install
     POLICY.write_text("#!/bin/sh\nexit 101\n")
     POLICY.chmod(0o755)
+    mandb = MANDB_AUTO.exists()
+    MANDB_AUTO.unlink(missing_ok=True)
     purge_all()
     yield deb
     purge_all()
@@ -90,10 +110,12 @@ def deb() -> Iterator[Path]:
     if saved_conf is not None:
         CONF.write_bytes(saved_conf)
     POLICY.unlink(missing_ok=True)
+    if mandb:
+        MANDB_AUTO.touch()
 
 
 def test_fresh_install_then_purge(deb: Path) -> None:
-    dpkg("-i", str(deb))
+    apt_install(deb)
     assert status("cachefilesd-py") == "ii"
     assert CONF.read_bytes() == SAMPLE.read_bytes()
     # tmpfiles.d made the sample's cache directory; the unit is installed, not enabled
@@ -123,8 +145,8 @@ def test_replacing_cachefilesd_keeps_its_configuration(deb: Path) -> None:
     edited = CONF.read_text().replace("tag mycache", "tag edited-for-nfs")
     assert edited != CONF.read_text()
     CONF.write_text(edited)
-    res = dpkg("-i", "--force-confdef", "--force-confold", str(deb))
-    # Conflicts + Replaces: dpkg removes cachefilesd itself
+    res = apt_install(deb)
+    # Conflicts + Replaces: cachefilesd is removed
     assert status("cachefilesd") in ("absent", "rc", "un"), res.stdout
     assert status("cachefilesd-py") == "ii"
     assert CONF.read_text() == edited
