@@ -14,14 +14,27 @@ call, before any other C code can overwrite it).
   the only way to make bytes written through it durable.
 - ``punch_hole``: ``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)``; frees the
   blocks of a byte range and leaves a hole that reads as zeros and that SEEK_DATA skips.
+- ``openat2`` / ``open_beneath``: open a path *beneath* a directory fd. A path checked
+  lexically (``normpath``, ``startswith``) is not a path resolved beneath anything: the
+  kernel follows a symlink ``a -> /`` and then ``..`` wherever the link led. With
+  ``openat2(RESOLVE_BENEATH)`` (Linux 5.6) the kernel itself refuses, with EXDEV, any
+  step of the walk that leaves the directory (``..`` above it, absolute paths, absolute
+  symlinks, relative symlinks that climb out), and ``RESOLVE_NO_MAGICLINKS`` refuses
+  (ELOOP) the ``/proc/<pid>/fd/N``-style links that jump to an open file anywhere.
+  glibc has no wrapper, so it goes through ``syscall(2)``; where the kernel lacks it
+  (ENOSYS, also what seccomp filters of old container runtimes answer) the walk is done
+  one component at a time from the directory fd with ``O_NOFOLLOW``, refusing ``..``
+  and every symlink: stricter, never looser.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import platform
+import stat
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -31,6 +44,7 @@ _libc.syncfs.argtypes = [ctypes.c_int]
 _libc.syncfs.restype = ctypes.c_int
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
+_libc.syscall.restype = ctypes.c_long
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -78,3 +92,85 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length),
         "fallocate(PUNCH_HOLE)",
     )
+
+
+#: ``openat2`` has the same number on every architecture that got it with the unified
+#: syscall table (x86-64, arm64, riscv, ...; Linux 5.6).
+SYS_OPENAT2 = 437
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    """``openat2(dirfd, path, {flags, mode, resolve})``: the new fd, or OSError
+    (ENOSYS where the kernel has no openat2)."""
+    how = _OpenHow(flags, mode, resolve)
+    ret = _libc.syscall(
+        ctypes.c_long(SYS_OPENAT2),
+        ctypes.c_int(dirfd),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    return _check(int(ret), "openat2")
+
+
+_openat2_missing = False
+
+
+def open_beneath(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
+    """Open ``path`` (relative) beneath the directory ``dirfd``: never a file outside
+    it, never through a magic link. EXDEV or ELOOP when the path tries to leave."""
+    global _openat2_missing
+    if os.path.isabs(path):
+        raise OSError(errno.EXDEV, f"open_beneath: absolute path {path!r}")
+    if not _openat2_missing:
+        try:
+            return openat2(
+                dirfd, path, flags | os.O_CLOEXEC, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS, mode
+            )
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            _openat2_missing = True
+    return open_beneath_by_components(dirfd, path, flags, mode)
+
+
+def open_beneath_by_components(dirfd: int, path: str, flags: int, mode: int = 0) -> int:
+    """The fallback of :func:`open_beneath`: one ``openat`` per component, directories
+    with ``O_PATH|O_DIRECTORY|O_NOFOLLOW`` (a symlink there is ENOTDIR), the last one
+    with ``O_NOFOLLOW`` (a symlink there is ELOOP, also with ``O_PATH``, which would
+    otherwise open the link itself); ``..`` is refused (EXDEV)."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not parts:
+        raise OSError(errno.EISDIR, f"open_beneath: {path!r} names the directory itself")
+    if ".." in parts:
+        raise OSError(errno.EXDEV, f"open_beneath: {path!r} climbs with '..'")
+    owned: list[int] = []
+    try:
+        cur = dirfd
+        for part in parts[:-1]:
+            cur = os.open(
+                part,
+                os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=cur,
+            )
+            owned.append(cur)
+        fd = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=cur)
+        if flags & os.O_PATH and stat.S_ISLNK(os.fstat(fd).st_mode):
+            os.close(fd)  # O_PATH|O_NOFOLLOW opens the link itself: refuse it like ELOOP
+            raise OSError(errno.ELOOP, f"open_beneath: {path!r} ends in a symlink")
+        return fd
+    finally:
+        for fd in owned:
+            os.close(fd)

@@ -1,7 +1,22 @@
-"""Turning a URL into a :class:`Source`, with one shared HTTP connection pool."""
+"""Turning a URL into a :class:`Source`: a new handle per call, shared resources below.
+
+Every ``open(url)`` returns a new source (one opening of the blob, whose identity is
+learnt afresh and then pinned, see ``sources/base.py``). What handles share lives
+here, bounded:
+
+- HTTP: one urllib3 pool manager for fetches and one for identities (``HEAD``), so an
+  OPEN never waits behind the fills of a slow origin for a connection. Each keeps at
+  most ``pool_size`` (fetches) or :data:`IDENTITY_POOL_SIZE` (identities) connections
+  per origin and blocks for a free one no longer than the caller's deadline;
+- files: one :class:`SourceFds` table of open files (at most ``max_open_files`` and a
+  quarter of ``RLIMIT_NOFILE``, closed after ``idle_seconds`` unused);
+- all sources: at most ``max_inflight`` fetches in flight at once, whatever their
+  origin (each holds at most one caller buffer and, for HTTP, a read piece).
+"""
 
 from __future__ import annotations
 
+import resource
 import ssl
 import threading
 from collections.abc import Callable
@@ -11,10 +26,13 @@ from urllib.parse import unquote, urlsplit
 import urllib3
 
 from cachefilesd_py.errors import SourceError
-from cachefilesd_py.sources.base import Source
-from cachefilesd_py.sources.file import FileSource
+from cachefilesd_py.sources.base import MAX_BLOB_SIZE, Source
+from cachefilesd_py.sources.file import FileSource, SourceFds
 from cachefilesd_py.sources.http import HttpSource
 from cachefilesd_py.sources.policy import RetryPolicy
+from cachefilesd_py.sources.watchdog import pool_manager
+
+IDENTITY_POOL_SIZE = 2
 
 
 @dataclass(frozen=True)
@@ -23,54 +41,80 @@ class SourceSettings:
     headers_for: Callable[[str], dict[str, str]] | None = None
     timeout: float = 30.0
     retries: int = 3
+    #: connections per HTTP origin for fetches
     pool_size: int = 8
+    #: fetches in flight at once, all sources together
+    max_inflight: int = 64
+    #: source files kept open at once, and how long an unused one stays open
+    max_open_files: int = 256
+    idle_seconds: float = 30.0
+    #: the largest blob accepted (capped at 16 TiB, ``sources/base.py``)
+    max_blob_size: int = MAX_BLOB_SIZE
+
+
+def open_files_budget(wanted: int) -> int:
+    """How many source files may stay open: ``wanted``, but never more than a quarter
+    of the soft ``RLIMIT_NOFILE`` (the rest is for anonymous fds, sockets, sidecars)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max(1, wanted)
+    return max(1, min(wanted, soft // 4))
 
 
 class SourceFactory:
-    """Opens sources by URL; one :class:`Source` per URL, one pool for all HTTP."""
+    """Opens sources by URL (see the module docstring)."""
 
     def __init__(self, settings: SourceSettings | None = None) -> None:
         self.settings = settings or SourceSettings()
-        self._sources: dict[str, Source] = {}
         self._lock = threading.Lock()
-        self._pool: urllib3.PoolManager | None = None
+        self._pools: tuple[urllib3.PoolManager, urllib3.PoolManager] | None = None
+        self.fds = SourceFds(
+            open_files_budget(self.settings.max_open_files), self.settings.idle_seconds
+        )
+        self.gate = threading.BoundedSemaphore(max(1, self.settings.max_inflight))
 
-    def _http_pool(self) -> urllib3.PoolManager:
-        if self._pool is None:
-            ctx = ssl.create_default_context(cafile=self.settings.ca_file)
-            self._pool = urllib3.PoolManager(
-                num_pools=32, maxsize=self.settings.pool_size, block=False, ssl_context=ctx
-            )
-        return self._pool
+    def _http_pools(self) -> tuple[urllib3.PoolManager, urllib3.PoolManager]:
+        with self._lock:
+            if self._pools is None:
+                ctx = ssl.create_default_context(cafile=self.settings.ca_file)
+                self._pools = (
+                    pool_manager(maxsize=max(1, self.settings.pool_size), ssl_context=ctx),
+                    pool_manager(maxsize=IDENTITY_POOL_SIZE, ssl_context=ctx),
+                )
+            return self._pools
 
     def open(self, url: str) -> Source:
-        with self._lock:
-            source = self._sources.get(url)
-            if source is not None:
-                return source
-            scheme = urlsplit(url).scheme
-            if scheme == "file":
-                source = FileSource(unquote(urlsplit(url).path), url)
-            elif scheme in ("http", "https"):
-                headers = self.settings.headers_for(url) if self.settings.headers_for else {}
-                source = HttpSource(
-                    url,
-                    pool=self._http_pool(),
-                    headers=headers,
-                    retry=RetryPolicy(total=self.settings.retries),
-                    timeout=self.settings.timeout,
-                )
-            else:
-                raise SourceError(
-                    f"unsupported URL scheme in {url!r}", transient=False, reason="scheme", url=url
-                )
-            self._sources[url] = source
-            return source
+        scheme = urlsplit(url).scheme
+        max_size = min(self.settings.max_blob_size, MAX_BLOB_SIZE)
+        if scheme == "file":
+            return FileSource(
+                unquote(urlsplit(url).path),
+                url,
+                beneath=getattr(url, "beneath", None),
+                fds=self.fds,
+                max_size=max_size,
+                gate=self.gate,
+            )
+        if scheme in ("http", "https"):
+            headers = self.settings.headers_for(url) if self.settings.headers_for else {}
+            fetch_pool, identity_pool = self._http_pools()
+            return HttpSource(
+                url,
+                pool=fetch_pool,
+                identity_pool=identity_pool,
+                headers=headers,
+                retry=RetryPolicy(total=self.settings.retries),
+                timeout=self.settings.timeout,
+                max_size=max_size,
+                gate=self.gate,
+            )
+        raise SourceError(
+            f"unsupported URL scheme in {url!r}", transient=False, reason="scheme", url=url
+        )
 
     def close(self) -> None:
+        self.fds.close()
         with self._lock:
-            for source in self._sources.values():
-                source.close()
-            self._sources.clear()
-            if self._pool is not None:
-                self._pool.clear()
+            if self._pools is not None:
+                for pool in self._pools:
+                    pool.clear()

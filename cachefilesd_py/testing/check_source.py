@@ -1,8 +1,9 @@
 """A conformance suite any :class:`Source` must pass (trio's check_*_stream idea).
 
 ``check_source(make_source)`` gets a factory that serves given blob bytes and checks
-identity, whole/partial/last-chunk fetches, concurrent fetches, and that a range past
-the end is an error, never short data.
+identity (pinned: asking again gives the same), the origin, whole/partial/last-chunk
+and empty fetches, concurrent fetches, and that a range past the end or before the
+start is a ``SourceError``, never short data and never another exception.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def check_source(make_source: Callable[[bytes], Source], size: int = 1_000_003) 
     try:
         ident = src.identity(Deadline.after(10))
         assert ident.size == size, ident
-        assert ident.token() == src.identity(Deadline.after(10)).token()
+        assert src.identity(Deadline.after(10)) == ident
+        assert isinstance(src.origin, str) and src.origin, src.origin
+        assert _fetch(src, 5, 0) == b""
         assert _fetch(src, 0, size) == data
         assert _fetch(src, 4096, 65536) == data[4096 : 4096 + 65536]
         assert _fetch(src, size - 17, 17) == data[-17:]
@@ -36,11 +39,12 @@ def check_source(make_source: Callable[[bytes], Source], size: int = 1_000_003) 
         with ThreadPoolExecutor(8) as pool:
             got = list(pool.map(lambda r: _fetch(src, *r), ranges))
         assert got == [data[o : o + n] for o, n in ranges]
-        try:
-            _fetch(src, size - 10, 20)
-        except SourceError:
-            pass
-        else:
-            raise AssertionError("a range past the end must raise SourceError")
+        for off, n in ((size - 10, 20), (-1, 10), (size, 1)):
+            try:
+                _fetch(src, off, n)
+            except SourceError:
+                pass
+            else:
+                raise AssertionError(f"range {off}+{n} must raise SourceError")
     finally:
         src.close()

@@ -135,6 +135,12 @@ def test_factory_by_scheme(tmp_path: Path) -> None:
     f = SourceFactory()
     assert isinstance(f.open(f"file://{tmp_path}/x"), FileSource)
     assert isinstance(f.open("http://127.0.0.1:1/x"), HttpSource)
-    assert f.open("http://127.0.0.1:1/x") is f.open("http://127.0.0.1:1/x")
+    a, b = f.open("http://127.0.0.1:1/x"), f.open("http://127.0.0.1:1/x")
+    # one handle per OPEN (identity learnt afresh, then pinned), shared pools below
+    assert a is not b and isinstance(a, HttpSource) and isinstance(b, HttpSource)
+    assert a.pool is b.pool and a.identity_pool is b.identity_pool
+    assert a.origin == "http://127.0.0.1:1"
+    assert f.open("https://h/x").origin == "https://h:443"
+    assert f.open(f"file://{tmp_path}/x").origin == "file:"
     with pytest.raises(SourceError):
         f.open("ftp://h/x")

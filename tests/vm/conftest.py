@@ -4,6 +4,8 @@
   refuses tmpfs at ``bind``), unmounted at teardown.
 - ``erofs``: builds EROFS images with the guest's ``mkfs.erofs``.
 - ``nginx``: Debian's nginx on a loopback port serving a folder (range requests, 206).
+- ``remote_nginx``: nginx in another network namespace behind a veth pair, whose
+  link the test can cut (``tests/vm/remote.py``).
 - ``daemon``: runs ``cachefilesd-py`` as a real process with a config of the test's,
   logging JSON to a file, stopped with SIGTERM after the test's mounts are gone.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm.remote import RemoteNginx, start_remote_nginx
 from tests.vm.rig import WORK, Daemon, Nginx, run, start_nginx
 
 pytestmark = pytest.mark.guest
@@ -62,11 +65,11 @@ def mounts() -> Iterator[list[Path]]:
 
 
 @pytest.fixture
-def nginx(workdir: Path) -> Iterator[Callable[[Path], Nginx]]:
+def nginx(workdir: Path) -> Iterator[Callable[..., Nginx]]:
     started: list[Nginx] = []
 
-    def start(root: Path) -> Nginx:
-        n = start_nginx(root, workdir)
+    def start(root: Path, access_log: bool = False) -> Nginx:
+        n = start_nginx(root, workdir, access_log=access_log)
         started.append(n)
         return n
 
@@ -74,6 +77,20 @@ def nginx(workdir: Path) -> Iterator[Callable[[Path], Nginx]]:
     for n in started:
         n.proc.terminate()
         n.proc.wait(10)
+
+
+@pytest.fixture
+def remote_nginx(workdir: Path) -> Iterator[Callable[[Path], RemoteNginx]]:
+    started: list[RemoteNginx] = []
+
+    def start(root: Path) -> RemoteNginx:
+        r = start_remote_nginx(root, workdir)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.stop()
 
 
 @pytest.fixture

@@ -85,11 +85,28 @@ class Nginx:
     root: Path
     url: str
     proc: subprocess.Popen[bytes]
+    access_log: Path | None = None
+
+    def requested(self) -> list[str]:
+        """The request lines nginx logged (``access_log=True``)."""
+        if self.access_log is None or not self.access_log.exists():
+            return []
+        return self.access_log.read_text(errors="replace").splitlines()
 
 
-def start_nginx(root: Path, workdir: Path) -> Nginx:
-    """Debian's nginx serving ``root`` on a free loopback port (range requests → 206)."""
-    port = free_port()
+def start_nginx(
+    root: Path,
+    workdir: Path,
+    *,
+    access_log: bool = False,
+    listen: str = "127.0.0.1",
+    port: int | None = None,
+    argv_prefix: tuple[str, ...] = (),
+) -> Nginx:
+    """Debian's nginx serving ``root`` on a free loopback port (range requests → 206);
+    or on ``listen:port``, started through ``argv_prefix`` (``ip netns exec NS``).
+    With ``access_log``, every request is logged to ``Nginx.access_log``."""
+    port = port or free_port()
     prefix = workdir / f"nginx-{port}"
     (prefix / "logs").mkdir(parents=True)
     conf = prefix / "nginx.conf"
@@ -101,7 +118,7 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/logs/error.log warn;
 events {{ worker_connections 256; }}
 http {{
-    access_log off;
+    access_log {f"{prefix}/logs/access.log" if access_log else "off"};
     sendfile on;
     keepalive_requests 100000;
     client_body_temp_path {prefix}/body;
@@ -110,23 +127,23 @@ http {{
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
     server {{
-        listen 127.0.0.1:{port};
+        listen {listen}:{port};
         root {root};
         location / {{ }}
     }}
 }}
 """
     )
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(prefix)])
+    proc = subprocess.Popen([*argv_prefix, "nginx", "-c", str(conf), "-p", str(prefix)])
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        with contextlib.suppress(OSError), socket.create_connection((listen, port), 1):
             break
         time.sleep(0.05)
     else:
         proc.kill()
         raise RuntimeError("nginx did not start")
-    n = Nginx(root, f"http://127.0.0.1:{port}", proc)
+    n = Nginx(root, f"http://{listen}:{port}", proc, prefix / "logs" / "access.log")
     return n
 
 
