@@ -18,6 +18,7 @@ SOURCES: dict[str, str] = {
     "cachefilesd-py.8": "packaging/man/cachefilesd-py.8",
     "cachefilesctl.8": "packaging/man/cachefilesctl.8",
     "cachefilesd-py.conf.5": "packaging/man/cachefilesd-py.conf.5",
+    "dbus-policy.conf": "packaging/dbus/org.cachefilesd_py.Cache1.conf",
 }
 
 

@@ -8,6 +8,8 @@ where systemd and man find them (the Debian package installs them itself).
 - the sample configuration, ``/etc/cachefilesd.conf``, only if there is none (an
   existing file, such as cachefilesd's, is the administrator's and is kept);
 - the tmpfiles.d entry for the cache directory, ``/etc/tmpfiles.d/cachefilesd-py.conf``;
+- the D-Bus policy that lets the daemon own its name and send its signals on the system
+  bus, ``/etc/dbus-1/system.d/org.cachefilesd_py.Cache1.conf``;
 - the manual pages, below ``<prefix>/share/man``.
 """
 
@@ -69,6 +71,7 @@ def install(root: Path, prefix: str, daemon: Path) -> list[str]:
     put(UNIT, f"/etc/systemd/system/{UNIT}", unit)
     put("cachefilesd.conf", "/etc/cachefilesd.conf", keep=True)
     put("tmpfiles.conf", "/etc/tmpfiles.d/cachefilesd-py.conf")
+    put("dbus-policy.conf", "/etc/dbus-1/system.d/org.cachefilesd_py.Cache1.conf")
     for page in ("cachefilesd-py.8", "cachefilesctl.8", "cachefilesd-py.conf.5"):
         put(page, f"{prefix}/share/man/man{page[-1]}/{page}")
     return done

@@ -85,6 +85,7 @@ def test_file_list(deb: Path, unpacked: Path) -> None:
         "usr/share/man/man8/cachefilesctl.8.gz",
         "usr/share/man/man5/cachefilesd-py.conf.5.gz",
         "usr/share/doc/cachefilesd-py/copyright",
+        "usr/share/dbus-1/system.d/org.cachefilesd_py.Cache1.conf",
         f"{VENV}/pyvenv.cfg",
         f"{VENV}/installed-versions.txt",
         f"{SITE}/cachefilesd_py/daemon/cli.py",

@@ -81,6 +81,7 @@ def test_pipx_install_then_cachefilesctl_install(tmp_path: Path) -> None:
     ).read_bytes()
     assert (root / "usr/local/share/man/man5/cachefilesd-py.conf.5").is_file()
     assert (root / "etc/tmpfiles.d/cachefilesd-py.conf").is_file()
+    assert (root / "etc/dbus-1/system.d/org.cachefilesd_py.Cache1.conf").is_file()
 
     conf = tmp_path / "c.conf"
     conf.write_text(f"dir {tmp_path}\n")

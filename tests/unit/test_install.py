@@ -41,6 +41,8 @@ def test_install_below_a_root(tmp_path: Path) -> None:
     for page in ("man8/cachefilesd-py.8", "man8/cachefilesctl.8", "man5/cachefilesd-py.conf.5"):
         assert (tmp_path / "usr/local/share/man" / page).is_file()
     assert (tmp_path / "etc/tmpfiles.d/cachefilesd-py.conf").read_text().count("\nd ") == 1
+    policy = tmp_path / "etc/dbus-1/system.d/org.cachefilesd_py.Cache1.conf"
+    assert '<allow own="org.cachefilesd_py.Cache1"/>' in policy.read_text()
     (tmp_path / "etc" / "cachefilesd.conf").unlink()
     install(tmp_path, "/usr/local", daemon)
     sample = (TREE / "conf" / "cachefilesd.conf").read_text()
