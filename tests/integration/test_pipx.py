@@ -1,7 +1,7 @@
 """The non-Debian path of README.md: ``pipx install .`` then ``cachefilesctl install``.
 
 The wheel must carry what a host needs besides the code (the unit, the sample
-configuration, the tmpfiles.d entry, the manual pages: ``setup.py`` copies them into
+configuration, the tmpfiles.d entry, the D-Bus policy, the manual pages: ``setup.py`` copies them into
 ``cachefilesd_py/data/``), and ``cachefilesctl install`` must put them in place with
 the unit naming the daemon pipx installed. pipx runs with a private PIPX_HOME and
 installs from the wheelhouse scripts/setup fills (no index)."""
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cachefilesd_py.control import host_files
 from tests.deb import TREE
 
 pytestmark = pytest.mark.slow
@@ -63,7 +64,7 @@ def test_pipx_install_then_cachefilesctl_install(tmp_path: Path) -> None:
         check=True,
         cwd=tmp_path,  # not the checkout: python -c puts the working directory first
     ).stdout.split()
-    assert len(carried) == 6
+    assert len(carried) == len(host_files.SOURCES)
     assert all("/site-packages/cachefilesd_py/data/" in p for p in carried), carried
 
     root = tmp_path / "root"
