@@ -10,6 +10,7 @@ kernel by ``tests/vm/test_config_compat_guest.py``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 
 from cachefilesd_py.config.load import load_config
 from cachefilesd_py.config.model import Config
+from cachefilesd_py.config.parse import kernel_commands
 from cachefilesd_py.errors import ConfigError
 from tests.unit.c_config_table import DEFAULTS, ROWS, Row
 
@@ -95,3 +97,23 @@ def test_cachefilesd_sample_file_loads_with_the_same_settings(tmp_path: Path) ->
         "tag": "mycache",
         **{"brun": 10, "bcull": 7, "bstop": 3, "frun": 10, "fcull": 7, "fstop": 3},
     }
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if not isinstance(r.ours, str)], ids=row_id)
+def test_accepted_rows_reach_the_kernel_as_cachefilesd_sends_them(
+    row: Row, tmp_path: Path
+) -> None:
+    """What cachefilesd writes for ``tag``/``secctx`` is the value to the end of the
+    line, trailing blanks included (the kernel keeps them): the daemon's commands carry
+    the same bytes, so an accepted file never fails later, at bind time."""
+    _, _, got = load_row(row, tmp_path)
+    assert not isinstance(got, ConfigError)
+    cfg = load_config(str(tmp_path / "cachefilesd.conf"))
+    cmds = kernel_commands(cfg)
+    assert cmds[0] == b"dir " + os.fsencode(str(tmp_path / "cache"))
+    for word in ("tag", "secctx"):
+        value = getattr(cfg, word)
+        sent = [c for c in cmds if c.startswith(word.encode() + b" ")]
+        assert sent == ([f"{word} {value}".encode()] if value else []), sent
+    if cfg.debug is not None:
+        assert cmds[-1] == b"debug %d" % cfg.debug
