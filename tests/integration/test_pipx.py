@@ -1,9 +1,9 @@
 """The non-Debian path of README.md: ``pipx install .`` then ``cachefilesctl install``.
 
 The wheel must carry what a host needs besides the code (the unit, the sample
-configuration, the tmpfiles.d entry, the D-Bus policy, the manual pages: ``setup.py`` copies them into
-``cachefilesd_py/data/``), and ``cachefilesctl install`` must put them in place with
-the unit naming the daemon pipx installed. pipx runs with a private PIPX_HOME and
+configuration, the tmpfiles.d entry, the D-Bus policy, the manual pages: ``setup.py``
+copies them into ``cachefilesd_py/data/``), and ``cachefilesctl install`` must put
+them in place with the unit naming the daemon pipx installed. pipx runs with a private PIPX_HOME and
 installs from the wheelhouse scripts/setup fills (no index)."""
 
 from __future__ import annotations
