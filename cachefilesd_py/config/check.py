@@ -41,9 +41,12 @@ from urllib.parse import unquote, urlsplit
 from cachefilesd_py import __version__
 from cachefilesd_py.config.load import read_config
 from cachefilesd_py.config.model import Config
-from cachefilesd_py.config.parse import kernel_commands, kernel_defaults_text
+from cachefilesd_py.config.parse import kernel_defaults_text
 from cachefilesd_py.config.render import render_config
 from cachefilesd_py.errors import ConfigError
+
+# the very commands the daemon sends (check-config runs below the daemon, beside it)
+from cachefilesd_py.frontends.bind import kernel_commands
 
 PAGE_SIZE = mmap.PAGESIZE
 #: filesystems the daemon is tested on; others are probed, and warned about
@@ -384,7 +387,12 @@ def check_config_main(path: str, out: TextIO | None = None, err: TextIO | None =
         print(f"cachefilesd-py: {exc}", file=err)
         return exc.exit_code
     found = check_all(cfg)
-    out.write(report(cfg, path, found))
+    try:
+        text = report(cfg, path, found)
+    except ConfigError as exc:  # a value no kernel command can carry
+        print(f"cachefilesd-py: {path}: {exc.rule}", file=err)
+        return exc.exit_code
+    out.write(text)
     errors = [f for f in found if f.level == "error"]
     for f in errors:
         where = f"{path}:{cfg.dir_line}" if f.text.startswith("dir ") and cfg.dir_line else path

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-KERNEL_DEFAULT_PERCENT = {"run": 7, "cull": 5, "stop": 1}
+from cachefilesd_py.kernel.commands import KERNEL_DEFAULTS
+
+#: the kernel's thresholds at every fresh open of the device (``kernel/commands.py``)
+KERNEL_DEFAULT_PERCENT = KERNEL_DEFAULTS
 THRESHOLDS = ("brun", "bcull", "bstop", "frun", "fcull", "fstop")
 
 

@@ -450,36 +450,3 @@ DIRECTIVES: dict[str, Directive] = {
     "cull_policy": _own_once(_set("cull_policy", _policy)),
     "pin": _own(_pin),
 }
-
-
-def kernel_commands(cfg: Config) -> list[bytes]:
-    """The commands to send before ``bind``, one per write, no newline.
-
-    The kernel checks each threshold against the values it holds at that moment
-    (starting from 7/5/1), so the order matters: this picks, step by step, a threshold
-    whose new value keeps ``stop < cull < run`` true against the current ones. For a
-    valid target such a step always exists (lower ``stop`` first when going down,
-    raise ``run`` first when going up).
-    """
-    assert cfg.dir is not None
-    cmds = [b"dir " + cfg.dir.encode()]
-    if cfg.tag:
-        cmds.append(b"tag " + cfg.tag.encode())
-    if cfg.secctx:
-        cmds.append(b"secctx " + cfg.secctx.encode())
-    for kind in ("b", "f"):
-        current = {"run": 7, "cull": 5, "stop": 1}
-        pending = [n for n in ("run", "cull", "stop") if kind + n in cfg.thresholds]
-        while pending:
-            for n in pending:
-                trial = {**current, n: cfg.thresholds[kind + n]}
-                if 0 <= trial["stop"] < trial["cull"] < trial["run"] < 100:
-                    cmds.append(b"%s%s %d%%" % (kind.encode(), n.encode(), trial[n]))
-                    current = trial
-                    pending.remove(n)
-                    break
-            else:
-                raise AssertionError(f"no safe order for the {kind} thresholds")
-    if cfg.debug is not None:
-        cmds.append(b"debug %d" % cfg.debug)
-    return cmds

@@ -11,7 +11,8 @@ output is also a file cachefilesd accepts.
 from __future__ import annotations
 
 from cachefilesd_py.config.model import THRESHOLDS, Config
-from cachefilesd_py.config.parse import BLANKS, kernel_commands
+from cachefilesd_py.config.parse import BLANKS
+from cachefilesd_py.kernel.commands import threshold_commands
 
 _UNITS = (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10))
 
@@ -88,10 +89,6 @@ def render_config(cfg: Config) -> list[str]:
 
 def _threshold_order(cfg: Config) -> list[str]:
     """The threshold names in the order the kernel is told them (set ones first, as
-    ``kernel_commands`` orders them), then the unset ones."""
-    sent = [
-        c.split(b" ", 1)[0].decode()
-        for c in kernel_commands(cfg)
-        if c.split(b" ", 1)[0].decode() in THRESHOLDS
-    ]
+    ``threshold_commands`` orders them), then the unset ones."""
+    sent = [c.split(b" ", 1)[0].decode() for c in threshold_commands(cfg.thresholds)]
     return sent + [n for n in THRESHOLDS if n not in sent]

@@ -6,20 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.config.load import load_config
 from cachefilesd_py.control.cli import register
 from cachefilesd_py.daemon.app import STATE_DIR_NAME, engine_settings, source_settings
-from cachefilesd_py.engine.blob import BlobKey
 from cachefilesd_py.engine.service import chunk_size_for
-from cachefilesd_py.kernel.layout import object_path
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.presence.verify import verify
 from cachefilesd_py.sources.open import SourceFactory
 from cachefilesd_py.sources.policy import Deadline
 from cachefilesd_py.sources.resolve import SourceResolver
-
-#: the kernel's volume keys of EROFS start with it; configuration, CLI and logs omit it
-EROFS_VOLUME_PREFIX = b"erofs,"
 
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
@@ -43,20 +39,20 @@ def _verify(args: argparse.Namespace) -> int:
         return 2
     cfg = load_config(args.f)
     assert cfg.dir is not None
-    volume, cookie = EROFS_VOLUME_PREFIX + args.volume.encode(), args.cookie.encode()
+    key = BlobKey.named(args.volume, args.cookie)  # the volume as the config spells it
     try:
-        path: Path | None = object_path(Path(cfg.dir), volume, cookie)
+        path: Path | None = key.cache_path(cfg.dir)
     except ValueError:  # a key the kernel could not have stored
         path = None
-    url = SourceResolver(cfg.sources).resolve(volume, cookie)
+    url = SourceResolver(cfg.sources).resolve(key.volume_key, key.name)
     if path is None or url is None or not path.exists():
         print("no cache file or no source for that blob")
         return 1
     source = SourceFactory(source_settings(cfg)).open(url)
     ident = source.identity(Deadline.after(cfg.fetch_timeout))
-    chunk = chunk_size_for(engine_settings(cfg), BlobKey(volume, cookie))
+    chunk = chunk_size_for(engine_settings(cfg), key)
     store = PresenceStore(Path(cfg.dir) / STATE_DIR_NAME / "presence")
-    presence = store.load((volume, cookie), path, ident.size, chunk, ident.token())
+    presence = store.load(key, path, ident.size, ident.token(), chunk_size=chunk)
 
     def read_source(off: int, n: int) -> bytes:
         buf = bytearray(n)

@@ -1,7 +1,7 @@
 """Builds the daemon from its configuration and runs it until told to stop.
 
-Start-up order (the kernel's rules decide it, see shared/reference/ondemand-protocol.md
-§1): raise RLIMIT_NOFILE (every open blob holds an anonymous fd) → check the cache
+Start-up order (the kernel's rules decide it, see ``docs/protocol-ondemand.md`` §1):
+raise RLIMIT_NOFILE (every open blob holds an anonymous fd) → check the cache
 directory → open ``/dev/cachefiles`` (only one opener at a time: EBUSY means another
 daemon has it) → send the configuration commands one per write → ``bind`` or
 ``bind ondemand`` → tell systemd READY=1 → serve until SIGTERM/SIGINT.
@@ -9,7 +9,7 @@ daemon has it) → send the configuration commands one per write → ``bind`` or
 Shutdown: stop reading requests, finish the fills in flight (every READ still gets its
 completion), checkpoint presence bitmaps, close every anonymous fd, close the device.
 Closing the device unbinds the cache: mounts still using it get EIO from then on, so
-an administrator unmounts EROFS first (pitfall 16).
+an administrator unmounts EROFS first (``docs/protocol-ondemand.md`` §7).
 
 SIGHUP re-reads the configuration file and swaps in the new ``source`` rules; the
 kernel's thresholds are fixed at ``bind`` and need a restart, which is logged.
@@ -28,16 +28,17 @@ import structlog
 
 from cachefilesd_py.config.load import load_config
 from cachefilesd_py.config.model import Config
-from cachefilesd_py.config.parse import kernel_commands
 from cachefilesd_py.daemon import host, systemd
 from cachefilesd_py.daemon.stats import Collect, StatsReporter
 from cachefilesd_py.engine.service import Engine, EngineSettings
+from cachefilesd_py.frontends.bind import kernel_commands
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
-from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
+from cachefilesd_py.frontends.ondemand.space import make_culler
 from cachefilesd_py.kernel.device import CachefilesDevice
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory, SourceSettings
 from cachefilesd_py.sources.resolve import SourceResolver
+from cachefilesd_py.space.caps import CullRules
 
 log = structlog.get_logger("daemon")
 
@@ -188,8 +189,13 @@ class Daemon:
             fetch_timeout=self.config.fetch_timeout,
         )
         if not self.nocull:
-            driver.culler = OnDemandCuller(
-                device, self.cache_dir, presence, self.config, engine.leases
+            driver.culler = make_culler(
+                device,
+                self.cache_dir,
+                presence,
+                engine.leases,
+                self.config,
+                CullRules.from_config(self.config),
             )
         driver.bind(kernel_commands(self.config))
         engine.start()
@@ -210,7 +216,7 @@ class Daemon:
                 t = driver.culler.totals
                 space = {"culled": t.culled, "trimmed": t.trimmed, "cull_freed": t.freed_bytes}
             return {
-                **vars(driver.stats),
+                **driver.stats_fields(),
                 **vars(engine.filler.stats),
                 **driver.read_times.summary_ms("read"),
                 **engine.filler.fetch_times.summary_ms("fetch"),
@@ -244,7 +250,7 @@ class Daemon:
                 self.config,
                 self.stop,
                 nocull=self.nocull,
-                commands=kernel_commands(self.config),
+                setup=kernel_commands(self.config),
                 on_ready=lambda: (systemd.ready(), log.info("ready", mode="classic")),
                 report_stats=report,
             )

@@ -1,15 +1,10 @@
 """A blob: one cache file's worth of bytes, as the engine knows it.
 
-A blob is named by the kernel's two keys, ``(volume_key, cookie_key)``. For EROFS over
-fscache the volume key is ``erofs,<fsid>`` (or ``erofs,<domain_id>``) and the cookie key
-is the blob's name (the fsid for the primary image, a device tag or ``device=`` name for
-extra blobs). Both are bytes, taken by length from the kernel message; nothing here
-treats them as C strings.
-
-The engine keeps one :class:`Blob` per key while any kernel object refers to it; several
-kernel objects may refer to the same blob over time (a 6.8+ re-open gets a new
-object_id for the same cache file), and they share the blob's presence bitmap and its
-in-flight table.
+A blob is named by a :class:`~cachefilesd_py.blobkey.BlobKey`, which each frontend
+builds from what its kernel gives it (``blobkey.py``). The engine keeps one
+:class:`Blob` per key while any kernel object refers to it; several kernel objects may
+refer to the same blob over time (an on-demand re-open gets a new object id for the
+same cache file), and they share the blob's presence bitmap and its in-flight table.
 """
 
 from __future__ import annotations
@@ -17,23 +12,13 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.engine.readahead import StreamReadahead
 from cachefilesd_py.presence.bitmap import ChunkGeometry
 from cachefilesd_py.presence.store import BlobPresence
 from cachefilesd_py.sources.base import BlobIdentity, Source
 
-
-@dataclass(frozen=True)
-class BlobKey:
-    """The kernel's name of a cache object: volume key (no trailing NUL) + cookie key."""
-
-    volume: bytes
-    cookie: bytes
-
-    def __str__(self) -> str:
-        vol = self.volume.decode("utf-8", "backslashreplace")
-        cookie = self.cookie.decode("utf-8", "backslashreplace")
-        return f"{vol}/{cookie}"
+__all__ = ["Blob", "BlobKey", "InFlight"]
 
 
 class InFlight:

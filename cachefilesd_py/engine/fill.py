@@ -26,6 +26,11 @@ decide that data is present.
 Errors: :class:`SourceError` from the source (after its own retries) and ``OSError``
 from the sink propagate to the caller, which fails the kernel request (the reader sees
 EIO). Nothing is marked present for a run whose fetch or write failed.
+
+Lock order: ``Blob.lock`` before ``BlobPresence.lock`` (a claim asks the bitmap while
+holding the blob's lock); ``Filler._stats_lock`` is a leaf. No lock is held while
+fetching, writing or waiting for another worker's chunk, and buffers are borrowed
+from the pool with no lock held.
 """
 
 from __future__ import annotations

@@ -18,16 +18,16 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-BlobKeyBytes = tuple[bytes, bytes]
+from cachefilesd_py.blobkey import BlobKey
 
 
 class BlobLeases:
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._users: Counter[BlobKeyBytes] = Counter()
-        self._trimming: set[BlobKeyBytes] = set()
+        self._users: Counter[BlobKey] = Counter()
+        self._trimming: set[BlobKey] = set()
 
-    def acquire_use(self, key: BlobKeyBytes, timeout: float | None = None) -> bool:
+    def acquire_use(self, key: BlobKey, timeout: float | None = None) -> bool:
         """Wait until no trim of ``key`` runs, then count one more user. False on timeout."""
         with self._cond:
             if not self._cond.wait_for(lambda: key not in self._trimming, timeout):
@@ -35,7 +35,7 @@ class BlobLeases:
             self._users[key] += 1
             return True
 
-    def release_use(self, key: BlobKeyBytes) -> None:
+    def release_use(self, key: BlobKey) -> None:
         with self._cond:
             if self._users[key] <= 0:
                 raise RuntimeError(f"use lease of {key!r} released more often than taken")
@@ -44,12 +44,12 @@ class BlobLeases:
                 del self._users[key]
             self._cond.notify_all()
 
-    def in_use(self) -> set[BlobKeyBytes]:
+    def in_use(self) -> set[BlobKey]:
         with self._cond:
             return set(self._users)
 
     @contextmanager
-    def trim(self, key: BlobKeyBytes) -> Iterator[bool]:
+    def trim(self, key: BlobKey) -> Iterator[bool]:
         """Yields True with the trim lease held (new users wait), or False at once if
         the blob has users (or another trim): then the caller must leave it alone."""
         with self._cond:

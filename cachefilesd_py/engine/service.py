@@ -12,6 +12,11 @@ A frontend (on-demand today, fanotify pre-content later) calls, per kernel objec
 A background thread checkpoints dirty presence bitmaps every ``checkpoint_interval``
 seconds: one ``syncfs`` of the cache filesystem, then the sidecars (see
 ``presence/store.py``), so a bit reaches the disk only after its data did.
+
+Lock order: ``Engine._lock`` guards the table of blobs only and is a leaf: sources,
+presence loads, checkpoints and binds all run without it. The locks taken below it
+(``Blob.lock`` in fills, the presence store's I/O lock, ``BlobPresence.lock``) are
+never taken while it is held.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from cachefilesd_py.engine.latency import LatencyHistogram
 from cachefilesd_py.engine.leases import BlobLeases
 from cachefilesd_py.engine.readahead import Prefetch, StreamReadahead
 from cachefilesd_py.errors import SourceError, SourceNotFound
-from cachefilesd_py.kernel.dio import BufferPool
+from cachefilesd_py.kernel.dio import PAGE_SIZE, BufferPool
 from cachefilesd_py.presence.bitmap import ChunkGeometry
 from cachefilesd_py.presence.store import BlobPresence, PresenceStore
 from cachefilesd_py.sources.base import BlobIdentity, Source
@@ -95,8 +100,24 @@ class Engine:
     def chunk_size_for(self, key: BlobKey) -> int:
         return chunk_size_for(self.settings, key)
 
-    def open_blob(self, key: BlobKey, cache_file: Path | None, deadline: Deadline) -> Blob:
+    def source_for(self, key: BlobKey) -> Source:
+        """The source serving ``key`` (by the ``source`` rules). Raises
+        :class:`SourceNotFound` when no rule matches, :class:`SourceError` for a URL
+        no source can serve. Cheap: no network."""
+        url = self.resolve(key.volume_key, key.name)
+        if url is None:
+            raise SourceNotFound(f"no source rule matches {key}")
+        return self.open_source(url)
+
+    def open_blob(
+        self,
+        key: BlobKey,
+        cache_file: Path | None,
+        deadline: Deadline,
+        source: Source | None = None,
+    ) -> Blob:
         """The blob for ``key``, shared with other kernel objects of the same key.
+        ``source`` is :meth:`source_for`'s answer when the caller has it already.
 
         Raises :class:`SourceNotFound` when no rule matches or the source has no such
         blob, :class:`SourceError` when its identity cannot be learnt.
@@ -106,10 +127,8 @@ class Engine:
             if blob is not None:
                 blob.users += 1
                 return blob
-        url = self.resolve(key.volume, key.cookie)
-        if url is None:
-            raise SourceNotFound(f"no source rule matches {key}")
-        source = self.open_source(url)
+        if source is None:
+            source = self.source_for(key)
         identity = source.identity(deadline)
         blob = self._new_blob(key, source, identity, cache_file)
         with self._lock:
@@ -124,14 +143,17 @@ class Engine:
     def _new_blob(
         self, key: BlobKey, source: Source, identity: BlobIdentity, cache_file: Path | None
     ) -> Blob:
-        chunk = self.chunk_size_for(key)
+        """A trusted sidecar decides the blob's chunk size (a ``chunk_size`` change
+        applies to new blobs only); the configured one applies otherwise."""
         presence: BlobPresence = self.presence.load(
-            (key.volume, key.cookie),
+            key,
             cache_file if cache_file is not None and cache_file.exists() else None,
             identity.size,
-            chunk,
             identity.token(),
+            chunk_size=self.chunk_size_for(key),
+            chunk_size_ok=self.chunk_size_fits,
         )
+        chunk = presence.geometry.chunk_size
         return Blob(
             key=key,
             source=source,
@@ -140,6 +162,11 @@ class Engine:
             presence=presence,
             readahead=self._stream_readahead(chunk),
         )
+
+    def chunk_size_fits(self, chunk: int) -> bool:
+        """Whether blobs of ``chunk``-byte chunks can be filled: one chunk must fit a
+        fill buffer, and direct I/O needs whole pages."""
+        return PAGE_SIZE <= chunk <= self.filler.max_run and chunk % PAGE_SIZE == 0
 
     def _stream_readahead(self, chunk: int) -> StreamReadahead | None:
         """Windows start at 1 MiB (or 2 chunks, if larger) and double up to the
@@ -223,23 +250,9 @@ class Engine:
 
 
 def chunk_size_for(settings: EngineSettings, key: BlobKey) -> int:
-    """The blob's chunk size: the first matching ``source_chunk_size`` rule, else the
-    default. Sidecars record it, so every reader of a sidecar must use this."""
-    name = blob_match_name(key)
+    """The chunk size a new blob gets: the first ``source_chunk_size`` rule matching
+    its ``<volume>/<name>``, else the default."""
     for pattern, size in settings.chunk_size_rules:
-        if fnmatch.fnmatchcase(name, pattern):
+        if fnmatch.fnmatchcase(key.match_name, pattern):
             return size
     return settings.chunk_size
-
-
-def blob_match_name(key: BlobKey) -> str:
-    """``<volume>/<cookie>`` as the ``source``/``chunk_size`` globs see it: the volume
-    key without its ``erofs,`` prefix, both decoded leniently."""
-    volume = key.volume.rstrip(b"\0")
-    if volume.startswith(b"erofs,"):
-        volume = volume[len(b"erofs,") :]
-    return (
-        volume.decode("utf-8", "backslashreplace")
-        + "/"
-        + key.cookie.decode("utf-8", "backslashreplace")
-    )

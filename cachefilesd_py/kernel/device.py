@@ -2,7 +2,7 @@
 
 The port (:class:`Device`) is what both the real device and the fake
 (``cachefilesd_py.testing.fake_kernel``) implement, so the same driver code runs
-against either (ondemand-protocol.md §1, §2):
+against either (``docs/protocol-ondemand.md`` §1–§2, ``docs/protocol-classic.md`` §1):
 
 - ``fileno()`` is pollable: POLLIN when a request (on-demand) or a state change
   (classic) is pending, POLLOUT while the cache is below its cull limits. Neither
@@ -12,9 +12,13 @@ against either (ondemand-protocol.md §1, §2):
   is 4096 bytes, above ``CACHEFILES_MSG_MAX_SIZE`` (1024), so EMSGSIZE cannot happen.
   Reading an OPEN is what installs its anonymous fd in this process;
 - ``write_command()`` sends exactly one command per ``write()`` (the kernel ignores
-  everything after a newline) and raises ``OSError`` with the kernel's errno;
+  everything after a newline) and raises ``OSError`` with the kernel's errno; the
+  commands themselves come from ``kernel/commands.py``;
 - ``pwrite``/``read_complete``/``close_fd`` act on the anonymous fds of on-demand
   objects. ``read_complete`` passes the msg_id by value (``kernel._sys``).
+
+Locks: ``CachefilesDevice._read_lock`` (one reader of the shared buffer at a time) and
+the module's working-directory lock (one ``cull`` at a time) are never held together.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import threading
 from typing import Final, Protocol
 
 from cachefilesd_py.kernel import _sys
+from cachefilesd_py.kernel.commands import encode_cull
 
 DEVICE_PATH: Final = "/dev/cachefiles"
 #: >= CACHEFILES_MSG_MAX_SIZE (1024): EMSGSIZE cannot happen; > the 256-byte state line
@@ -125,27 +130,28 @@ class _Commands(Protocol):
     def write_command(self, cmd: bytes) -> None: ...
 
 
+#: the working directory is process-wide: one ``cull`` at a time
 _cwd_lock = threading.Lock()
 
 
-def cull_one(device: _Commands, directory: str, name: str) -> str:
+def cull_in(device: _Commands, directory: str, name: str) -> int:
     """``cull <name>`` from inside ``directory`` (the kernel resolves the name against
-    the process's working directory, and a ``/`` in it is EINVAL). Returns "culled",
-    "busy" (EBUSY: the object is in use and stays), "gone" (ESTALE/ENOENT) or "failed".
-
-    The working directory is process-wide, so culls are serialised by a lock."""
+    the process's working directory, and a ``/`` in it is EINVAL). Returns 0 when the
+    kernel culled it (moved it to the graveyard), else the errno: EBUSY (in use, it
+    stays), ESTALE/ENOENT (already gone), anything else (a failure; EINVAL also for a
+    name the encoder refuses). Culls are serialised by a lock around the ``chdir``."""
+    try:
+        cmd = encode_cull(name)
+    except ValueError:
+        return errno.EINVAL
     with _cwd_lock:
         old = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.chdir(directory)
-            device.write_command(b"cull " + name.encode())
-            return "culled"
+            device.write_command(cmd)
+            return 0
         except OSError as exc:
-            if exc.errno == errno.EBUSY:
-                return "busy"
-            if exc.errno in (errno.ESTALE, errno.ENOENT):
-                return "gone"
-            return "failed"
+            return exc.errno or errno.EIO
         finally:
             os.fchdir(old)
             os.close(old)

@@ -1,7 +1,7 @@
 """Direct-I/O writes into the on-demand anonymous fd.
 
 The kernel opens every cache file with O_DIRECT and forwards what we ``pwrite`` to the
-anonymous fd as direct I/O (ondemand-protocol.md §2.6, pitfalls 9 and 10):
+anonymous fd as direct I/O (``docs/protocol-ondemand.md`` §3.4):
 
 - the **offset** must be PAGE_SIZE aligned, else the kernel fails the write with
   ENOBUFS (a "DIO misfit"). That ENOBUFS would look like "cache full", so

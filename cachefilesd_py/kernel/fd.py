@@ -1,10 +1,10 @@
 """Ownership of file descriptors, above all the on-demand anonymous fds.
 
 The kernel installs an anonymous fd in the daemon for every OPEN it reads, *without*
-FD_CLOEXEC (ondemand-protocol.md §2.6). A child that inherits one pins the cache
-object, keeps ``/dev/cachefiles`` busy after the daemon exits (EBUSY on the next open)
-and breaks ``restore`` (§4.3). So an fd is wrapped in an :class:`OwnedFd` the moment it
-arrives, and the holder sets FD_CLOEXEC at once.
+FD_CLOEXEC (``docs/protocol-ondemand.md`` §3.3). A child that inherits one pins the
+cache object, keeps ``/dev/cachefiles`` busy after the daemon exits (EBUSY on the next
+open) and breaks ``restore`` (§7.3). So an fd is wrapped in an :class:`OwnedFd` the
+moment it arrives, and the holder sets FD_CLOEXEC at once.
 
 The holder also closes the number **once**, and never while it is in use. Worker
 threads ``borrow()`` it around each pwrite and READ_COMPLETE. A ``close()`` that comes
@@ -12,7 +12,7 @@ while a borrow is in flight (a CLOSE request, shutdown) only marks the holder cl
 from then on ``fileno()`` is -1 and new borrows raise :class:`ClosedFdError`, and the
 last borrower to leave closes the number. Without this, a CLOSE could free the fd
 number while a fill is about to write, the next OPEN could be given the same number,
-and the fill's bytes would land in another blob (pitfall 6 of ondemand-protocol.md).
+and the fill's bytes would land in another blob (the fd-number reuse race, §3.3).
 An EBADF beats a write into someone else's file.
 
 (The idea follows trio's ``_FdHolder``: ``fd = -1`` on close, close exactly once, also

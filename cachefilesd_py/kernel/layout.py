@@ -4,8 +4,9 @@
 
     <dir>/cache/I<volume key>/@<xx>/<object name>
 
-Restated from ondemand-protocol.md §3.5 and the kernel's ``fs/cachefiles/volume.c``,
-``key.c`` and ``fs/netfs/fscache_{main,volume,cookie}.c`` (read, not copied):
+Restated from ``docs/protocol-ondemand.md`` §5 (the cache tree) and the kernel's
+``fs/cachefiles/volume.c``, ``key.c`` and ``fs/netfs/fscache_{main,volume,cookie}.c``
+(read, not copied):
 
 **Volume directory.** ``I`` followed by the volume key's bytes as they are: no escaping.
 For EROFS the key is ``erofs,<fsid>`` or ``erofs,<domain_id>``. A key holding ``/`` or
@@ -42,6 +43,15 @@ folds the two with the 32-bit golden-ratio multiply ``h(v) = v * 0x61C88647``:
   group), then four characters per 3-byte group: the group read little-endian as a
   24-bit number, its 6-bit pieces from the lowest up, each mapped through
   ``0-9 a-z A-Z _ -``.
+
+**Back from a name** (:func:`cookie_key_of_name`, for the culler, which finds files and
+must know whose they are). ``D`` and ``E`` names give the key back exactly (``E``
+records how many bytes its last group lacks). ``S``/``T`` names do not record the key's
+length: the key was zero-padded to whole words, so keys that differ only in up to three
+trailing NUL bytes share one name (and one cache file: the kernel itself cannot tell
+them apart). The inverse returns the shortest such key whose own name is the name
+given; for a key that does not end in NUL (every EROFS cookie: tags and ``device=``
+names are C strings) that is the key itself.
 """
 
 from __future__ import annotations
@@ -142,6 +152,90 @@ def object_file_name(cookie_key: bytes) -> str:
         acc = int.from_bytes(cookie_key[i : i + 3], "little")
         out.extend(B64_ALPHABET[(acc >> shift) & 63] for shift in (0, 6, 12, 18))
     return "".join(out)
+
+
+_B64_VALUE: Final = {c: i for i, c in enumerate(B64_ALPHABET)}
+
+
+def _words_key(words: list[int], big_endian: bool) -> bytes:
+    return b"".join(w.to_bytes(4, "big" if big_endian else "little") for w in words)
+
+
+def cookie_key_of_name(name: str) -> bytes | None:
+    """The cookie key a cache file name stands for (see "Back from a name" above), or
+    None if ``name`` is not a name :func:`object_file_name` can produce."""
+    if not name:
+        return None
+    mark, body = name[0], name[1:]
+    key: bytes | None
+    if mark == "D":
+        key = _d_key(body)
+    elif mark in "ST":
+        key = _words_name_key(body, big_endian=mark == "S")
+    elif mark == "E":
+        key = _e_key(body)
+    else:
+        return None
+    if key is None or object_file_name(key) != name:
+        return None
+    return key
+
+
+def _d_key(body: str) -> bytes | None:
+    try:
+        raw = body.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    return raw if raw and all(_printable(b) for b in raw) else None
+
+
+def _words_name_key(body: str, *, big_endian: bool) -> bytes | None:
+    words = []
+    for field in body.split(","):
+        if field == "":
+            words.append(0)
+            continue
+        if len(field) > 8 or field[0] == "0" or not all(c in "0123456789abcdef" for c in field):
+            return None
+        words.append(int(field, 16))
+    padded = _words_key(words, big_endian)
+    mark = "S" if big_endian else "T"
+    # the key was padded with up to three NULs: the shortest key naming this file
+    for cut in range(3, -1, -1):
+        if cut and padded[len(padded) - cut :] != bytes(cut):
+            continue
+        key = padded[: len(padded) - cut]
+        if key and object_file_name(key) == mark + body:
+            return key
+    return None
+
+
+def _e_key(body: str) -> bytes | None:
+    if not body or body[0] not in "012" or (len(body) - 1) % 4 or len(body) < 5:
+        return None
+    pad = int(body[0])
+    out = bytearray()
+    for i in range(1, len(body), 4):
+        acc = 0
+        for shift, ch in zip((0, 6, 12, 18), body[i : i + 4], strict=True):
+            value = _B64_VALUE.get(ch)
+            if value is None:
+                return None
+            acc |= value << shift
+        out += acc.to_bytes(3, "little")
+    if pad:
+        if out[-pad:] != bytes(pad):
+            return None
+        del out[-pad:]
+    return bytes(out) or None
+
+
+def volume_key_of_dir_name(dir_name: str) -> bytes | None:
+    """The volume key of a volume directory ``I<key>``, or None for another name."""
+    if not dir_name.startswith("I") or len(dir_name) < 2:
+        return None
+    key = os.fsencode(dir_name[1:])
+    return key if b"\0" not in key else None
 
 
 def volume_dir_name(volume_key: bytes) -> str:

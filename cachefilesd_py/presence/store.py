@@ -1,11 +1,12 @@
 """Durable presence: sidecar files bound to cache files by an xattr.
 
 Where: one sidecar per blob in ``<cache dir>/cachefilesd-py/presence/``, named by the
-sha256 of the blob key. The cache file carries the xattr ``user.cachefilesd_py.presence``
-whose value is the sidecar's random 16-byte binding id (hex). A sidecar is trusted only
-if that xattr is on the cache file the kernel uses for the blob *and* the sidecar's
-header matches the blob (key, size, chunk size, source identity token). Anything else is
-a miss: an empty bitmap, logged as ``presence.distrusted``, never an error.
+blob key's digest (``BlobKey.digest``). The cache file carries the xattr
+``user.cachefilesd_py.presence`` whose value is the sidecar's random 16-byte binding id
+(hex). A sidecar is trusted only if that xattr is on the cache file the kernel uses for
+the blob *and* the sidecar's header matches the blob (key, size, source identity token).
+Anything else is a miss: an empty bitmap, logged as ``presence.distrusted``, never an
+error. A trusted sidecar keeps its own chunk size (see :meth:`PresenceStore.load`).
 
 Why an xattr and a sidecar: an xattr-only bitmap tops out near 1 GiB of blob (64 KiB
 values); a sidecar alone could outlive its cache file (the kernel culls, replaces or
@@ -31,14 +32,15 @@ a ``BlobPresence.lock`` briefly for a snapshot.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
+from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.errors import PresenceCorrupt
 from cachefilesd_py.kernel.durable import crashpoint, fsync_path, save_file_atomically, syncfs
 from cachefilesd_py.presence import format as fmt
@@ -47,12 +49,11 @@ from cachefilesd_py.presence.bitmap import ChunkBitmap, ChunkGeometry
 log = structlog.get_logger("presence")
 
 BINDING_XATTR = "user.cachefilesd_py.presence"
-BlobKeyBytes = tuple[bytes, bytes]
 
 
 @dataclass(eq=False)
 class BlobPresence:
-    key: BlobKeyBytes
+    key: BlobKey
     geometry: ChunkGeometry
     token: str
     binding_id: bytes
@@ -92,30 +93,53 @@ class PresenceStore:
         self._io_lock = threading.Lock()
         self._fs_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
-    def sidecar_path(self, key: BlobKeyBytes) -> Path:
-        return self.root / (hashlib.sha256(key[0] + b"\0" + key[1]).hexdigest() + ".presence")
+    def sidecar_path(self, key: BlobKey) -> Path:
+        return self.root / (key.digest.hex() + ".presence")
 
     def load(
         self,
-        key: BlobKeyBytes,
+        key: BlobKey,
         cache_file: Path | None,
         blob_size: int,
-        chunk_size: int,
         token: str,
+        *,
+        chunk_size: int,
+        chunk_size_ok: Callable[[int], bool] = lambda _size: True,
     ) -> BlobPresence:
-        geometry = ChunkGeometry(blob_size, chunk_size)
-        empty = BlobPresence(key, geometry, token, os.urandom(16), ChunkBitmap(geometry.nchunks))
+        """The blob's presence: from its sidecar if the sidecar is trusted, else empty.
+
+        ``chunk_size`` is what a blob without a trusted sidecar gets. A trusted sidecar
+        keeps the chunk size it records, even when the configuration now says another
+        (its bits count its own chunks; the admin changed ``chunk_size`` since), as
+        long as ``chunk_size_ok`` accepts it (the engine's fill buffers must hold a
+        chunk); otherwise the sidecar is distrusted and the blob starts empty."""
+        empty = BlobPresence(
+            key,
+            ChunkGeometry(blob_size, chunk_size),
+            token,
+            os.urandom(16),
+            ChunkBitmap(ChunkGeometry(blob_size, chunk_size).nchunks),
+        )
         if cache_file is None:
             return empty
         path = self.sidecar_path(key)
-        reason = self._distrust_reason(key, cache_file, path, geometry, token)
+        reason = self._distrust_reason(key, cache_file, path, blob_size, token, chunk_size_ok)
         if isinstance(reason, str):
             if reason != "no sidecar":
                 log.warning(
-                    "presence.distrusted", blob=_name(key), file=str(cache_file), reason=reason
+                    "presence.distrusted", blob=str(key), file=str(cache_file), reason=reason
                 )
             return empty
         sc = reason
+        geometry = ChunkGeometry(blob_size, sc.chunk_size)
+        if sc.chunk_size != chunk_size:
+            log.info(
+                "presence.kept_chunk_size",
+                blob=str(key),
+                chunk=sc.chunk_size,
+                configured=chunk_size,
+                note="the sidecar's chunk size is kept for this blob; new blobs get the new one",
+            )
         bp = BlobPresence(
             key,
             geometry,
@@ -129,11 +153,12 @@ class PresenceStore:
 
     def _distrust_reason(
         self,
-        key: BlobKeyBytes,
+        key: BlobKey,
         cache_file: Path,
         path: Path,
-        geometry: ChunkGeometry,
+        blob_size: int,
         token: str,
+        chunk_size_ok: Callable[[int], bool],
     ) -> str | fmt.Sidecar:
         try:
             data = path.read_bytes()
@@ -151,14 +176,14 @@ class PresenceStore:
             return "cache file carries no binding xattr"
         if bound != sc.binding_id.hex().encode():
             return "cache file is bound to another sidecar"
-        if sc.key_hash != fmt.key_digest(key):
+        if sc.key_hash != key.digest:
             return "sidecar belongs to another blob"
-        if (sc.blob_size, sc.chunk_size, sc.nchunks) != (
-            geometry.blob_size,
-            geometry.chunk_size,
-            geometry.nchunks,
-        ):
-            return "blob size or chunk size changed"
+        if sc.chunk_size <= 0 or sc.chunk_size & (sc.chunk_size - 1):
+            return f"sidecar chunk size {sc.chunk_size} is not a power of two"
+        if (sc.blob_size, sc.nchunks) != (blob_size, -(-blob_size // sc.chunk_size)):
+            return "blob size changed"
+        if not chunk_size_ok(sc.chunk_size):
+            return f"sidecar chunk size {sc.chunk_size} cannot be filled any more"
         if sc.token != token:
             return "source identity changed"
         return sc
@@ -169,7 +194,7 @@ class PresenceStore:
             bp.geometry.blob_size,
             bp.geometry.nchunks,
             bp.binding_id,
-            fmt.key_digest(bp.key),
+            bp.key.digest,
             bp.token,
             bitmap,
         )
@@ -199,7 +224,7 @@ class PresenceStore:
         fsync_path(cache_file)
         bp.trusted = True
 
-    def load_bound(self, key: BlobKeyBytes, cache_file: Path) -> BlobPresence | None:
+    def load_bound(self, key: BlobKey, cache_file: Path) -> BlobPresence | None:
         """The presence of an idle blob as its sidecar records it (geometry and source
         token from the sidecar's header), or None unless the sidecar is intact, belongs
         to ``key`` and ``cache_file`` is bound to it. For trimming, which needs no
@@ -209,7 +234,7 @@ class PresenceStore:
             bound = os.getxattr(cache_file, BINDING_XATTR)
         except (OSError, PresenceCorrupt):
             return None
-        if bound != sc.binding_id.hex().encode() or sc.key_hash != fmt.key_digest(key):
+        if bound != sc.binding_id.hex().encode() or sc.key_hash != key.digest:
             return None
         geometry = ChunkGeometry(sc.blob_size, sc.chunk_size)
         if geometry.nchunks != sc.nchunks:
@@ -241,10 +266,10 @@ class PresenceStore:
             with bp.lock:
                 bp.saved_version = max(bp.saved_version, version)
 
-    def remove(self, key: BlobKeyBytes) -> None:
+    def remove(self, key: BlobKey) -> None:
         self.sidecar_path(key).unlink(missing_ok=True)
 
-    def orphans(self, known: set[BlobKeyBytes]) -> list[Path]:
+    def orphans(self, known: set[BlobKey]) -> list[Path]:
         keep = {self.sidecar_path(k).name for k in known}
         return [p for p in self.root.glob("*.presence") if p.name not in keep]
 
@@ -253,10 +278,3 @@ class PresenceStore:
             os.close(self._fs_fd)
             self._fs_fd = -1
 
-
-def _name(key: BlobKeyBytes) -> str:
-    return (
-        key[0].decode("utf-8", "backslashreplace")
-        + "/"
-        + key[1].decode("utf-8", "backslashreplace")
-    )

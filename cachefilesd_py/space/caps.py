@@ -13,15 +13,17 @@ are allocated bytes (``st_blocks``), what the filesystem actually spends. Pure.
 from __future__ import annotations
 
 import fnmatch
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from cachefilesd_py.blobkey import volume_of
 from cachefilesd_py.config.model import Config, SizeRule
 
 
 def volume_name(volume_dir: str) -> str:
     """``Ierofs,imgs`` → ``imgs``; ``Infs,4.2,...`` → ``nfs,4.2,...``."""
-    return volume_dir.removeprefix("I").removeprefix("erofs,")
+    return os.fsdecode(volume_of(os.fsencode(volume_dir.removeprefix("I"))))
 
 
 def pinned(pins: tuple[str, ...], volume: str, name: str) -> bool:
@@ -80,3 +82,19 @@ class Caps:
             objects=max(0, total_objects - self.max_objects) if self.max_objects is not None else 0,
             volumes=over,
         )
+
+
+@dataclass(frozen=True)
+class CullRules:
+    """What an admin says about culling, the same for every frontend: the absolute
+    caps and the ``pin`` globs."""
+
+    caps: Caps = field(default_factory=Caps)
+    pins: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> CullRules:
+        return cls(Caps.from_config(cfg), cfg.pins)
+
+    def pinned(self, volume: str, name: str) -> bool:
+        return bool(self.pins) and pinned(self.pins, volume, name)

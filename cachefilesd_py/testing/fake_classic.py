@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 
 
@@ -22,6 +23,8 @@ class FakeClassic:
         self.culling = False
         self.bound = False
         self.commands: list[bytes] = []
+        #: how many times the state line was read (a serving loop reads it each round)
+        self.reads = 0
         self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         os.write(self._w, b"x")  # always readable: the daemon polls with a timeout
 
@@ -34,6 +37,7 @@ class FakeClassic:
         return self._r
 
     def read_message(self) -> bytes:
+        self.reads += 1
         n = self.objects()
         if n > self.cull_above:
             self.culling = True
@@ -60,6 +64,15 @@ class FakeClassic:
             if path in self.in_use:
                 raise OSError(errno.EBUSY, "in use")
             os.rename(path, self.cache_dir / "graveyard" / f"x{id(path):x}{arg}")
+
+    def wait_reads(self, n: int, timeout: float = 20.0) -> bool:
+        """Whether the state line has been read ``n`` times within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.reads < n:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def close(self) -> None:
         os.close(self._r)

@@ -5,9 +5,9 @@ port byte for byte and errno for errno, backed by a real cache directory, so the
 daemon's driver runs against it unchanged. The other side, what EROFS would do, is
 driven by tests: :meth:`FakeCachefiles.lookup` acquires a cookie and returns a
 :class:`FakeObjectHandle` to read through and to withdraw. Every rule below is restated
-from the kernel sources cited in shared/reference/ondemand-protocol.md (``daemon.c``,
-``ondemand.c``, ``namei.c``, ``xattr.c``, ``io.c``), section numbers refer to that file;
-behaviour marked *inference* was read from code, not observed. The same expectations
+from the kernel sources (``daemon.c``, ``ondemand.c``, ``namei.c``, ``xattr.c``,
+``io.c``) as ``docs/protocol-ondemand.md`` explains them; section numbers refer to that
+file; behaviour marked *inference* was read from code, not observed. The same expectations
 run against the real kernel through ``testing/kernel_contract.py``.
 
 **Commands** (§1.2, §1.3; ``cachefiles_daemon_write``). A dead cache gives EIO; more
@@ -27,7 +27,7 @@ other than ``ondemand`` EINVAL, then the directory must exist (ENOENT/ENOTDIR) a
 ENAMETOOLONG and reports "internal error"), absent ENOENT, in use EBUSY; ``cull``
 unlinks a file and moves a directory into ``graveyard/`` (``cachefiles_bury_object``).
 
-**copen** (§2.7). Id and size are parsed like ``kstrtoul``/``kstrtol`` (base auto:
+**copen** (§3.1). Id and size are parsed like ``kstrtoul``/``kstrtol`` (base auto:
 ``0x`` hex, leading ``0`` octal; EINVAL/ERANGE). Since 6.10 the id must name an OPEN
 that was read, else EINVAL; before, any request with that id is erased (a READ is thus
 completed). A bad size fails the OPEN and the write with the parse error; -4095..-1
@@ -38,7 +38,7 @@ DATA, the same object size, not DIRTY) is used as it is (a cache hit), otherwise
 O_TMPFILE is created in the fan-out directory and truncated to ``round_up(size,
 4096)``; a stale file stays in place until the commit replaces it.
 
-**Messages** (§2.1, §2.9–2.11). ``read_message`` returns one whole message or ``b""``.
+**Messages** (§2.1, §2.6, §2.7, §7.3, §7.4). ``read_message`` returns one whole message or ``b""``.
 Selection is round-robin over not-yet-read requests. Reading an OPEN installs a real
 fd (``fd`` field) **without** FD_CLOEXEC; since 6.10 an OPEN for an object whose anon
 fd is still open fails the read and the OPEN with EEXIST. ``object_id`` comes from a
@@ -49,7 +49,7 @@ again. POLLIN: some unread request that is not a READ held for a re-opening obje
 (before 6.8: any request at all). POLLOUT: "culling needed", set by
 :meth:`FakeCachefiles.set_space`.
 
-**Anonymous fds** (§2.6, §2.8). A real fd: a placeholder (``/dev/null``) until the
+**Anonymous fds** (§3.2–§3.4). A real fd: a placeholder (``/dev/null``) until the
 object has a file, then (``dup2``) the cache file itself, opened O_WRONLY|O_DIRECT when
 the filesystem allows, so a misaligned buffer or length fails for real and
 SEEK_DATA/SEEK_HOLE work on it as on the kernel's. :meth:`FakeCachefiles.pwrite`:
@@ -65,7 +65,7 @@ match, and a CLOSE queued before the fd was closed arrives with object_id
 the held READ); before 6.8 the object's READs fail with EIO, now and later (a CLOSE
 got its object_id when queued then, and still arrives).
 
-**The filesystem side** (§2.5, §3.4). :meth:`FakeObjectHandle.read` reads the backing
+**The filesystem side** (§2.5, §5.2). :meth:`FakeObjectHandle.read` reads the backing
 file; where SEEK_DATA finds a hole at the (page-aligned) start it queues a READ for
 the hole (up to the next data, page-rounded), waits, and checks once more: still a
 hole gives EIO (or a short read if bytes were already read), data is read up to the
@@ -75,7 +75,7 @@ waits until it is read, cancels the object's other requests with EIO, then
 commits: a tmpfile gets the coherency xattr and is linked into
 ``cache/I<volume>/@xx/<name>`` (replacing a stale file).
 
-**Death** (§4.1). :meth:`mark_dead` is ``cachefiles_io_error`` (the device stays open:
+**Death** (§7.1). :meth:`mark_dead` is ``cachefiles_io_error`` (the device stays open:
 writes EIO, reads 0); :meth:`close` is closing the device. Both fail every pending
 request with EIO. Anonymous fds stay the daemon's (process exit would close them):
 :meth:`open_anon_fds` lists those not closed through ``close_fd``. Once the device is
@@ -108,7 +108,7 @@ from pathlib import Path
 from typing import Final, Generic, TypeVar
 
 from cachefilesd_py.frontends.ondemand import wire
-from cachefilesd_py.kernel import layout
+from cachefilesd_py.kernel import commands, layout
 from cachefilesd_py.kernel.dio import PAGE_SIZE, round_down, round_up
 from cachefilesd_py.testing.pattern import pattern_bytes
 
@@ -775,7 +775,7 @@ class FakeCachefiles:
             self._copen_out(req, -(exc.errno or errno.EINVAL))
             raise
         if size < 0:
-            if size < -wire.MAX_ERRNO:
+            if size < -commands.MAX_ERRNO:
                 self._copen_out(req, -errno.EINVAL)
                 raise _err(errno.EINVAL, "copen errno out of range")
             self._copen_out(req, size)
@@ -1246,8 +1246,8 @@ class FakeHarness:
         payload_size: int = 100_000,
     ) -> None:
         self.device = FakeCachefiles(version)
-        self.device.write_command(wire.encode_dir(str(cache_dir)))
-        self.device.write_command(wire.encode_bind(ondemand=True))
+        self.device.write_command(commands.encode_dir(str(cache_dir)))
+        self.device.write_command(commands.encode_bind(ondemand=True))
         self.payload_offset = payload_offset
         self.payload = pattern_bytes(4, 0, payload_size)
         self.image = bytes(payload_offset) + self.payload + bytes(3000)

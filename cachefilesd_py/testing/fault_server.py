@@ -18,7 +18,8 @@ blob can be rewritten "in place" at the same size like an origin without ETags d
 Fault kinds: ``500``/``503``/``404`` (status), ``reset`` (close the connection after
 half the body), ``truncate`` (announce the full length, send half, close),
 ``bad-range`` (a wrong ``Content-Range``), ``full`` (``200`` with the whole blob
-instead of ``206``), ``stall`` (sleep ``stall_seconds`` before answering), ``etag``
+instead of ``206``), ``stall`` (wait ``stall_seconds``, or until ``unstall`` is set,
+before answering), ``etag``
 (answer with another ETag), ``long`` (one byte more than asked), ``trickle`` (the
 whole answer, status line and headers included, one byte every ``trickle_seconds``),
 ``trickle-body`` (headers at once, then the body one byte at a time), ``huge`` (a
@@ -71,6 +72,8 @@ class FaultServer:
         start = time.time() - 3600
         self.last_modified: dict[str, float] = dict.fromkeys(self.blobs, start)
         self.stall_seconds = stall_seconds
+        #: set it to let every stalled request (and every later one) go on at once
+        self.unstall = threading.Event()
         self.trickle_seconds = trickle_seconds
         self.flood_bytes = flood_bytes
         self.requests: list[tuple[str, str, str | None]] = []
@@ -179,7 +182,7 @@ class FaultServer:
             data = self.blobs.get(name)
             etag, lm = self._validators(name, fault)
         if fault == "stall":
-            time.sleep(self.stall_seconds)
+            self.unstall.wait(self.stall_seconds)
             fault = None
         out = _Out(h, trickle=self.trickle_seconds if fault == "trickle" else 0.0)
         status = {"500": 500, "503": 503, "404": 404}.get(fault or "")

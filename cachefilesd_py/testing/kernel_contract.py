@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from cachefilesd_py.frontends.ondemand import wire
+from cachefilesd_py.kernel import commands
 from cachefilesd_py.kernel.device import Device
 from cachefilesd_py.kernel.dio import PAGE_SIZE, AlignedBuffer, pwrite_direct, round_up
 from cachefilesd_py.testing.fake_kernel import Background
@@ -108,7 +109,7 @@ class MiniDaemon:
             if self.on_open is not None:
                 self.on_open(req)
             else:
-                self.h.device.write_command(wire.encode_copen(req.msg_id, len(self.h.image)))
+                self.h.device.write_command(commands.encode_copen(req.msg_id, len(self.h.image)))
         elif isinstance(req, wire.ReadRequest):
             fd = self.fds[req.object_id]
             if self.on_read is not None:
@@ -249,9 +250,9 @@ def case_copen_unknown_id_is_einval(h: KernelHarness) -> None:
         m = d.start_mount("unknown-id.img")
         req = d.next_request()
         assert isinstance(req, wire.OpenRequest), req
-        bogus = (req.msg_id + 1000) % wire.U32_LIMIT
+        bogus = (req.msg_id + 1000) % commands.U32_LIMIT
         _expect_errno(
-            lambda: h.device.write_command(wire.encode_copen(bogus, len(h.image))),
+            lambda: h.device.write_command(commands.encode_copen(bogus, len(h.image))),
             errno.EINVAL,
             "copen of an unknown id",
         )
@@ -271,7 +272,7 @@ def case_refused_open_fails_the_mount(h: KernelHarness) -> None:
         m = d.start_mount("refused.img")
         req = d.next_request()
         assert isinstance(req, wire.OpenRequest), req
-        h.device.write_command(wire.encode_copen(req.msg_id, -errno.ENOENT))
+        h.device.write_command(commands.encode_copen(req.msg_id, -errno.ENOENT))
         d.serve_until(lambda: m.wait(0) != errno.ETIMEDOUT, "the mount failed")
         got = m.wait(0)
         assert got in (errno.EIO, errno.ENOBUFS), f"mount ended with {os.strerror(got)}"
@@ -349,7 +350,7 @@ def case_read_complete_unknown_id_is_einval(h: KernelHarness) -> None:
 
         def bogus_first(req: wire.ReadRequest, fd: int) -> None:
             if not checked:
-                bogus = (req.msg_id + 1000) % wire.U32_LIMIT
+                bogus = (req.msg_id + 1000) % commands.U32_LIMIT
                 _expect_errno(
                     lambda: h.device.read_complete(fd, bogus),
                     errno.EINVAL,

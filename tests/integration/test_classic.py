@@ -7,7 +7,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from cachefilesd_py.frontends.classic.driver import ClassicDriver
+from cachefilesd_py.space.caps import Caps, CullRules
 from cachefilesd_py.space.scan import scan
 from cachefilesd_py.testing.fake_classic import FakeClassic
 
@@ -46,6 +49,9 @@ def test_culls_back_to_run_never_in_use_and_reaps(tmp_path: Path) -> None:
     while dev.objects() > 60 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert dev.objects() <= 60
+    while dev.culling and time.monotonic() < deadline:  # the daemon saw culling end
+        time.sleep(0.01)
+    assert not dev.culling
     # new objects appear (the kernel commits them): the index learns of them from
     # inotify, without walking the tree again, and the next pass culls among them
     fresh = []
@@ -70,24 +76,31 @@ def test_culls_back_to_run_never_in_use_and_reaps(tmp_path: Path) -> None:
     assert dev.commands[-1 - drv.stats.culled - drv.stats.busy - drv.stats.gone :][0] == b"bind"
 
 
+def serve_rounds(dev: FakeClassic, drv: ClassicDriver, rounds: int = 10) -> None:
+    """Run the driver's serve loop until it has read the kernel's state ``rounds``
+    times; fails if it never gets there (a loop that did not run proves nothing)."""
+    stop = threading.Event()
+    t = threading.Thread(target=drv.serve, args=(stop, 0.05))
+    t.start()
+    served = dev.wait_reads(rounds)
+    stop.set()
+    t.join()
+    dev.close()
+    assert served, "the serve loop never read the kernel's state"
+
+
 def test_nocull_never_culls(tmp_path: Path) -> None:
     make_tree(tmp_path, 50)
     dev = FakeClassic(tmp_path, cull_above=10, run_at=5)
     drv = ClassicDriver(dev, str(tmp_path), nocull=True)
     drv.bind([])
-    stop = threading.Event()
-    t = threading.Thread(target=drv.serve, args=(stop, 0.05))
-    t.start()
-    time.sleep(0.5)
-    stop.set()
-    t.join()
-    dev.close()
-    assert dev.objects() == 50 and drv.stats.culled == 0
+    serve_rounds(dev, drv)  # the kernel asks for culling all along
+    assert drv.stats.cull_requests == 1, "the kernel's request was not seen"
+    assert dev.objects() == 50 and drv.stats.culled == 0 and drv.stats.passes == 0
 
 
 def test_caps_cull_oldest_of_the_volume_over_its_cap_only(tmp_path: Path) -> None:
     from cachefilesd_py.config.model import SizeRule
-    from cachefilesd_py.space.caps import Caps
 
     def volume(name: str, n: int, t0: int) -> list[Path]:
         paths = []
@@ -107,7 +120,7 @@ def test_caps_cull_oldest_of_the_volume_over_its_cap_only(tmp_path: Path) -> Non
     dev.in_use = {big[0]}
     per_object = os.stat(big[1]).st_blocks * 512
     caps = Caps(volume_rules=(SizeRule("nfs,*", 12 * per_object),))
-    drv = ClassicDriver(dev, str(tmp_path), nocull=False, table_size=5, caps=caps)
+    drv = ClassicDriver(dev, str(tmp_path), nocull=False, table_size=5, rules=CullRules(caps))
     drv.bind([])
     # 8 over the cap; the oldest is busy and stays; a table of 5 takes several rounds
     assert drv.cap_pass() == 8
@@ -118,36 +131,30 @@ def test_caps_cull_oldest_of_the_volume_over_its_cap_only(tmp_path: Path) -> Non
     assert drv.cap_pass() == 0  # holds now
 
     # the cache-wide object cap takes the oldest of any volume
-    drv.caps = Caps(max_objects=25)
+    drv.rules = CullRules(Caps(max_objects=25))
     assert drv.cap_pass() == 7
     assert [p.exists() for p in old[:7]] == [False] * 7 and old[7].exists()
 
 
-def test_nocull_skips_caps_too(tmp_path: Path) -> None:
-    from cachefilesd_py.space.caps import Caps
-
+@pytest.mark.parametrize("nocull", [True, False])
+def test_caps_are_enforced_by_the_serve_loop_unless_nocull(tmp_path: Path, nocull: bool) -> None:
     make_tree(tmp_path, 30)
     dev = FakeClassic(tmp_path, cull_above=10**6, run_at=0)
-    drv = ClassicDriver(dev, str(tmp_path), nocull=True, caps=Caps(max_objects=5))
+    rules = CullRules(Caps(max_objects=5))
+    drv = ClassicDriver(dev, str(tmp_path), nocull=nocull, rules=rules, caps_period=0.01)
     drv.bind([])
-    stop = threading.Event()
-    t = threading.Thread(target=drv.serve, args=(stop, 0.05))
-    t.start()
-    time.sleep(0.4)
-    stop.set()
-    t.join()
-    dev.close()
-    assert dev.objects() == 30 and drv.stats.cap_passes == 0
+    serve_rounds(dev, drv)  # ten rounds, each one past a caps period
+    if nocull:
+        assert dev.objects() == 30 and drv.stats.cap_passes == 0
+    else:
+        assert dev.objects() == 5 and drv.stats.cap_passes >= 1 and drv.stats.culled == 25
 
 
 def test_pinned_objects_are_never_culled(tmp_path: Path) -> None:
-    from cachefilesd_py.space.caps import Caps
-
     paths = make_tree(tmp_path, 30)  # volume "9p,tag,", names D0..D29, oldest first
     dev = FakeClassic(tmp_path, cull_above=10**6, run_at=0)
-    drv = ClassicDriver(
-        dev, str(tmp_path), nocull=False, caps=Caps(max_objects=20), pins=("9p,tag,/D[0-4]",)
-    )
+    rules = CullRules(Caps(max_objects=20), pins=("9p,tag,/D[0-4]",))
+    drv = ClassicDriver(dev, str(tmp_path), nocull=False, rules=rules)
     drv.bind([])
     assert drv.cap_pass() == 10
     assert all(p.exists() for p in paths[:5]), "a pinned object was culled"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cachefilesd_py.frontends.ondemand import wire
+from cachefilesd_py.kernel import commands
 from cachefilesd_py.kernel.dio import PAGE_SIZE, AlignedBuffer, pwrite_direct, round_up
 from cachefilesd_py.testing.fake_kernel import (
     AUX,
@@ -81,7 +82,7 @@ def open_object(
     job = start_lookup(fake, name)
     req = next_msg(fake)
     assert isinstance(req, wire.OpenRequest)
-    fake.write_command(wire.encode_copen(req.msg_id, size))
+    fake.write_command(commands.encode_copen(req.msg_id, size))
     return job.result(5), req
 
 
@@ -231,21 +232,29 @@ def test_command_errors(make_fake: Factory, commands: list[bytes], code: int) ->
 
 
 @pytest.mark.parametrize(
-    "commands",
+    ("commands", "expected"),
     [
-        [b"brun 50%", b"bcull 10%", b"bstop 0%"],
-        [b"brun\t50%"],  # any C whitespace separates the word
-        [b"bstop %"],  # 0%: fine, below bcull
-        [b"frun 90%", b"fcull 80%", b"fstop 70%"],
-        [b"debug 0x10"],
-        [b"debug"],
-        [b"tag x\ntag y"],  # the second line is dropped, not a second tag
+        ([b"brun 50%", b"bcull 10%", b"bstop 0%"], {"brun": 50, "bcull": 10, "bstop": 0}),
+        ([b"brun\t50%"], {"brun": 50}),  # any C whitespace separates the word
+        ([b"bstop %"], {"bstop": 0}),  # 0%: fine, below bcull
+        ([b"frun 90%", b"fcull 80%", b"fstop 70%"], {"frun": 90, "fcull": 80, "fstop": 70}),
+        ([b"debug 0x10"], {"debug_mask": 16}),
+        ([b"debug 9", b"debug"], {"debug_mask": 0}),  # no digits: mask 0
+        ([b"tag x\ntag y"], {"tag": "x"}),  # the second line is dropped, not a second tag
+        ([b"dir /c", b"tag t"], {"dir": Path("/c"), "tag": "t"}),
     ],
 )
-def test_commands_accepted(make_fake: Factory, commands: list[bytes]) -> None:
+def test_commands_accepted(
+    make_fake: Factory, commands: list[bytes], expected: dict[str, object]
+) -> None:
     fake = make_fake(bind=False)
     for cmd in commands:
         fake.write_command(cmd)
+    state = {**fake.thresholds, "debug_mask": fake.debug_mask, "tag": fake.tag, "dir": fake.dir}
+    assert {k: state[k] for k in expected} == expected
+    defaults = {"brun": 7, "bcull": 5, "bstop": 1, "frun": 7, "fcull": 5, "fstop": 1}
+    untouched = {k: v for k, v in defaults.items() if k not in expected}
+    assert {k: fake.thresholds[k] for k in untouched} == untouched
 
 
 def test_thresholds_are_checked_against_the_current_values(make_fake: Factory) -> None:
@@ -325,7 +334,7 @@ def test_open_message_and_anon_fd(make_fake: Factory) -> None:
     assert not fake.poll_mask() & select.POLLIN, "a read OPEN no longer raises POLLIN (6.8+)"
     with AlignedBuffer(PAGE_SIZE) as buf4k:
         expect_errno(errno.ENOBUFS, lambda: fake.pwrite(req.fd, buf4k.view, 0))  # no file yet
-    fake.write_command(wire.encode_copen(req.msg_id, SIZE))
+    fake.write_command(commands.encode_copen(req.msg_id, SIZE))
     handle = job.result(5)
     assert handle.size == SIZE and handle.object_id == req.object_id
     assert os.fstat(req.fd).st_size == round_up(SIZE, 4096)
@@ -366,7 +375,7 @@ def test_writes_wait_for_the_file_after_copen(make_fake: Factory) -> None:
     job = start_lookup(fake)
     req = next_msg(fake)
     assert isinstance(req, wire.OpenRequest)
-    fake.write_command(wire.encode_copen(req.msg_id, SIZE))
+    fake.write_command(commands.encode_copen(req.msg_id, SIZE))
     with AlignedBuffer(PAGE_SIZE) as buf:
         expect_errno(errno.ENOBUFS, lambda: fake.pwrite(req.fd, buf.view, 0))
         assert not job.done(), "the lookup finishes only once the object has its file"
@@ -434,9 +443,9 @@ def test_copen_id_errors(make_fake: Factory) -> None:
     expect_errno(errno.EINVAL, lambda: fake.write_command(b"copen %d" % req.msg_id))
     expect_errno(errno.EINVAL, lambda: fake.write_command(b"copen -1,4096"))
     expect_errno(errno.EINVAL, lambda: fake.write_command(b"copen %d,4096" % (req.msg_id + 7)))
-    fake.write_command(wire.encode_copen(req.msg_id, 4096))  # untouched by the failures
+    fake.write_command(commands.encode_copen(req.msg_id, 4096))  # untouched by the failures
     job.result(5)
-    expect_errno(errno.EINVAL, lambda: fake.write_command(wire.encode_copen(req.msg_id, 4096)))
+    expect_errno(errno.EINVAL, lambda: fake.write_command(commands.encode_copen(req.msg_id, 4096)))
 
 
 def test_copen_after_the_fd_was_closed_fails_the_open_with_ebadfd(make_fake: Factory) -> None:
@@ -444,7 +453,7 @@ def test_copen_after_the_fd_was_closed_fails_the_open_with_ebadfd(make_fake: Fac
     job = start_lookup(fake)
     req = next_msg(fake)
     fake.close_fd(req.fd)
-    fake.write_command(wire.encode_copen(req.msg_id, 4096))  # the write itself succeeds
+    fake.write_command(commands.encode_copen(req.msg_id, 4096))  # the write itself succeeds
     expect_errno(errno.EBADFD, lambda: job.result(5))
 
 
@@ -547,7 +556,7 @@ def test_read_complete_rules(make_fake: Factory) -> None:
     assert job.result(5) == DATA[:10]
     expect_errno(errno.EINVAL, lambda: fake.read_complete(op_a.fd, req.msg_id))
     opening = next_msg(fake)
-    fake.write_command(wire.encode_copen(opening.msg_id, 4096))
+    fake.write_command(commands.encode_copen(opening.msg_id, 4096))
     other.result(5)
     del b
 
@@ -569,7 +578,7 @@ def test_before_6_10_copen_erases_a_read(make_fake: Factory) -> None:
     job = Background(a.read, 0, 10, 5)
     req = next_msg(fake)
     fill(fake, op.fd, 0, DATA)
-    fake.write_command(wire.encode_copen(req.msg_id, SIZE))
+    fake.write_command(commands.encode_copen(req.msg_id, SIZE))
     assert job.result(5) == DATA[:10]
 
 
@@ -578,7 +587,7 @@ def test_copen_of_a_read_is_einval_since_6_10(make_fake: Factory) -> None:
     a, op = open_object(fake)
     job = Background(a.read, 0, 10, 5)
     req = next_msg(fake)
-    expect_errno(errno.EINVAL, lambda: fake.write_command(wire.encode_copen(req.msg_id, SIZE)))
+    expect_errno(errno.EINVAL, lambda: fake.write_command(commands.encode_copen(req.msg_id, SIZE)))
     fake.read_complete(op.fd, req.msg_id)
     expect_errno(errno.EIO, lambda: job.result(5))
 
@@ -607,7 +616,7 @@ def test_restore_redelivers_an_open_with_a_new_fd_before_6_10(make_fake: Factory
     again = next_msg(fake)
     assert isinstance(first, wire.OpenRequest) and isinstance(again, wire.OpenRequest)
     assert again.msg_id == first.msg_id and again.fd != first.fd
-    fake.write_command(wire.encode_copen(again.msg_id, 4096))
+    fake.write_command(commands.encode_copen(again.msg_id, 4096))
     job.result(5)
 
 
@@ -637,7 +646,7 @@ def test_read_after_the_fd_was_closed_reopens_the_object(make_fake: Factory) -> 
     assert isinstance(reopen, wire.OpenRequest)
     assert reopen.object_id != op.object_id and reopen.cookie_key == b"blob"
     assert fake.read_message() == b"", "the READ waits for the re-open"
-    fake.write_command(wire.encode_copen(reopen.msg_id, SIZE))
+    fake.write_command(commands.encode_copen(reopen.msg_id, SIZE))
     req = next_msg(fake)
     assert isinstance(req, wire.ReadRequest) and req.object_id == reopen.object_id
     fill(fake, reopen.fd, 0, DATA)
@@ -725,7 +734,7 @@ def test_spoiled_coherency_xattr_is_a_miss(make_fake: Factory) -> None:
     # the file is in use from the lookup on: it cannot be culled, but its xattr can be
     # spoiled before copen (what the daemon does with files it cannot vouch for)
     os.setxattr(handle.path, AUX_XATTR, b"\xff" * AUX.size)
-    fake.write_command(wire.encode_copen(req.msg_id, SIZE))
+    fake.write_command(commands.encode_copen(req.msg_id, SIZE))
     again = job.result(5)
     assert not again.committed
     fake.close_fd(req.fd)

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.config.model import SourceRule
 from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory, SourceSettings
 from cachefilesd_py.sources.resolve import SourceResolver
+from cachefilesd_py.space.plan import Outcome
 from cachefilesd_py.testing.fake_kernel import FakeCachefiles
 from cachefilesd_py.testing.fault_server import FaultServer
 from cachefilesd_py.testing.pattern import pattern_bytes
@@ -29,14 +32,21 @@ DATA = pattern_bytes(9, 0, SIZE)
 class Daemon:
     """The daemon's on-demand stack on a fake device, served by a thread."""
 
-    def __init__(self, cache: Path, url_template: str, readahead: int = 0) -> None:
+    def __init__(
+        self,
+        cache: Path,
+        url_template: str,
+        readahead: int = 0,
+        chunk: int = CHUNK,
+        resolve: Callable[[bytes, bytes], str | None] | None = None,
+    ) -> None:
         self.fake = FakeCachefiles()
         self.engine = Engine(
-            resolve=SourceResolver([SourceRule("*", url_template)]).resolve,
+            resolve=resolve or SourceResolver([SourceRule("*", url_template)]).resolve,
             open_source=SourceFactory(SourceSettings(retries=2, timeout=2)).open,
             presence=PresenceStore(cache / "cachefilesd-py" / "presence"),
             settings=EngineSettings(
-                chunk_size=CHUNK,
+                chunk_size=chunk,
                 readahead=readahead,
                 fetch_timeout=3,
                 checkpoint_interval=0.2,
@@ -81,7 +91,7 @@ def daemons() -> Iterator[list[Daemon]]:
             d.shutdown()
 
 
-def start(daemons: list[Daemon], cache: Path, url: str, **kw: int) -> Daemon:
+def start(daemons: list[Daemon], cache: Path, url: str, **kw: Any) -> Daemon:
     d = Daemon(cache, url, **kw)
     daemons.append(d)
     return d
@@ -154,8 +164,8 @@ def test_malformed_message_is_logged_not_fatal(
     blobs: Path, cache: Path, daemons: list[Daemon]
 ) -> None:
     d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
-    d.driver._dispatch(b"\x01\x00\x00\x00garbage")
-    d.driver._dispatch(b"")
+    d.driver.dispatch(b"\x01\x00\x00\x00garbage")
+    d.driver.dispatch(b"")
     assert d.driver.stats.malformed == 2
     assert d.fake.lookup(b"erofs,img", b"img").read(0, 100) == DATA[:100]
 
@@ -248,7 +258,7 @@ def test_culler_removes_unused_blobs_never_pinned_or_in_use(
     from dataclasses import replace
 
     from cachefilesd_py.config.model import Config
-    from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
+    from cachefilesd_py.frontends.ondemand.space import make_culler
 
     for name in ("a", "b", "c"):
         (blobs / name).write_bytes(pattern_bytes(len(name), 0, 300_000))
@@ -266,11 +276,11 @@ def test_culler_removes_unused_blobs_never_pinned_or_in_use(
     wait_idle(d)
     objs["img"] = d.fake.lookup(b"erofs,img", b"img")  # mounted again: in use
     cfg = replace(Config(dir=str(cache)), pins=("b/*",))
-    culler = OnDemandCuller(d.fake, cache, d.engine.presence, cfg, d.engine.leases)
-    out = culler.cull_pass(need_bytes=10**12)  # ask for more than there is
+    culler = make_culler(d.fake, cache, d.engine.presence, d.engine.leases, cfg)
+    out = culler.cull_pass(need_bytes=10**12).tally  # ask for more than there is
     remaining = {p.name for p in (cache / "cache").rglob("D*")}
     assert remaining == {"Db", "Dimg"}, remaining  # b pinned, img in use
-    assert out.culled == 2 and out.pinned == 1 and out.busy == 1
+    assert out.culled == 2 and out[Outcome.PINNED] == 1 and out[Outcome.IN_USE] == 1
     assert len(list(d.engine.presence.root.glob("*.presence"))) == 2  # sidecars of a, c gone
     assert list((cache / "graveyard").iterdir()) == []
     assert obj_ok(objs["img"])
@@ -292,7 +302,7 @@ def test_volume_cap_culls_only_that_volume(blobs: Path, cache: Path, daemons: li
     from dataclasses import replace
 
     from cachefilesd_py.config.model import Config, SizeRule
-    from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
+    from cachefilesd_py.frontends.ondemand.space import make_culler
 
     d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
     for name in ("a1", "a2", "a3", "b1"):
@@ -303,8 +313,8 @@ def test_volume_cap_culls_only_that_volume(blobs: Path, cache: Path, daemons: li
         obj.withdraw()
     wait_idle(d)  # every object closed and its presence bound
     cfg = replace(Config(dir=str(cache)), volume_max_bytes=(SizeRule("vola", 250_000),))
-    culler = OnDemandCuller(d.fake, cache, d.engine.presence, cfg, d.engine.leases)
-    out = culler.cull_pass(need_bytes=0)
+    culler = make_culler(d.fake, cache, d.engine.presence, d.engine.leases, cfg)
+    out = culler.cull_pass(need_bytes=0).tally
     left = sorted(p.name for p in (cache / "cache").rglob("D*"))
     # volume "vola" holds 3 × ~200 KB over a 250 KB cap: two go; "volb" has no cap
     assert out.culled == 2
@@ -315,21 +325,18 @@ def test_trim_punches_tail_chunks_of_an_idle_blob_only(
     blobs: Path, cache: Path, daemons: list[Daemon]
 ) -> None:
     import os
-    from dataclasses import replace
 
     from cachefilesd_py.config.model import Config
-    from cachefilesd_py.frontends.ondemand.space import OnDemandCuller
+    from cachefilesd_py.frontends.ondemand.space import make_culler
     from cachefilesd_py.presence.verify import verify
 
     big = pattern_bytes(5, 0, 40 * CHUNK + 777)
     (blobs / "big").write_bytes(big)
     d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
-    key = (b"erofs,v", b"big")
-    obj = d.fake.lookup(*key)
+    key = BlobKey(b"erofs,v", b"big")
+    obj = d.fake.lookup(key.volume_key, key.name)
     assert obj.read(0, len(big)) == big
-    culler = OnDemandCuller(
-        d.fake, cache, d.engine.presence, replace(Config(dir=str(cache))), d.engine.leases
-    )
+    culler = make_culler(d.fake, cache, d.engine.presence, d.engine.leases, Config(dir=str(cache)))
     obj.withdraw()
     path = next((cache / "cache").rglob("Dbig"))
     for _ in range(100):
@@ -337,14 +344,14 @@ def test_trim_punches_tail_chunks_of_an_idle_blob_only(
             break
         threading.Event().wait(0.05)
     blocks = os.stat(path).st_blocks
-    obj = d.fake.lookup(*key)  # mounted again: the committed file is in use
-    out = culler.cull_pass(need_bytes=5 * CHUNK)
-    assert out.busy == 1 and out.trimmed == 0 and out.culled == 0  # in use: untouched
+    obj = d.fake.lookup(key.volume_key, key.name)  # mounted again: the file is in use
+    out = culler.cull_pass(need_bytes=5 * CHUNK).tally
+    assert out[Outcome.IN_USE] == 1 and out.trimmed == 0 and out.culled == 0  # untouched
     assert os.stat(path).st_blocks == blocks
     obj.withdraw()
     wait_idle(d)
 
-    out = culler.cull_pass(need_bytes=5 * CHUNK)
+    out = culler.cull_pass(need_bytes=5 * CHUNK).tally
     assert (out.trimmed, out.culled) == (1, 0)
     assert out.freed_bytes >= 5 * CHUNK
     assert os.stat(path).st_blocks * 512 <= blocks * 512 - 5 * CHUNK
@@ -357,6 +364,93 @@ def test_trim_punches_tail_chunks_of_an_idle_blob_only(
 
     # served again: the trimmed tail is fetched anew, the rest comes from the cache
     sent = d.fake.reads_sent
-    obj = d.fake.lookup(*key)
+    obj = d.fake.lookup(key.volume_key, key.name)
     assert obj.read(0, len(big)) == big
     assert d.fake.reads_sent > sent
+
+
+def _one_file(blobs: Path) -> Callable[[bytes, bytes], str | None]:
+    """A resolver serving every key from ``blobs/sub/img`` (keys the source rules would
+    refuse included), for tests of cache files whose names the kernel encodes."""
+    return lambda volume, cookie: f"file://{blobs}/sub/img"
+
+
+def serve_and_commit(d: Daemon, blobs: Path, cookie: bytes) -> Path:
+    """Serve blob ``cookie`` of volume ``erofs,v`` whole, withdraw it (the kernel
+    commits its file) and wait until its sidecar is bound; returns the cache file."""
+    data = pattern_bytes(3, 0, 200_000)
+    (blobs / cookie.decode()).parent.mkdir(parents=True, exist_ok=True)
+    (blobs / cookie.decode()).write_bytes(data)
+    obj = d.fake.lookup(b"erofs,v", cookie)
+    assert obj.read(0, len(data)) == data
+    obj.withdraw()
+    wait_idle(d)
+    key = BlobKey(b"erofs,v", cookie)
+    path = key.cache_path(d.driver.cache_dir)
+    assert path.exists() and not path.name.startswith("D"), path
+    assert d.engine.presence.load_bound(key, path) is not None, "sidecar not bound"
+    return path
+
+
+def test_blobs_with_encoded_cache_names_are_culled(
+    blobs: Path, cache: Path, daemons: list[Daemon]
+) -> None:
+    """A cookie holding '/' gets an S/T/E cache name (issue 10 item 11): the culler
+    must still know whose file it is, cull it and drop its sidecar. The source rules
+    refuse such keys today, but a cache filled by an older release (or a resolver that
+    names blobs otherwise, as here) still holds such files."""
+    from cachefilesd_py.config.model import Config
+    from cachefilesd_py.frontends.ondemand.space import make_culler
+
+    d = start(daemons, cache, "", resolve=_one_file(blobs))
+    path = serve_and_commit(d, blobs, b"sub/img")
+    sidecar = d.engine.presence.sidecar_path(BlobKey(b"erofs,v", b"sub/img"))
+    assert sidecar.exists()
+    culler = make_culler(d.fake, cache, d.engine.presence, d.engine.leases, Config(dir=str(cache)))
+    out = culler.cull_pass(need_bytes=10**12).tally
+    assert out.culled == 1, out
+    assert not path.exists() and not sidecar.exists()
+
+
+def test_orphan_sweep_keeps_sidecars_of_encoded_names(
+    blobs: Path, cache: Path, daemons: list[Daemon]
+) -> None:
+    """The sweep of sidecars whose cache file is gone must recognise every name form:
+    a live blob with an encoded name keeps its sidecar and is served from the cache
+    after a restart."""
+    from cachefilesd_py.config.model import Config
+    from cachefilesd_py.frontends.ondemand.space import make_culler
+
+    d = start(daemons, cache, "", resolve=_one_file(blobs))
+    serve_and_commit(d, blobs, b"sub/img")
+    sidecar = d.engine.presence.sidecar_path(BlobKey(b"erofs,v", b"sub/img"))
+    culler = make_culler(d.fake, cache, d.engine.presence, d.engine.leases, Config(dir=str(cache)))
+    assert culler.remove_orphan_sidecars() == 0
+    assert sidecar.exists()
+    d.shutdown()
+    d2 = start(daemons, cache, "", resolve=_one_file(blobs))
+    obj = d2.fake.lookup(b"erofs,v", b"sub/img")
+    assert obj.read(0, 200_000) == pattern_bytes(3, 0, 200_000)
+    assert d2.fake.reads_sent == 0, "the blob's sidecar was lost: everything refetched"
+
+
+def test_a_changed_chunk_size_keeps_cached_blobs(
+    blobs: Path, cache: Path, daemons: list[Daemon]
+) -> None:
+    """The admin changes ``chunk_size`` and restarts (issue 11 item 5): a blob cached
+    with the old size keeps it (its sidecar's bits count those chunks) and is served
+    from the cache; a new blob gets the new size."""
+    d = start(daemons, cache, f"file://{blobs}/{{cookie}}")
+    obj = d.fake.lookup(b"erofs,img", b"img")
+    assert obj.read(0, SIZE) == DATA
+    obj.withdraw()
+    d.shutdown()
+    (blobs / "new").write_bytes(DATA)
+    d2 = start(daemons, cache, f"file://{blobs}/{{cookie}}", chunk=4 * CHUNK)
+    obj2 = d2.fake.lookup(b"erofs,img", b"img")
+    assert obj2.read(0, SIZE) == DATA
+    assert d2.fake.reads_sent == 0, "the cached blob was discarded and fetched again"
+    new = d2.fake.lookup(b"erofs,new", b"new")
+    assert new.read(0, 4096) == DATA[:4096]
+    sizes = {str(b.key): b.chunk_size for b in d2.engine.blobs()}
+    assert sizes == {"erofs,img/img": CHUNK, "erofs,new/new": 4 * CHUNK}

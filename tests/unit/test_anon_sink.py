@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cachefilesd_py.frontends.ondemand.driver import AnonFdSink
+from cachefilesd_py.frontends.ondemand.objects import AnonFdSink
 from cachefilesd_py.kernel.dio import AlignedBuffer
 from cachefilesd_py.kernel.fd import OwnedFd
 

@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachefilesd_py.config.load import load_config, load_headers
-from cachefilesd_py.config.parse import kernel_commands, parse_config, parse_size
+from cachefilesd_py.config.parse import parse_config, parse_size
 from cachefilesd_py.errors import ConfigError
+from cachefilesd_py.frontends.bind import kernel_commands
 
 BASE = "dir /var/cache/fscache\n"
 
@@ -183,8 +184,7 @@ def test_header_values_outside_latin1_are_refused_at_load(tmp_path: Path) -> Non
     headers.chmod(0o600)
     conf = tmp_path / "c.conf"
     conf.write_text(
-        f"dir {tmp_path}\nondemand\nsource * http://h/{{cookie}}\n"
-        f"source_headers * {headers}\n"
+        f"dir {tmp_path}\nondemand\nsource * http://h/{{cookie}}\nsource_headers * {headers}\n"
     )
     with pytest.raises(ConfigError) as info:
         load_config(str(conf))

@@ -18,8 +18,8 @@ import pytest
 
 from cachefilesd_py.config.load import load_config
 from cachefilesd_py.config.model import Config
-from cachefilesd_py.config.parse import kernel_commands
 from cachefilesd_py.errors import ConfigError
+from cachefilesd_py.frontends.bind import kernel_commands
 from tests.unit.c_config_table import DEFAULTS, ROWS, Row
 
 
@@ -100,9 +100,7 @@ def test_cachefilesd_sample_file_loads_with_the_same_settings(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if not isinstance(r.ours, str)], ids=row_id)
-def test_accepted_rows_reach_the_kernel_as_cachefilesd_sends_them(
-    row: Row, tmp_path: Path
-) -> None:
+def test_accepted_rows_reach_the_kernel_as_cachefilesd_sends_them(row: Row, tmp_path: Path) -> None:
     """What cachefilesd writes for ``tag``/``secctx`` is the value to the end of the
     line, trailing blanks included (the kernel keeps them): the daemon's commands carry
     the same bytes, so an accepted file never fails later, at bind time."""

@@ -1,5 +1,5 @@
 """The fd holder on real fds: CLOEXEC at once, close exactly once, deferred close while
-borrowed (the fd-number reuse race of ondemand-protocol.md pitfall 6)."""
+borrowed (the fd-number reuse race, docs/protocol-ondemand.md §3.3)."""
 
 from __future__ import annotations
 

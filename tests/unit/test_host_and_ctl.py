@@ -14,9 +14,21 @@ from cachefilesd_py.control.cli import COMMANDS, main
 from cachefilesd_py.daemon.host import _from_sysfs, cache_device, footprint
 
 
-def test_cache_device_of_this_filesystem() -> None:
-    info = cache_device("/")
-    assert "device" in info
+def test_cache_device_of_a_filesystem_on_a_block_device(tmp_path: Path) -> None:
+    """The figures come from the block device under the path: checked against sysfs."""
+    st = os.stat(tmp_path)
+    sysfs = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    if not sysfs.exists():
+        pytest.skip(f"{tmp_path} is not on a block device here (major {os.major(st.st_dev)})")
+    info = cache_device(str(tmp_path))
+    assert "why" not in info and info["device"] != "unknown", info
+    assert info["size_bytes"] == int((sysfs / "size").read_text()) * 512
+    assert info["read_only"] == (sysfs / "ro").read_text().strip()
+
+
+def test_cache_device_of_a_filesystem_without_one_says_why() -> None:
+    info = cache_device("/proc")  # no block device: an anonymous st_dev
+    assert info["device"] == "unknown" and info["why"]
 
 
 def test_footprint_counts_this_process() -> None:

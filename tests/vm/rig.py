@@ -156,12 +156,22 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     debug: bool = True
     events: list[dict[str, object]] = field(default_factory=list)
+    #: a cgroup v2 directory to start the daemon in (its memory is charged there)
+    cgroup: Path | None = None
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 300) -> None:
         readies = self.count("ready") if self.log_path.exists() else 0
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # started inside its cgroup (a shell joins it, then execs the daemon), so
+        # that every page it ever touches is charged there
+        enter = (
+            ["sh", "-c", f'echo $$ > {self.cgroup}/cgroup.procs && exec "$0" "$@"']
+            if self.cgroup is not None
+            else []
+        )
         self.proc = subprocess.Popen(
             [
+                *enter,
                 sys.executable,
                 "-m",
                 "cachefilesd_py.daemon.cli",

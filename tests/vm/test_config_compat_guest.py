@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from cachefilesd_py.config import check
-from cachefilesd_py.config.parse import kernel_commands, parse_config
+from cachefilesd_py.config.parse import parse_config
+from cachefilesd_py.frontends.bind import kernel_commands
 from tests.unit.c_config_table import ROWS
 from tests.vm.rig import run
 

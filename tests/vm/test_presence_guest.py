@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.daemon.app import STATE_DIR_NAME
 from cachefilesd_py.kernel.layout import object_path
 from cachefilesd_py.presence.store import PresenceStore
@@ -48,12 +49,12 @@ def load_and_verify(
 ) -> tuple[object, object]:
     """Load the blob's sidecar as the daemon would (``chunk`` must be the daemon's
     chunk size, or the sidecar is rightly distrusted and loads empty) and verify it."""
-    volume, cookie = f"erofs,{fsid}".encode(), fsid.encode()
-    path = object_path(cache, volume, cookie)
+    key = BlobKey.named(fsid, fsid)
+    path = key.cache_path(cache)
     store = PresenceStore(cache / STATE_DIR_NAME / "presence")
     source = FileSource(str(blob))
     identity = source.identity(Deadline.after(10))
-    presence = store.load((volume, cookie), path, identity.size, chunk, identity.token())
+    presence = store.load(key, path, identity.size, identity.token(), chunk_size=chunk)
 
     def read_source(off: int, n: int) -> bytes:
         with open(blob, "rb") as f:

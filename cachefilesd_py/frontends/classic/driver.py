@@ -1,7 +1,7 @@
 """Classic mode (``bind``): keep an NFS/AFS/Ceph/9p fscache cache inside its limits.
 
-The kernel fills the cache by itself; the daemon's job is to cull (shared/reference/
-cachefilesd-classic.md §3):
+The kernel fills the cache by itself; the daemon's job is to cull
+(``docs/protocol-classic.md`` §2–§3):
 
 - ``read()`` returns the state line; ``cull=1`` means free space or files went below
   *cull* and stays 1 until both are back above *run*. POLLIN signals a state change.
@@ -12,8 +12,10 @@ cachefilesd-classic.md §3):
 
 Unlike cachefilesd C, which culls one object per loop pass and re-walks the tree for
 every 4096 victims, each pass here scans once into a bounded heap of the oldest objects
-and culls in a batch toward *run* plus a headroom, re-reading the state between
-batches; when nothing is cullable it backs off instead of spinning.
+and culls in a batch, re-reading the state every 64 objects until the kernel's ``cull``
+flag clears; when nothing is cullable it backs off instead of spinning. What to cull
+is decided by the cull plan both frontends share (``space/plan.py``: pins, needs) and
+carried out by the shared loop (``space/culler.py``), one outcome per object.
 
 The absolute caps (``cache_max_bytes``, ``cache_max_objects``, ``volume_max_bytes``;
 ``space/caps.py``), which the kernel knows nothing about, are checked by a scan every
@@ -32,7 +34,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,9 +42,12 @@ import structlog
 
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.frontends.classic.commands import parse_state
-from cachefilesd_py.kernel.device import cull_one
-from cachefilesd_py.space.caps import Caps, pinned, volume_name
+from cachefilesd_py.kernel import commands
+from cachefilesd_py.kernel.device import cull_in
+from cachefilesd_py.space.caps import CullRules, volume_name
+from cachefilesd_py.space.culler import run_plan
 from cachefilesd_py.space.graveyard import GraveyardWatch, reap
+from cachefilesd_py.space.plan import CullPlan, Needs, Outcome, Tally
 from cachefilesd_py.space.scan import Candidate, ScanResult, scan
 from cachefilesd_py.space.tree_index import TreeIndex
 
@@ -83,32 +88,61 @@ class ClassicDriver:
         *,
         nocull: bool,
         table_size: int = 4096,
-        caps: Caps | None = None,
+        rules: CullRules | None = None,
         caps_period: float = 30.0,
-        pins: tuple[str, ...] = (),
     ) -> None:
         self.device = device
         self.cache_dir = cache_dir
+        self._cache = os.path.join(cache_dir, "cache")
         self.nocull = nocull
         self.table_size = table_size
-        self.caps = caps or Caps()
+        self.rules = rules or CullRules()
         self.caps_period = caps_period
-        self.pins = pins
         self.stats = ClassicStats()
         self.index: TreeIndex | None = None
         self._culling = False
 
+    # -- what the shared cull plan needs to know of a classic object ----------------
+
+    def _volume_of(self, cand: Candidate) -> str:
+        """The volume directory (``I...``) an object lies in, however deep."""
+        return cand.directory[len(self._cache) + 1 :].split(os.sep, 1)[0]
+
     def _pinned(self, cand: Candidate) -> bool:
-        if not self.pins:
-            return False
-        rel = os.path.relpath(cand.directory, os.path.join(self.cache_dir, "cache"))
-        return pinned(self.pins, volume_name(rel.split(os.sep, 1)[0]), cand.name)
+        """Pins match ``<volume>/<file name>``: classic cookies are binary, so the
+        object's name in the cache is what an admin can see and write."""
+        return bool(self.rules.pins) and self.rules.pinned(
+            volume_name(self._volume_of(cand)), cand.name
+        )
+
+    def cull(self, cand: Candidate) -> Outcome:
+        """The :class:`~cachefilesd_py.space.culler.Remover` side: the kernel's ``cull``."""
+        return Outcome.of_cull(cull_in(self.device, cand.directory, cand.name))
+
+    def trim(self, cand: Candidate, nbytes: int) -> tuple[Outcome, int]:
+        """Classic objects are never trimmed (the kernel's files, not ours)."""
+        return Outcome.UNTRIMMABLE, 0
+
+    def _run(
+        self,
+        needs: Needs,
+        candidates: Iterable[Candidate],
+        keep_going: Callable[[], bool] | None = None,
+    ) -> Tally:
+        plan = CullPlan(needs, volume_of=self._volume_of, pinned=self._pinned)
+        tally = run_plan(plan, candidates, self, describe=_path, keep_going=keep_going)
+        stats = self.stats
+        stats.culled += tally[Outcome.CULLED]
+        stats.busy += tally[Outcome.BUSY]
+        stats.gone += tally[Outcome.GONE]
+        stats.failed += tally[Outcome.FAILED]
+        stats.pinned += tally[Outcome.PINNED]
+        return tally
 
     def _scan(self, top: str, limit: int) -> ScanResult:
         """The oldest objects under ``top`` (the cache or one volume of it)."""
         if self.index is not None:
-            cache = os.path.join(self.cache_dir, "cache")
-            return self.index.scan(limit, under=None if top == cache else top)
+            return self.index.scan(limit, under=None if top == self._cache else top)
         return scan(top, limit)
 
     def open_index(self) -> None:
@@ -120,10 +154,10 @@ class ClassicDriver:
             return
         log.info("index.ready", objects=self.index.known_objects(), watches=self.index.watches)
 
-    def bind(self, commands: list[bytes]) -> None:
-        for cmd in commands:
+    def bind(self, setup: list[bytes]) -> None:
+        for cmd in setup:
             self.device.write_command(cmd)
-        self.device.write_command(b"bind")
+        self.device.write_command(commands.encode_bind(ondemand=False))
         log.info("bound", mode="classic", cache_dir=self.cache_dir)
 
     def read_state(self) -> bool:
@@ -144,37 +178,29 @@ class ClassicDriver:
         return state.cull
 
     def cull_pass(self) -> int:
-        """Cull the oldest objects in batches while the kernel still asks for it."""
+        """Cull the oldest objects while the kernel still asks for it (its ``cull``
+        flag, re-read every 64 objects)."""
         self.stats.passes += 1
-        result = self._scan(os.path.join(self.cache_dir, "cache"), self.table_size)
+        result = self._scan(self._cache, self.table_size)
         for stray in result.strays:
             try:
                 os.unlink(stray)
                 self.stats.strays_removed += 1
             except OSError:
                 pass
-        culled = 0
-        for i, cand in enumerate(result.oldest):
-            if i % BATCH == 0 and i and not self.read_state():
-                break
-            if self._pinned(cand):
-                self.stats.pinned += 1
-                continue
-            outcome = cull_one(self.device, cand.directory, cand.name)
-            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
-            culled += outcome == "culled"
+        tally = self._run(Needs(until_stopped=True), result.oldest, keep_going=self.read_state)
         for empty in result.empty_dirs:
             with contextlib.suppress(OSError):
                 os.rmdir(empty)
         log.info(
             "cull.pass",
+            mode="classic",
             scanned=result.objects,
             candidates=len(result.oldest),
-            culled=culled,
-            busy=self.stats.busy,
             strays=len(result.strays),
+            **tally.as_fields(),
         )
-        return culled
+        return tally.culled
 
     def cap_pass(self, max_rounds: int = 64) -> int:
         """Cull the oldest objects until the absolute caps hold; returns how many went.
@@ -193,56 +219,29 @@ class ClassicDriver:
         """One scan and the culls it allows. A volume over its cap is rescanned on its
         own, so its oldest objects are found even when they are not among the oldest
         of the whole cache."""
-        cache = os.path.join(self.cache_dir, "cache")
-        result = self._scan(cache, self.table_size)
+        result = self._scan(self._cache, self.table_size)
         volume_bytes = {v: b * 512 for v, b in result.volume_blocks.items()}
-        needs = self.caps.needs(result.blocks * 512, result.objects, volume_bytes)
+        needs = self.rules.caps.needs(result.blocks * 512, result.objects, volume_bytes)
         if not needs.any:
             return 0
-        culled, freed = 0, dict.fromkeys(needs.volumes, 0)
+        done = Tally()
         if needs.bytes > 0 or needs.objects > 0:
-            culled += self._cull_oldest(cache, result.oldest, needs.bytes, needs.objects, freed)
+            done.add(self._run(Needs(needs.bytes, needs.objects), result.oldest))
         for vdir, excess in needs.volumes.items():
-            if excess - freed[vdir] > 0:
-                vol = self._scan(os.path.join(cache, vdir), self.table_size)
-                culled += self._cull_oldest(cache, vol.oldest, excess - freed[vdir], 0, freed)
-        self.stats.culled_for_caps += culled
+            still = excess - done.freed_by_volume.get(vdir, 0)
+            if still > 0:
+                vol = self._scan(os.path.join(self._cache, vdir), self.table_size)
+                done.add(self._run(Needs(volumes={vdir: still}), vol.oldest))
+        self.stats.culled_for_caps += done.culled
         log.info(
             "cull.caps",
             scanned=result.objects,
             need_bytes=needs.bytes,
             need_objects=needs.objects,
             volumes_over=len(needs.volumes),
-            culled=culled,
+            **done.as_fields(),
         )
-        return culled
-
-    def _cull_oldest(
-        self,
-        cache: str,
-        candidates: list[Candidate],
-        need_bytes: int,
-        need_objects: int,
-        freed_by_volume: dict[str, int],
-    ) -> int:
-        culled = 0
-        for cand in candidates:
-            if need_bytes <= 0 and need_objects <= 0:
-                break
-            if self._pinned(cand):
-                self.stats.pinned += 1
-                continue
-            outcome = cull_one(self.device, cand.directory, cand.name)
-            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
-            if outcome != "culled":
-                continue
-            culled += 1
-            need_bytes -= cand.blocks * 512
-            need_objects -= 1
-            vdir = os.path.relpath(cand.directory, cache).split(os.sep, 1)[0]
-            if vdir in freed_by_volume:
-                freed_by_volume[vdir] += cand.blocks * 512
-        return culled
+        return done.culled
 
     def serve(self, stop: threading.Event, poll_interval: float = 1.0) -> None:
         graveyard = os.path.join(self.cache_dir, "graveyard")
@@ -254,7 +253,7 @@ class ClassicDriver:
         poller.register(self.device.fileno(), select.POLLIN)
         poller.register(watch.fileno(), select.POLLIN)
         backoff_until = 0.0
-        next_caps = 0.0 if self.caps.configured and not self.nocull else float("inf")
+        next_caps = 0.0 if self.rules.caps.configured and not self.nocull else float("inf")
         try:
             while not stop.is_set():
                 poller.poll(int(poll_interval * 1000))
@@ -285,7 +284,7 @@ def run_classic(
     stop: threading.Event,
     *,
     nocull: bool,
-    commands: list[bytes],
+    setup: list[bytes],
     on_ready: Callable[[], object] = lambda: None,
     report_stats: Callable[[Callable[[], dict[str, object]]], object] = lambda _collect: None,
 ) -> int:
@@ -297,10 +296,9 @@ def run_classic(
         config.dir,
         nocull=nocull,
         table_size=1 << config.culltable,
-        caps=Caps.from_config(config),
-        pins=config.pins,
+        rules=CullRules.from_config(config),
     )
-    driver.bind(commands)
+    driver.bind(setup)
     on_ready()
     report_stats(lambda: dict(vars(driver.stats)))
     try:
@@ -308,3 +306,7 @@ def run_classic(
     finally:
         log.info("stats", final=True, **vars(driver.stats))
     return 0
+
+
+def _path(cand: Candidate) -> str:
+    return os.path.join(cand.directory, cand.name)

@@ -1,269 +1,157 @@
-"""Keeping an on-demand cache inside its limits.
+"""Space pressure in on-demand mode: when to cull, and what an on-demand cache file is.
 
 In on-demand mode there is no state line: the kernel signals space pressure only by
 POLLOUT on the device (free blocks or files below *cull*) and by ENOBUFS on writes
-(below *stop*). The daemon then culls whole blobs the kernel is not using:
+(below *stop*) (``docs/protocol-ondemand.md`` §6). :class:`SpaceWatcher` is the thread
+that answers both by running the core's blob culler (``engine/cull.py``):
 
-- candidates come from one scan of ``cache/`` (bounded heap, ``space/scan.py``); a blob
-  the daemon has seen since start is ordered by the cull policy (which saw its OPENs
-  and misses), a blob from before the start by its atime, and those come first;
-- pinned blobs (``pin`` globs over ``<volume>/<cookie>``) and blobs with an open kernel
-  object are never culled; ``cull`` itself re-checks and answers EBUSY for objects in
-  use, so a read can never race a removal;
-- ``cull`` names the file relative to the working directory, hence the ``chdir``;
-- a culled blob's presence sidecar is removed after the kernel moved the file to the
-  graveyard, and the graveyard is emptied;
-- culling aims at *run* plus a headroom, and at the absolute caps
-  (``cache_max_bytes``/``cache_max_objects``, and ``volume_max_bytes`` per volume);
-- a blob much larger than what is still to be freed is *trimmed* instead of removed
-  (``space/chunks.py`` picks the chunks): under the blob's trim lease (no kernel object
-  on it, new OPENs wait, ``engine/leases.py``), its bits are cleared in the sidecar
-  durably first, then holes are punched over those chunks. A bit may lag its data,
-  never lead it: a crash between the two leaves data without a bit, a refetch later.
-  A blob without a trusted sidecar is culled whole instead.
+- the reader loop asks for POLLOUT only while no pass is running or backing off, so a
+  full disk cannot spin it (:meth:`SpaceWatcher.kick` on POLLOUT);
+- a fill that meets ENOBUFS below *stop* calls :meth:`SpaceWatcher.make_room`: start
+  a pass (or join the running one), wait for it, pause briefly, write again;
+- a pass that frees nothing although the kernel asked backs off for a few seconds; one
+  that found nothing to free (statvfs shows no shortage, but the kernel also counts
+  blocks still being written) looks again soon;
+- every 30 s a pass runs anyway (the absolute caps need scans), and every 20th pass
+  removes the sidecars of cache files that are gone.
+
+What an on-demand cache file is: ``cache/I<volume key>/@xx/<name>``, named by the
+kernel from the blob's keys (:func:`key_of`, ``BlobKey.from_cache_path``, for every
+name form). ``cull`` names the file relative to the working directory, hence
+``kernel.device.cull_in``.
+
+Lock order: the watcher's two events are not locks; it takes none of its own.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
+from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.config.model import Config
+from cachefilesd_py.engine.cull import BlobCuller
 from cachefilesd_py.engine.leases import BlobLeases
-from cachefilesd_py.kernel._sys import punch_hole
-from cachefilesd_py.kernel.device import Device, cull_one
-from cachefilesd_py.kernel.fd import OwnedFd
+from cachefilesd_py.kernel.device import Device, cull_in
 from cachefilesd_py.presence.store import PresenceStore
-from cachefilesd_py.space.caps import Caps, pinned
-from cachefilesd_py.space.chunks import chunks_to_trim, keep_head_chunks, should_trim
-from cachefilesd_py.space.graveyard import reap
-from cachefilesd_py.space.policy import CullPolicy, make_policy
-from cachefilesd_py.space.scan import Candidate, scan
+from cachefilesd_py.space.caps import CullRules
+from cachefilesd_py.space.culler import PassResult
+from cachefilesd_py.space.policy import make_policy
+from cachefilesd_py.space.scan import Candidate
 from cachefilesd_py.space.stats import Limits, SpaceSnapshot, bytes_to_free
 
 log = structlog.get_logger("ondemand.space")
 
-BlobKeyBytes = tuple[bytes, bytes]
+THRESHOLD_NAMES = ("brun", "bcull", "bstop", "frun", "fcull", "fstop")
 
 
-def key_of(candidate: Candidate) -> BlobKeyBytes | None:
-    """The blob key of a cache file named ``I<volume>/@xx/D<cookie>``."""
-    vol_dir = os.path.basename(os.path.dirname(candidate.directory))
-    if not vol_dir.startswith("I") or not candidate.name.startswith("D"):
-        return None
-    return vol_dir[1:].encode(), candidate.name[1:].encode()
+def key_of(cand: Candidate) -> BlobKey | None:
+    """The blob of an on-demand cache file ``I<volume>/@xx/<name>`` (any name form)."""
+    return BlobKey.from_cache_path(os.path.basename(os.path.dirname(cand.directory)), cand.name)
 
 
-@dataclass
-class CullOutcome:
-    culled: int = 0
-    #: blobs that gave back chunks (holes punched) instead of being culled whole
-    trimmed: int = 0
-    freed_bytes: int = 0
-    busy: int = 0
-    pinned: int = 0
-    #: whether the limits asked for anything to be freed at all
-    needed: bool = False
+def make_culler(
+    device: Device,
+    cache_dir: Path,
+    presence: PresenceStore,
+    leases: BlobLeases,
+    config: Config,
+    rules: CullRules | None = None,
+) -> BlobCuller:
+    """The blob culler of an on-demand cache: the kernel's ``cull``, the kernel's
+    percentage limits (statvfs of the cache), the configured caps, pins and policy."""
+    percent = {n: config.threshold(n) for n in THRESHOLD_NAMES}
 
-    @property
-    def acted(self) -> int:
-        return self.culled + self.trimmed
+    def limits_need() -> int:
+        """Bytes to free for the percentage limits (*run* plus headroom)."""
+        snap = SpaceSnapshot.of(str(cache_dir))
+        return bytes_to_free(snap, Limits.from_percent(snap, percent))
+
+    return BlobCuller(
+        tree=cache_dir / "cache",
+        graveyard=cache_dir / "graveyard",
+        presence=presence,
+        leases=leases,
+        rules=rules if rules is not None else CullRules.from_config(config),
+        policy=make_policy(config.cull_policy),
+        key_of=key_of,
+        cull=lambda cand: cull_in(device, cand.directory, cand.name),
+        limits_need=limits_need,
+    )
 
 
-class OnDemandCuller:
-    def __init__(
-        self,
-        device: Device,
-        cache_dir: Path,
-        presence: PresenceStore,
-        config: Config,
-        leases: BlobLeases,
-    ) -> None:
-        self.device = device
-        self.cache_dir = cache_dir
-        self.presence = presence
-        self.config = config
-        self.leases = leases
-        self.caps = Caps.from_config(config)
-        #: totals since start, for the daemon's stats
-        self.totals = CullOutcome()
-        self.policy: CullPolicy = make_policy(config.cull_policy)
-        self._lock = threading.Lock()
+class SpaceWatcher:
+    """The "space" thread: runs cull passes when the kernel signals pressure."""
 
-    # -- signals from the frontend --------------------------------------------------
+    #: seconds between passes without a signal (caps, orphan sidecars)
+    PERIOD = 30.0
+    #: pause after a signalled pass that could free nothing
+    BACKOFF = 5.0
+    #: every this many passes, sidecars of vanished cache files are removed
+    ORPHAN_SWEEP_EVERY = 20
 
-    def opened(self, key: BlobKeyBytes, size: int) -> None:
-        with self._lock:
-            self.policy.admit(key, size)
-            self.policy.touch(key)
+    def __init__(self, culler: BlobCuller) -> None:
+        self.culler = culler
+        self._kick = threading.Event()
+        #: set while no pass runs or backs off (then POLLOUT may be asked for)
+        self.idle = threading.Event()
+        self.idle.set()
+        #: set when serving ends: nothing may wait for a pass after that
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def missed(self, key: BlobKeyBytes) -> None:
-        with self._lock:
-            self.policy.touch(key)
+    def start(self, stop: threading.Event) -> None:
+        self._thread = threading.Thread(target=self._loop, args=(stop,), name="space", daemon=True)
+        self._thread.start()
 
-    # -- deciding --------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stopping.set()
+        self._kick.set()
+        self.idle.set()  # release fills waiting in make_room
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
-    def pinned(self, key: BlobKeyBytes) -> bool:
-        volume = key[0].decode("utf-8", "replace").removeprefix("erofs,")
-        return pinned(self.config.pins, volume, key[1].decode("utf-8", "replace"))
+    def kick(self, why: str) -> None:
+        if self.idle.is_set():
+            log.info("space.pressure", signal=why)
+            self.idle.clear()
+            self._kick.set()
 
-    def limits_need(self) -> int:
-        """Bytes to free for the percentage limits (*run* plus headroom), from statvfs."""
-        snap = SpaceSnapshot.of(str(self.cache_dir))
-        pct = {
-            n: self.config.threshold(n)
-            for n in ("brun", "bcull", "bstop", "frun", "fcull", "fstop")
-        }
-        return bytes_to_free(snap, Limits.from_percent(snap, pct))
+    def make_room(self, timeout: float = 10.0) -> bool:
+        """Start a cull pass (or join the running one), wait for it to end, then pause
+        briefly. False when the daemon is stopping (no pass will come) or the pass did
+        not end in time. Called by fills that hit ENOBUFS."""
+        if self._stopping.is_set():
+            return False
+        self.kick("enobufs")
+        if not self.idle.wait(timeout) or self._stopping.is_set():
+            return False
+        self._stopping.wait(0.2)
+        return not self._stopping.is_set()
 
-    def order(self, candidates: list[Candidate]) -> list[Candidate]:
-        """Blobs unknown to the policy (cached before this start) first, oldest atime
-        first; then the policy's eviction order."""
-        by_key: dict[object, Candidate] = {key_of(c): c for c in candidates}
-        known: list[Candidate] = []
-        with self._lock:
-            for key in self.policy.victims(lambda k: k not in by_key):
-                known.append(by_key[key])
-                if len(known) == len(by_key):
-                    break
-        known_set = {id(c) for c in known}
-        unknown = sorted(
-            (c for c in candidates if id(c) not in known_set), key=lambda c: c.atime_ns
-        )
-        return unknown + known
-
-    # -- doing -----------------------------------------------------------------------
-
-    def cull_pass(self, need_bytes: int | None = None, need_objects: int = 0) -> CullOutcome:
-        """Cull toward the limits. The cache tree is scanned only when there is
-        something to free (statvfs is cheap; a scan of a big cache is not), or when
-        absolute caps are configured (they need the tree's totals)."""
-        out = CullOutcome()
-        if need_bytes is None and not self.caps.configured:
-            need_bytes = self.limits_need()
-            if need_bytes <= 0:
-                return out
-        result = scan(str(self.cache_dir / "cache"), 1 << 20)
-        caps = self.caps.needs(
-            result.blocks * 512,
-            result.objects,
-            {v: b * 512 for v, b in result.volume_blocks.items()},
-        )
-        if need_bytes is None:
-            need_bytes = max(self.limits_need(), caps.bytes)
-        need_objects = max(need_objects, caps.objects)
-        over = dict(caps.volumes)
-        if need_bytes <= 0 and need_objects <= 0 and not over:
-            return out
-        out.needed = True
-        busy_keys = self.leases.in_use()
-        for cand in self.order(result.oldest):
-            key = key_of(cand)
-            if key is None:
-                continue
-            vdir = os.path.basename(os.path.dirname(cand.directory))
-            globally_done = out.freed_bytes >= need_bytes and out.culled >= need_objects
-            if globally_done and over.get(vdir, 0) <= 0:
-                if not any(v > 0 for v in over.values()):
-                    break
-                continue
-            if self.pinned(key):
-                out.pinned += 1
-                continue
-            if key in busy_keys:
-                out.busy += 1
-                continue
-            still = max(need_bytes - out.freed_bytes, over.get(vdir, 0))
-            if out.culled >= need_objects and should_trim(cand.blocks * 512, still):
-                freed = self.trim(cand, key, still)
-                if freed is None:
-                    out.busy += 1
-                    continue
-                if freed > 0:
-                    out.trimmed += 1
-                    out.freed_bytes += freed
-                    if vdir in over:
-                        over[vdir] -= freed
-                    continue
-            outcome = cull_one(self.device, cand.directory, cand.name)
-            if outcome == "culled":
-                out.culled += 1
-                out.freed_bytes += cand.blocks * 512
-                if vdir in over:
-                    over[vdir] -= cand.blocks * 512
-                self.presence.remove(key)
-                with self._lock:
-                    self.policy.remove(key)
-            elif outcome == "busy":
-                out.busy += 1
-        reap(str(self.cache_dir / "graveyard"))
-        for name in ("culled", "trimmed", "freed_bytes", "busy", "pinned"):
-            setattr(self.totals, name, getattr(self.totals, name) + getattr(out, name))
-        log.info(
-            "cull.pass",
-            mode="ondemand",
-            need_bytes=need_bytes,
-            culled=out.culled,
-            trimmed=out.trimmed,
-            freed=out.freed_bytes,
-            busy=out.busy,
-            pinned=out.pinned,
-            scanned=result.objects,
-        )
-        return out
-
-    def trim(self, cand: Candidate, key: BlobKeyBytes, need_bytes: int) -> int | None:
-        """Give back about ``need_bytes`` of an idle blob's chunks; the bytes freed
-        (0 when the blob has no trusted sidecar or nothing trimmable: cull it whole
-        instead), or None when the blob is in use."""
-        path = Path(cand.directory) / cand.name
-        with self.leases.trim(key) as granted:
-            if not granted:
-                return None
-            bp = self.presence.load_bound(key, path)
-            if bp is None:
-                return 0
-            geo = bp.geometry
-            runs = chunks_to_trim(
-                bp.bitmap.present_runs(0, geo.nchunks),
-                geo.blob_size,
-                geo.chunk_size,
-                need_bytes,
-                keep_head_chunks(geo.chunk_size),
-            )
-            if not runs:
-                return 0
-            self.presence.clear_runs(bp, runs)  # the bits go durably before the bytes
-            chunk = bp.geometry.chunk_size
+    def _loop(self, stop: threading.Event) -> None:
+        passes = 0
+        while not stop.is_set() and not self._stopping.is_set():
+            kicked = self._kick.wait(self.PERIOD)
+            self._kick.clear()
+            if stop.is_set() or self._stopping.is_set():
+                break
+            result: PassResult | None
             try:
-                with OwnedFd(os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)) as fd:
-                    before = os.fstat(fd.fileno()).st_blocks
-                    for first, count in runs:
-                        punch_hole(fd.fileno(), first * chunk, count * chunk)
-                    after = os.fstat(fd.fileno()).st_blocks
-            except OSError as exc:
-                # the bits are already gone: at worst a refetch, never wrong bytes
-                log.warning("cull.trim_failed", file=str(path), error=str(exc))
-                return 0
-        freed = max(0, before - after) * 512
-        log.info(
-            "cull.trimmed",
-            file=str(path),
-            chunks=sum(c for _f, c in runs),
-            freed=freed,
-            present=bp.bitmap.count(),
-        )
-        return freed
-
-    def remove_orphan_sidecars(self) -> int:
-        """Sidecars whose cache file is gone (culled by anyone, or never committed)."""
-        result = scan(str(self.cache_dir / "cache"), 1 << 20)
-        known = {k for c in result.oldest if (k := key_of(c)) is not None}
-        orphans = self.presence.orphans(known)
-        for path in orphans:
-            path.unlink(missing_ok=True)
-        return len(orphans)
+                result = self.culler.cull_pass()
+                passes += 1
+                if passes % self.ORPHAN_SWEEP_EVERY == 0:
+                    self.culler.remove_orphan_sidecars()
+            except Exception:
+                log.exception("space.cull_failed")
+                result = None
+            if kicked and (result is None or (result.needed and result.acted == 0)):
+                stop.wait(self.BACKOFF)  # nothing cullable: do not spin on POLLOUT
+            elif kicked and result is not None and result.acted == 0:
+                # statvfs shows no shortage but the kernel signalled one (it also
+                # counts blocks still being written): look again soon, not in 5 s
+                stop.wait(0.5)
+            self.idle.set()

@@ -1,9 +1,10 @@
-"""The on-demand wire format of ``/dev/cachefiles``: pure decode and encode.
+"""The on-demand messages of ``/dev/cachefiles``: pure decode and encode.
 
 Nothing here does I/O. :func:`decode` turns the bytes of one ``read()`` of the device
-into a request value or raises :class:`KernelProtocolError`; the ``encode_*`` functions
-build the text commands the daemon ``write()``\\ s. Reference:
-shared/reference/ondemand-protocol.md §1.2–1.3 (commands) and §2.2–2.5 (messages).
+into a request value or raises :class:`KernelProtocolError`; :func:`encode_message` is
+its inverse (for the fake kernel and tests). The text commands the daemon writes back
+(``copen``, ``restore``, ...) are built by ``kernel/commands.py``. What the kernel
+sends and when: ``docs/protocol-ondemand.md`` §2 (messages) and §3 (replies).
 
 Messages (``include/uapi/linux/cachefiles.h``, unchanged since 5.19) are in host byte
 order with no padding. ``read()`` returns exactly one whole message, so a message is
@@ -16,18 +17,10 @@ valid only if its header's ``len`` equals the number of bytes read:
   netfs-defined binary data and **not** a C string (EROFS happens to use ASCII names);
 - a READ is exactly 32 bytes and a CLOSE exactly 16; ``flags`` of OPEN is reserved (0)
   and not checked.
-
-Commands are text, one per ``write()``. The kernel cuts the buffer at the first
-newline, so a second command after a newline is silently dropped while the write still
-"succeeds"; it keeps trailing spaces in the arguments (``dir /x `` names another
-directory); and it parses numbers with base auto-detection, so a leading ``0`` would
-mean octal. Hence the encoders: no newline, no surrounding whitespace, numbers never
-zero-padded, and every argument checked before it can reach the kernel.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -72,11 +65,6 @@ MSG_MAX_SIZE: Final = 1024
 MAX_VOLUME_KEY_SIZE: Final = 256
 #: ``fscache_acquire_cookie`` refuses longer index keys
 MAX_COOKIE_KEY_SIZE: Final = 255
-#: the kernel refuses writes longer than PAGE_SIZE - 1 (EOPNOTSUPP); 4095 is the
-#: smallest such limit on any architecture
-MAX_COMMAND_LENGTH: Final = 4095
-#: ``NAME_MAX``: the longest name ``cull``/``inuse`` can look up
-NAME_MAX: Final = 255
 
 OPEN_LEN_MIN: Final = HEADER.size + OPEN.size
 READ_LEN: Final = HEADER.size + READ.size
@@ -84,12 +72,6 @@ CLOSE_LEN: Final = HEADER.size
 
 U32_LIMIT: Final = 2**32
 U64_LIMIT: Final = 2**64
-#: copen's size is parsed with ``kstrtol``: a signed 64-bit ``long``
-LONG_MAX: Final = 2**63 - 1
-#: ``IS_ERR_VALUE``: -4095..-1 are errnos; anything lower makes copen fail with EINVAL
-MAX_ERRNO: Final = 4095
-
-THRESHOLDS: Final = frozenset({"brun", "bcull", "bstop", "frun", "fcull", "fstop"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,89 +176,3 @@ def encode_message(req: Request) -> bytes:
             req.offset, req.length
         )
     return HEADER.pack(req.msg_id, OP_CLOSE, CLOSE_LEN, req.object_id)
-
-
-# -- commands --------------------------------------------------------------------------
-
-
-def _command(word: bytes, arg: bytes | None = None) -> bytes:
-    cmd = word if arg is None else word + b" " + arg
-    if len(cmd) > MAX_COMMAND_LENGTH:
-        raise ValueError(f"command of {len(cmd)} bytes exceeds {MAX_COMMAND_LENGTH}")
-    return cmd
-
-
-def _text_arg(value: str | bytes, what: str) -> bytes:
-    raw = os.fsencode(value)
-    if not raw or raw != raw.strip() or b"\n" in raw or b"\0" in raw:
-        raise ValueError(f"{what} {value!r}: empty, padded with whitespace, or holds NUL/newline")
-    return raw
-
-
-def _object_name(name: str | bytes) -> bytes:
-    raw = _text_arg(name, "object name")
-    if b"/" in raw:
-        raise ValueError(f"object name {name!r} holds a '/' (names are relative to the cwd)")
-    if raw in (b".", b"..") or len(raw) > NAME_MAX:
-        raise ValueError(f"object name {name!r} cannot be looked up")
-    return raw
-
-
-def _check_msg_id(msg_id: int) -> None:
-    if not 0 <= msg_id < U32_LIMIT:
-        raise ValueError(f"msg_id out of range: {msg_id}")
-
-
-def encode_copen(msg_id: int, size_or_negative_errno: int) -> bytes:
-    """``copen <id>,<size>``: accept an OPEN with the blob's size in bytes (0..2**63-1),
-    or refuse it with a negative errno (-4095..-1). Decimal, never zero-padded."""
-    _check_msg_id(msg_id)
-    value = size_or_negative_errno
-    if not -MAX_ERRNO <= value <= LONG_MAX:
-        raise ValueError(f"copen value out of range: {value}")
-    return _command(b"copen", b"%d,%d" % (msg_id, value))
-
-
-def encode_dir(path: str | bytes) -> bytes:
-    """``dir <path>``: the cache root (absolute; resolved when ``bind`` runs)."""
-    return _command(b"dir", _text_arg(path, "dir"))
-
-
-def encode_tag(tag: str | bytes) -> bytes:
-    """``tag <name>``: the FS-Cache cache name (default ``CacheFiles``)."""
-    return _command(b"tag", _text_arg(tag, "tag"))
-
-
-def encode_secctx(context: str | bytes) -> bytes:
-    """``secctx <label>``: the LSM context the module acts as."""
-    return _command(b"secctx", _text_arg(context, "secctx"))
-
-
-def encode_threshold(name: str, percent: int) -> bytes:
-    """``brun|bcull|bstop|frun|fcull|fstop <N>%``. The kernel checks each value against
-    the current others (stop < cull < run < 100), so the caller orders them."""
-    if name not in THRESHOLDS:
-        raise ValueError(f"not a threshold: {name!r}")
-    if not 0 <= percent < 100:
-        raise ValueError(f"{name} {percent}% out of range 0..99")
-    return _command(name.encode(), b"%d%%" % percent)
-
-
-def encode_bind(*, ondemand: bool) -> bytes:
-    """``bind`` (classic) or ``bind ondemand``."""
-    return _command(b"bind", b"ondemand" if ondemand else None)
-
-
-def encode_restore() -> bytes:
-    """``restore`` (6.8+): mark every outstanding request new again."""
-    return _command(b"restore")
-
-
-def encode_cull(name: str | bytes) -> bytes:
-    """``cull <name>``: the name is looked up in the writer's current directory."""
-    return _command(b"cull", _object_name(name))
-
-
-def encode_inuse(name: str | bytes) -> bytes:
-    """``inuse <name>``: 0 = not in use, EBUSY = in use, ENOENT/ESTALE = absent."""
-    return _command(b"inuse", _object_name(name))

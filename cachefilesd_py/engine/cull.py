@@ -1,0 +1,247 @@
+"""The core's blob culler: keeps a tree of blob files inside its limits.
+
+For the frontends whose blobs are whole cache files with presence sidecars (on-demand
+mode; the fanotify frontend's files are the same kind). What it needs from the
+frontend: how to find the blob of a file (``key_of``), how to remove a file (``cull``:
+the kernel's command in on-demand mode) and how much the kernel's percentage limits
+ask to free (``limits_need``). The decisions are the shared cull plan's
+(``space/plan.py``), carried out by the shared loop (``space/culler.py``):
+
+- candidates come from one scan of the tree (bounded heap, ``space/scan.py``); blobs
+  the daemon has seen since start are ordered by the cull policy (which saw their
+  OPENs and misses), blobs from before the start by atime, and those go first;
+- pinned blobs and blobs with a use lease (an open kernel object) are never culled;
+  the kernel's ``cull`` re-checks and answers EBUSY for files in use;
+- a culled blob's sidecar goes after the kernel moved its file to the graveyard, and
+  the graveyard is emptied;
+- culling aims at what the limits ask (*run* plus a headroom) and at the absolute caps
+  (``cache_max_bytes``/``cache_max_objects``, and ``volume_max_bytes`` per volume);
+- a blob much larger than what is still to be freed is *trimmed* instead
+  (:meth:`BlobCuller.trim`): under its trim lease (no kernel object on it, new OPENs
+  wait, ``engine/leases.py``), its tail chunks' bits are cleared in the sidecar
+  durably first, then holes are punched over them. A bit may lag its data, never lead
+  it: a crash between the two leaves data without a bit, a refetch later. A blob
+  without a trusted sidecar cannot be trimmed and is culled whole.
+
+Lock order: ``BlobCuller._lock`` guards the policy only and is a leaf (nothing else is
+taken while it is held). A pass takes, one at a time and never nested in each other,
+the leases' condition (``in_use``, trim leases), the presence store's I/O lock (inside
+a trim) and the kernel's working-directory lock (``cull``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from cachefilesd_py.blobkey import BlobKey
+from cachefilesd_py.engine.leases import BlobLeases
+from cachefilesd_py.kernel._sys import punch_hole
+from cachefilesd_py.kernel.fd import OwnedFd
+from cachefilesd_py.presence.store import PresenceStore
+from cachefilesd_py.space.caps import CullRules
+from cachefilesd_py.space.chunks import chunks_to_trim, keep_head_chunks
+from cachefilesd_py.space.culler import PassResult, run_plan, volume_dir_of
+from cachefilesd_py.space.graveyard import reap
+from cachefilesd_py.space.plan import CullPlan, Needs, Outcome, Tally
+from cachefilesd_py.space.policy import CullPolicy
+from cachefilesd_py.space.scan import Candidate, scan
+
+log = structlog.get_logger("space")
+
+
+class BlobCuller:
+    """Culls (and trims) a tree of blob files; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        tree: Path,
+        graveyard: Path | None,
+        presence: PresenceStore,
+        leases: BlobLeases,
+        rules: CullRules,
+        policy: CullPolicy,
+        key_of: Callable[[Candidate], BlobKey | None],
+        cull: Callable[[Candidate], int],
+        limits_need: Callable[[], int],
+        scan_limit: int = 1 << 20,
+    ) -> None:
+        self.tree = tree
+        self.graveyard = graveyard
+        self.presence = presence
+        self.leases = leases
+        self.rules = rules
+        self.policy = policy
+        self.key_of = key_of
+        self._cull = cull
+        self.limits_need = limits_need
+        self.scan_limit = scan_limit
+        #: totals since start, for the daemon's stats
+        self.totals = Tally()
+        self._lock = threading.Lock()
+
+    # -- signals from the frontend --------------------------------------------------
+
+    def opened(self, key: BlobKey, size: int) -> None:
+        with self._lock:
+            self.policy.admit(key, size)
+            self.policy.touch(key)
+
+    def missed(self, key: BlobKey) -> None:
+        with self._lock:
+            self.policy.touch(key)
+
+    # -- deciding --------------------------------------------------------------------
+
+    def pinned(self, key: BlobKey) -> bool:
+        return self.rules.pinned(
+            key.volume.decode("utf-8", "backslashreplace"),
+            key.name.decode("utf-8", "backslashreplace"),
+        )
+
+    def order(self, keyed: list[tuple[Candidate, BlobKey]]) -> list[tuple[Candidate, BlobKey]]:
+        """Blobs unknown to the policy (cached before this start) first, oldest atime
+        first; then the policy's eviction order."""
+        by_key = {key: (cand, key) for cand, key in keyed}
+        known: list[tuple[Candidate, BlobKey]] = []
+        with self._lock:
+            for key in self.policy.victims(lambda k: k not in by_key):
+                known.append(by_key[key])  # type: ignore[index]
+                if len(known) == len(by_key):
+                    break
+        known_keys = {key for _cand, key in known}
+        unknown = sorted(
+            ((c, k) for c, k in keyed if k not in known_keys), key=lambda ck: ck[0].atime_ns
+        )
+        return unknown + known
+
+    # -- doing -----------------------------------------------------------------------
+
+    def cull_pass(self, need_bytes: int | None = None, need_objects: int = 0) -> PassResult:
+        """Cull toward the limits. The tree is scanned only when there is something to
+        free (statvfs is cheap; a scan of a big cache is not), or when absolute caps
+        are configured (they need the tree's totals)."""
+        out = PassResult()
+        caps = self.rules.caps
+        if need_bytes is None and not caps.configured:
+            need_bytes = self.limits_need()
+            if need_bytes <= 0:
+                return out
+        result = scan(str(self.tree), self.scan_limit)
+        out.scanned = result.objects
+        cap_needs = caps.needs(
+            result.blocks * 512,
+            result.objects,
+            {v: b * 512 for v, b in result.volume_blocks.items()},
+        )
+        if need_bytes is None:
+            need_bytes = max(self.limits_need(), cap_needs.bytes)
+        needs = Needs(need_bytes, max(need_objects, cap_needs.objects), cap_needs.volumes)
+        if not needs.any:
+            return out
+        out.needed = True
+        keyed = [(c, k) for c in result.oldest if (k := self.key_of(c)) is not None]
+        key_by_id = {id(c): k for c, k in keyed}
+        busy = self.leases.in_use()
+        plan = CullPlan(
+            needs,
+            volume_of=volume_dir_of,
+            pinned=lambda c: self.pinned(key_by_id[id(c)]),
+            in_use=lambda c: key_by_id[id(c)] in busy,
+            trim=True,
+        )
+        remover = _BlobRemover(self, key_by_id)
+        ordered = [c for c, _k in self.order(keyed)]
+        out.tally = run_plan(plan, ordered, remover, describe=lambda c: str(key_by_id[id(c)]))
+        if self.graveyard is not None:
+            reap(str(self.graveyard))
+        self.totals.add(out.tally)
+        log.info(
+            "cull.pass",
+            need_bytes=need_bytes,
+            need_objects=needs.objects,
+            volumes_over=len(needs.volumes),
+            freed=out.tally.freed_bytes,
+            scanned=result.objects,
+            **out.tally.as_fields(),
+        )
+        return out
+
+    def cull(self, cand: Candidate, key: BlobKey) -> Outcome:
+        outcome = Outcome.of_cull(self._cull(cand))
+        if outcome is Outcome.CULLED:
+            self.presence.remove(key)
+            with self._lock:
+                self.policy.remove(key)
+        return outcome
+
+    def trim(self, cand: Candidate, key: BlobKey, need_bytes: int) -> tuple[Outcome, int]:
+        """Give back about ``need_bytes`` of an idle blob's chunks: ``(TRIMMED, bytes
+        freed)``, ``(BUSY, 0)`` when the blob is in use, ``(UNTRIMMABLE, 0)`` when it
+        has no trusted sidecar or nothing to trim (cull it whole instead)."""
+        path = Path(cand.directory) / cand.name
+        with self.leases.trim(key) as granted:
+            if not granted:
+                return Outcome.BUSY, 0
+            bp = self.presence.load_bound(key, path)
+            if bp is None:
+                return Outcome.UNTRIMMABLE, 0
+            geo = bp.geometry
+            runs = chunks_to_trim(
+                bp.bitmap.present_runs(0, geo.nchunks),
+                geo.blob_size,
+                geo.chunk_size,
+                need_bytes,
+                keep_head_chunks(geo.chunk_size),
+            )
+            if not runs:
+                return Outcome.UNTRIMMABLE, 0
+            self.presence.clear_runs(bp, runs)  # the bits go durably before the bytes
+            try:
+                with OwnedFd(os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)) as fd:
+                    before = os.fstat(fd.fileno()).st_blocks
+                    for first, count in runs:
+                        punch_hole(fd.fileno(), first * geo.chunk_size, count * geo.chunk_size)
+                    after = os.fstat(fd.fileno()).st_blocks
+            except OSError as exc:
+                # the bits are already gone: at worst a refetch, never wrong bytes
+                log.warning("cull.trim_failed", blob=str(key), file=str(path), error=str(exc))
+                return Outcome.UNTRIMMABLE, 0
+        freed = max(0, before - after) * 512
+        log.info(
+            "cull.trimmed",
+            blob=str(key),
+            file=str(path),
+            chunks=sum(c for _f, c in runs),
+            freed=freed,
+            present=bp.bitmap.count(),
+        )
+        return (Outcome.TRIMMED, freed) if freed > 0 else (Outcome.UNTRIMMABLE, 0)
+
+    def remove_orphan_sidecars(self) -> int:
+        """Sidecars whose cache file is gone (culled by anyone, or never committed)."""
+        result = scan(str(self.tree), self.scan_limit)
+        known = {k for c in result.oldest if (k := self.key_of(c)) is not None}
+        orphans = self.presence.orphans(known)
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        return len(orphans)
+
+
+class _BlobRemover:
+    """The :class:`Remover` of one :meth:`BlobCuller.cull_pass`."""
+
+    def __init__(self, culler: BlobCuller, keys: dict[int, BlobKey]) -> None:
+        self._culler = culler
+        self._keys = keys
+
+    def cull(self, cand: Candidate) -> Outcome:
+        return self._culler.cull(cand, self._keys[id(cand)])
+
+    def trim(self, cand: Candidate, nbytes: int) -> tuple[Outcome, int]:
+        return self._culler.trim(cand, self._keys[id(cand)], nbytes)
