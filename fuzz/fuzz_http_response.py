@@ -41,6 +41,10 @@ from cachefilesd_py.sources.watchdog import pool_manager
 from cachefilesd_py.testing.pattern import pattern_bytes
 
 MAX_LEN = 2048
+#: derived inputs in ``tests/unit/test_fuzz_harnesses.py``: few, since a broken answer
+#: costs its deadline; ``tests/integration/test_fuzz_http_response.py`` adds 100
+#: mutations that know the script's layout
+CI_EXAMPLES = 10
 BLOB = pattern_bytes(7, 0, 10_000)
 #: the deadline of every call (``FUZZ_HTTP_DEADLINE`` shortens it for long runs: most
 #: mutated answers end by their deadline, so it sets the pace)

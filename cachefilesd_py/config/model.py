@@ -42,6 +42,21 @@ class HeaderRule:
 
 
 @dataclass(frozen=True)
+class FanotifyImage:
+    """``fanotify_image <volume>/<name> <mountpoint> [<blob> ...]``: an EROFS image the
+    fanotify frontend serves from a sparse cache file it mounts on ``mountpoint``;
+    ``blobs`` are the extra blobs of a chunked image (``device=``, in the image's
+    device-table order), in the same volume."""
+
+    volume: str
+    name: str
+    mountpoint: str
+    blobs: tuple[str, ...] = ()
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     # cachefilesd's own directives
     dir: str | None = None
@@ -57,6 +72,9 @@ class Config:
     nocull: bool = False
     # this project's directives
     ondemand: bool = False
+    #: serve EROFS file-backed mounts through fanotify pre-content events
+    fanotify: bool = False
+    fanotify_images: tuple[FanotifyImage, ...] = ()
     sources: tuple[SourceRule, ...] = ()
     #: 1 MiB: chosen by the sweep in docs/benchmarks.md (bench.bench_ondemand)
     chunk_size: int = 1024 * 1024
@@ -72,6 +90,12 @@ class Config:
     volume_max_bytes: tuple[SizeRule, ...] = ()
     cull_policy: str = "s3fifo"
     pins: tuple[str, ...] = ()
+    #: the control socket (``docs/control.md``); "" when ``control_socket none``
+    control_socket: str = "/run/cachefilesd-py/control.sock"
+    #: a group (name or number) whose members may use the read-only control calls
+    control_group: str | None = None
+    #: ``<loopback address>:<port>`` for Prometheus metrics over HTTP (off if None)
+    metrics_listen: str | None = None
 
     def threshold(self, name: str) -> int:
         """The effective percentage: as configured, else the kernel's default."""

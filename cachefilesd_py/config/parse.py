@@ -42,6 +42,7 @@ values too, their arguments separated by runs of blanks; trailing blanks are ign
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import string
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from cachefilesd_py.config.model import (
     KERNEL_DEFAULT_PERCENT,
     THRESHOLDS,
     Config,
+    FanotifyImage,
     HeaderRule,
     SizeRule,
     SourceRule,
@@ -68,7 +70,7 @@ _BLANK_RUN = re.compile(f"[{re.escape(BLANKS)}]+")
 #: cachefilesd: ``strlen(path) > PATH_MAX - 10`` → "Cache pathname is too long"
 MAX_DIR_BYTES = 4096 - 10
 U64 = 1 << 64
-SIZE = re.compile(r"([0-9]+)([KMGT]?)(i?B)?", re.IGNORECASE)
+SIZE = re.compile(r"([0-9]+)([KMGT]?)(i?B)?", re.IGNORECASE | re.ASCII)
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 DECIMAL = re.compile(r"[0-9]+")
 SECONDS = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
@@ -207,6 +209,24 @@ def _check_whole(cfg: Config, filename: str, seen: dict[str, int]) -> Config:
         raise ConfigError(
             "'ondemand' needs at least one 'source' rule", filename, seen.get("ondemand")
         )
+    if cfg.fanotify:
+        if cfg.ondemand:
+            raise ConfigError(
+                "'fanotify' and 'ondemand' exclude each other (one frontend per daemon)",
+                filename,
+                seen.get("fanotify"),
+            )
+        if not cfg.sources:
+            raise ConfigError(
+                "'fanotify' needs at least one 'source' rule", filename, seen.get("fanotify")
+            )
+        if not cfg.fanotify_images:
+            raise ConfigError(
+                "'fanotify' needs at least one 'fanotify_image' line", filename, seen["fanotify"]
+            )
+    elif cfg.fanotify_images:
+        first = cfg.fanotify_images[0]
+        raise ConfigError("'fanotify_image' needs the 'fanotify' directive", filename, first.line)
     return cfg
 
 
@@ -346,6 +366,50 @@ def _source(cfg: Config, value: str, f: str, n: int) -> Config:
     return replace(cfg, sources=(*cfg.sources, SourceRule(pattern, template, f, n)))
 
 
+#: volume and blob names of fanotify images: they name files in the cache directory
+IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")
+
+
+def _image_name(text: str, what: str) -> str:
+    if not IMAGE_NAME.match(text):
+        raise ValueError(
+            f"{what} {text!r} must be 1 to 255 of A-Z a-z 0-9 . _ + -, not starting with . _ + or -"
+        )
+    return text
+
+
+def _fanotify_image(cfg: Config, args: list[str], f: str, n: int) -> Config:
+    if len(args) < 2:
+        raise ValueError(
+            "takes <volume>/<name> <mountpoint> and optionally the image's extra blobs"
+        )
+    volume, slash, name = args[0].partition("/")
+    if not slash:
+        raise ValueError(f"the image is named <volume>/<name>, not {args[0]!r}")
+    _image_name(volume, "volume")
+    _image_name(name, "image name")
+    mountpoint = args[1]
+    if not mountpoint.startswith("/") or "," in mountpoint:
+        raise ValueError(
+            f"the mount point must be an absolute path without ',', not {mountpoint!r}"
+        )
+    blobs = tuple(_image_name(b, "blob name") for b in args[2:])
+    names = [name, *blobs]
+    if len(set(names)) != len(names):
+        raise ValueError("an image names each of its blobs once")
+    for other in cfg.fanotify_images:
+        if other.mountpoint.rstrip("/") == mountpoint.rstrip("/"):
+            raise ValueError(f"mount point {mountpoint} is already used on line {other.line}")
+        taken = {other.name, *other.blobs} if other.volume == volume else set()
+        if taken & set(names):
+            raise ValueError(
+                f"blob {volume}/{sorted(taken & set(names))[0]} is already served by line"
+                f" {other.line}"
+            )
+    image = FanotifyImage(volume, name, mountpoint, blobs, f, n)
+    return replace(cfg, fanotify_images=(*cfg.fanotify_images, image))
+
+
 def _chunk(size_text: str) -> int:
     size = parse_size(size_text)
     if size < 4096 or size > 64 << 20 or size & (size - 1):
@@ -406,6 +470,44 @@ def _policy(text: str) -> str:
     return text
 
 
+def _control_socket(text: str) -> str:
+    if text == "none":
+        return ""
+    if not text.startswith("/"):
+        raise ValueError(f"must be an absolute path or 'none', not {text!r}")
+    if len(text.encode()) > 107:
+        raise ValueError("a Unix socket path has at most 107 bytes")
+    return text
+
+
+def _group(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?", text):
+        raise ValueError(f"must be a group name or number, not {text!r}")
+    return text
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``127.0.0.1:9101`` or ``[::1]:9101`` → (host, port); loopback addresses only
+    (the metrics say what the cache holds and how it is used: not for the network)."""
+    host, sep, port_text = text.rpartition(":")
+    port_ok = port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536
+    if not sep or not port_ok:
+        raise ValueError(f"must be <loopback address>:<port>, not {text!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    if not address.is_loopback:
+        raise ValueError(f"{host} is not a loopback address (metrics stay on this host)")
+    return host, int(port_text)
+
+
+def _listen(text: str) -> str:
+    parse_listen(text)
+    return text
+
+
 def _pin(cfg: Config, value: str, _f: str, _n: int) -> Config:
     return replace(cfg, pins=(*cfg.pins, _one(value, "a blob pattern")))
 
@@ -449,4 +551,9 @@ DIRECTIVES: dict[str, Directive] = {
     "volume_max_bytes": _own(_pattern_size("volume_max_bytes", chunk=False)),
     "cull_policy": _own_once(_set("cull_policy", _policy)),
     "pin": _own(_pin),
+    "fanotify": _own_once(_flag("fanotify")),
+    "fanotify_image": _own(lambda cfg, value, f, n: _fanotify_image(cfg, tokens(value), f, n)),
+    "control_socket": _own_once(_set("control_socket", _control_socket)),
+    "control_group": _own_once(_set("control_group", _group)),
+    "metrics_listen": _own_once(_set("metrics_listen", _listen)),
 }

@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """``cachefilesctl``: the control command line. Sub-commands register here."""
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cachefilesd_py.control import commands, install  # noqa: F401  (register sub-commands)
+    import argcomplete
+
+    from cachefilesd_py.control import install, live  # noqa: F401  (register sub-commands)
 
     parser = build_parser()
+    argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
@@ -52,4 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m`` runs this file as ``__main__``, a second copy of the module whose
+    # COMMANDS no sub-command registers into: run the real module's main
+    from cachefilesd_py.control.cli import main as real_main
+
+    sys.exit(real_main())

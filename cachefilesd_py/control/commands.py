@@ -1,4 +1,4 @@
-"""cachefilesctl sub-commands."""
+"""``cachefilesctl verify --offline``: a blob checked without the daemon."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.config.load import load_config
-from cachefilesd_py.control.cli import register
 from cachefilesd_py.daemon.app import STATE_DIR_NAME, engine_settings, source_settings
 from cachefilesd_py.engine.service import chunk_size_for
 from cachefilesd_py.presence.store import PresenceStore
@@ -18,17 +17,7 @@ from cachefilesd_py.sources.policy import Deadline
 from cachefilesd_py.sources.resolve import SourceResolver
 
 
-def _verify_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", default="/etc/cachefilesd.conf", metavar="FILE")
-    p.add_argument(
-        "volume",
-        help="the volume as the configuration's patterns spell it: the fsid or domain_id "
-        "(images, not erofs,images)",
-    )
-    p.add_argument("cookie", help="the blob's name in the volume (its cookie key)")
-
-
-def _verify(args: argparse.Namespace) -> int:
+def verify_offline(args: argparse.Namespace) -> int:
     """Compare a blob's presence bitmap with its cache file and its source."""
     if args.volume.startswith("erofs,"):
         print(
@@ -67,6 +56,3 @@ def _verify(args: argparse.Namespace) -> int:
     for err in report.errors[:20]:
         print("  " + err)
     return 0 if report.ok and presence.trusted else 1
-
-
-register("verify", "compare a blob's bitmap with its cache file and source", _verify_args, _verify)

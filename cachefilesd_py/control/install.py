@@ -28,6 +28,11 @@ from cachefilesd_py.control.host_files import data_file
 
 UNIT = "cachefilesd-py.service"
 EXEC_START = re.compile(r"^(ExecStart=[-@:+!]*)(\S*/cachefilesd-py)(?=\s|$)", re.MULTILINE)
+#: the other commands that run the daemon (``ExecReload=`` checks the configuration)
+EXEC_OTHER = re.compile(
+    r"^(Exec(?:Reload|StartPre|StartPost|Stop|StopPost)=[-@:+!]*)(\S*/cachefilesd-py)(?=\s|$)",
+    re.MULTILINE,
+)
 
 
 def installed_daemon() -> Path:
@@ -36,11 +41,12 @@ def installed_daemon() -> Path:
 
 
 def render_unit(text: str, daemon: Path) -> str:
-    """The unit with ``ExecStart`` naming ``daemon``."""
+    """The unit with ``ExecStart`` (and every other command running the daemon, such as
+    the configuration check of ``ExecReload``) naming ``daemon``."""
     rendered, count = EXEC_START.subn(lambda m: m.group(1) + str(daemon), text)
     if count != 1:
         raise ValueError(f"the unit has {count} ExecStart= lines naming cachefilesd-py, not 1")
-    return rendered
+    return EXEC_OTHER.sub(lambda m: m.group(1) + str(daemon), rendered)
 
 
 def install(root: Path, prefix: str, daemon: Path) -> list[str]:

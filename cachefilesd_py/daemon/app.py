@@ -1,15 +1,21 @@
-"""Builds the daemon from its configuration and runs it until told to stop.
+"""What a worker serves: the frontend and the engine over a device the supervisor bound.
 
-Start-up order (the kernel's rules decide it, see ``docs/protocol-ondemand.md`` §1):
-raise RLIMIT_NOFILE (every open blob holds an anonymous fd) → check the cache
-directory → open ``/dev/cachefiles`` (only one opener at a time: EBUSY means another
-daemon has it) → send the configuration commands one per write → ``bind`` or
-``bind ondemand`` → tell systemd READY=1 → serve until SIGTERM/SIGINT.
+The process model (docs/failover.md) splits the daemon in two. The supervisor
+(``daemon/supervisor.py``) opens and binds ``/dev/cachefiles`` (or takes it back from
+systemd's fd store), writes ``restore`` when a worker died, and forks workers. A worker
+builds a :class:`Daemon` over that device and serves it:
 
-Shutdown: stop reading requests, finish the fills in flight (every READ still gets its
-completion), checkpoint presence bitmaps, close every anonymous fd, close the device.
-Closing the device unbinds the cache: mounts still using it get EIO from then on, so
-an administrator unmounts EROFS first (``docs/protocol-ondemand.md`` §7).
+- :meth:`Daemon.prepare` builds everything that needs no kernel state (sources,
+  presence store, engine, frontend driver, culler). A spare worker does this long
+  before it is needed;
+- :meth:`Daemon.serve` starts the engine's threads and reads requests until SIGTERM or
+  SIGINT. Shutdown: stop reading, finish the fills in flight (every READ still gets
+  its completion), checkpoint presence bitmaps, close every anonymous fd. The device
+  fd stays open in the supervisor (and in systemd's fd store), so a worker's exit
+  never unbinds the cache.
+
+A worker never binds and never writes ``restore``: it starts reading only after the
+supervisor has done both, so a re-delivered request is read once, by it.
 
 SIGHUP re-reads the configuration file and swaps in the new ``source`` rules; the
 kernel's thresholds are fixed at ``bind`` and need a restart, which is logged.
@@ -17,24 +23,29 @@ kernel's thresholds are fixed at ``bind`` and need a restart, which is logged.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import resource
 import signal
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import structlog
 
 from cachefilesd_py.config.load import load_config
 from cachefilesd_py.config.model import Config
-from cachefilesd_py.daemon import host, systemd
+from cachefilesd_py.daemon import host
+from cachefilesd_py.daemon.control import serve_control
 from cachefilesd_py.daemon.stats import Collect, StatsReporter
+from cachefilesd_py.engine.cull import BlobCuller
 from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.bind import kernel_commands
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
 from cachefilesd_py.frontends.ondemand.space import make_culler
-from cachefilesd_py.kernel.device import CachefilesDevice
+from cachefilesd_py.kernel.device import Device
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory, SourceSettings
 from cachefilesd_py.sources.resolve import SourceResolver
@@ -79,6 +90,8 @@ def source_settings(config: Config) -> SourceSettings:
 
 
 class Daemon:
+    """One worker's serving stack (see the module docstring)."""
+
     def __init__(self, config: Config, config_path: str, nocull: bool) -> None:
         self.config = config
         self.config_path = config_path
@@ -90,6 +103,7 @@ class Daemon:
         self._stop_signal: int | None = None
         assert config.dir is not None
         self.cache_dir = Path(config.dir)
+        self._device: Device | None = None
 
     # -- signals ---------------------------------------------------------------------
     #
@@ -137,46 +151,91 @@ class Daemon:
     def reload(self) -> None:
         from cachefilesd_py.errors import ConfigError
 
+        with contextlib.suppress(ConfigError):  # logged by reload_report
+            self.reload_report()
+
+    def reload_report(self) -> dict[str, Any]:
+        """Re-read the configuration; apply what can be applied live (the ``source``
+        rules) and say which changed settings need a restart. A bad file changes
+        nothing and raises :class:`ConfigError` (``file:line: rule``)."""
+        from cachefilesd_py.errors import ConfigError
+
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
             log.error("reload.rejected", error=str(exc))
-            return
-        if self._engine is not None:
-            self._engine.resolve = SourceResolver(new.sources).resolve
+            raise
+        changed = [k for k, v in vars(new).items() if getattr(self.config, k) != v]
+        live = self._apply_live(new)
+        applied = [k for k in changed if k in live]
+        restart = [k for k in changed if k not in live]
         if kernel_commands(new) != kernel_commands(self.config):
             log.warning(
                 "reload.kernel_settings_need_restart",
                 note="dir/tag/thresholds are fixed at bind; restart to apply",
             )
+        if restart:
+            log.warning("reload.needs_restart", settings=restart)
         self.config = new
-        log.info("reloaded", sources=len(new.sources))
+        log.info("reloaded", sources=len(new.sources), applied=applied)
+        return {"changed": changed, "applied": applied, "needs_restart": restart}
 
-    # -- run -------------------------------------------------------------------------
+    def _apply_live(self, new: Config) -> frozenset[str]:
+        """Swap in what new kernel objects and fetches will use; the settings applied.
+
+        ``source`` rules; ``source_headers`` (the files are read again on every reload,
+        so a rotated token is picked up even when the configuration did not change)
+        and ``fetch_retries`` for sources opened from now on; chunk sizes and
+        read-ahead for blobs opened from now on (an open blob keeps its geometry; a
+        chunk larger than the fill buffers sized at start needs a restart); pins and
+        caps for the next cull pass. The cull policy keeps its state: a restart."""
+        engine, factory = self._engine, self._factory
+        if engine is None or factory is None:
+            return frozenset()
+        from dataclasses import replace
+
+        from cachefilesd_py.config.load import headers_for
+
+        live = {"sources", "source_headers", "fetch_retries", "readahead"}
+        engine.resolve = SourceResolver(new.sources).resolve
+        factory.settings = replace(
+            factory.settings, headers_for=headers_for(new), retries=new.fetch_retries
+        )
+        wanted = engine_settings(new)
+        chunks = [wanted.chunk_size, *(size for _p, size in wanted.chunk_size_rules)]
+        changes: dict[str, Any] = {"readahead": wanted.readahead}
+        if all(c <= engine.settings.max_run for c in chunks):  # one chunk fits a buffer
+            changes |= {
+                "chunk_size": wanted.chunk_size,
+                "chunk_size_rules": wanted.chunk_size_rules,
+            }
+            live |= {"chunk_size", "source_chunk_sizes"}
+        engine.settings = replace(engine.settings, **changes)
+        culler = self._culler
+        if culler is not None:  # pins and caps: the next cull pass uses them
+            culler.rules = CullRules.from_config(new)
+            live |= {"pins", "cache_max_bytes", "cache_max_objects", "volume_max_bytes"}
+        return frozenset(live)
+
+    # -- building and serving --------------------------------------------------------
 
     _engine: Engine | None = None
+    _driver: OnDemandDriver | None = None
+    _factory: SourceFactory | None = None
+    _culler: BlobCuller | None = None
     _reporter: StatsReporter | None = None
 
-    def run(self) -> int:
-        nofile = raise_nofile_limit()
-        if not self.cache_dir.is_dir():
-            raise OSError(2, f"Can't confirm cache location: {self.cache_dir}")
-        device = CachefilesDevice()
-        try:
-            if self.config.ondemand:
-                return self._run_ondemand(device, nofile)
-            return self._run_classic(device)
-        finally:
-            device.close()
-            log.info("terminated")
-
-    def _run_ondemand(self, device: CachefilesDevice, nofile: int) -> int:
+    def prepare(self, device: Device) -> None:
+        """Build what serving needs, without reading from or writing to the device."""
+        self._device = device
+        if not self.config.ondemand:
+            return
         state_dir = self.cache_dir / STATE_DIR_NAME
         presence = PresenceStore(state_dir / "presence")
-        factory = SourceFactory(source_settings(self.config))
+        self._factory = SourceFactory(source_settings(self.config))
         engine = Engine(
             resolve=SourceResolver(self.config.sources).resolve,
-            open_source=factory.open,
+            open_source=self._factory.open,
             presence=presence,
             settings=engine_settings(self.config),
         )
@@ -197,18 +256,34 @@ class Daemon:
                 self.config,
                 CullRules.from_config(self.config),
             )
-        driver.bind(kernel_commands(self.config))
+        self._driver = driver
+        self._culler = driver.culler
+
+    def serve(self, on_serving: Callable[[], object] = lambda: None) -> int:
+        """Serve the bound device until :attr:`stop` is set; ``on_serving`` is called
+        once the worker reads requests."""
+        assert self._device is not None, "prepare() first"
+        if self.config.ondemand:
+            return self._serve_ondemand(on_serving)
+        return self._serve_classic(on_serving)
+
+    def health(self) -> dict[str, Any]:
+        """What the heartbeat tells the supervisor (``daemon/channel.py``)."""
+        driver = self._driver
+        if driver is None:
+            return {"loop_age": None, "oldest_read": None, "objects": None, "culling": None}
+        return {
+            "loop_age": round(time.monotonic() - driver.last_loop, 3),
+            "oldest_read": driver.oldest_read_age(),
+            "objects": len(driver.objects()),
+            "culling": driver.culling,
+            "reads": driver.stats.reads,
+        }
+
+    def _serve_ondemand(self, on_serving: Callable[[], object]) -> int:
+        driver, engine, factory = self._driver, self._engine, self._factory
+        assert driver is not None and engine is not None and factory is not None
         engine.start()
-        systemd.ready()
-        log.info("cache.device", **host.cache_device(str(self.cache_dir)))
-        log.info(
-            "ready",
-            mode="ondemand",
-            cache_dir=str(self.cache_dir),
-            nofile=nofile,
-            sources=len(self.config.sources),
-            chunk_size=self.config.chunk_size,
-        )
 
         def collect() -> dict[str, object]:
             space = {}
@@ -227,45 +302,65 @@ class Daemon:
             }
 
         self._reporter = StatsReporter(collect).start()
+        control = serve_control(self, "ondemand", collect, engine, driver)
+        on_serving()
         try:
             driver.serve(self.stop)
         finally:
+            control.close()
             self._reporter.close()
-            systemd.stopping()
             driver.shutdown()
             factory.close()
             log.info("stats", final=True, **collect())
         return 0
 
-    def _run_classic(self, device: CachefilesDevice) -> int:
+    def run_fanotify(self, nofile: int) -> int:
+        """fanotify mode: one process, no /dev/cachefiles (daemon/fanotify_mode.py)."""
+        from cachefilesd_py.daemon.fanotify_mode import run_fanotify
+
+        def keep_reporter(reporter: StatsReporter) -> None:
+            self._reporter = reporter
+
+        def keep_engine(engine: Engine) -> None:
+            self._engine = engine
+
+        try:
+            return run_fanotify(
+                self.config,
+                self.cache_dir,
+                self.cache_dir / STATE_DIR_NAME,
+                self.stop,
+                engine_settings=engine_settings(self.config),
+                source_settings=source_settings(self.config),
+                nofile=nofile,
+                on_engine=keep_engine,
+                on_reporter=keep_reporter,
+            )
+        finally:
+            log.info("terminated")
+
+    def _serve_classic(self, on_serving: Callable[[], object]) -> int:
         from cachefilesd_py.frontends.classic.driver import run_classic
+
+        control = []
 
         def report(collect: Collect) -> None:
             self._reporter = StatsReporter(lambda: {**collect(), **host.footprint()}).start()
+            control.append(serve_control(self, "classic", collect, None, None))
 
-        systemd.status("binding classic cache")
+        assert self._device is not None
         try:
             return run_classic(
-                device,
+                self._device,
                 self.config,
                 self.stop,
                 nocull=self.nocull,
-                setup=kernel_commands(self.config),
-                on_ready=lambda: (systemd.ready(), log.info("ready", mode="classic")),
+                setup=None,
+                on_ready=on_serving,
                 report_stats=report,
             )
         finally:
+            for service in control:
+                service.close()
             if self._reporter is not None:
                 self._reporter.close()
-
-
-def run(config: Config, options: object) -> int:
-    """Entry point used by ``cachefilesd_py.daemon.cli``."""
-    daemon = Daemon(
-        config,
-        getattr(options, "config_path", "/etc/cachefilesd.conf"),
-        bool(getattr(options, "nocull", False)),
-    )
-    daemon.install_signals()
-    os.umask(0o077)
-    return daemon.run()

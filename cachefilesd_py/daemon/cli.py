@@ -3,16 +3,16 @@
     cachefilesd-py [-d]... [-s] [-n] [-N] [-f FILE] [-p PIDFILE] [-v]
                    [--check-config] [--log-format {auto,console,journal,json}]
 
-Exit status as cachefilesd: 0 fine, 1 OS error, 2 configuration or option error,
-3 internal error.
+As cachefilesd: without ``-n`` the daemon binds the cache first and goes to the
+background only once that worked, so whoever started it (an init script) sees a failed
+bind in the exit status; the background process writes the pidfile (``-p``; none with
+``-n``). Logs go to syslog unless ``-s`` (then to stderr). Exit status: 0 fine, 1 OS
+error, 2 configuration or option error, 3 internal error.
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
-import os
 import sys
 from dataclasses import dataclass
 
@@ -28,7 +28,7 @@ class Options:
     foreground: bool = False
     nocull: bool = False
     config_path: str = "/etc/cachefilesd.conf"
-    pidfile: str = "/run/cachefilesd.pid"
+    pidfile: str = "/var/run/cachefilesd.pid"
     log_format: str = "auto"
     check_config: bool = False
 
@@ -54,9 +54,9 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     p.add_argument(
         "-p",
-        default="/run/cachefilesd.pid",
+        default="/var/run/cachefilesd.pid",
         metavar="PIDFILE",
-        help="pid file, written when daemonising (default %(default)s)",
+        help="pid file, written only when daemonising (not with -n) (default %(default)s)",
     )
     p.add_argument(
         "-v", "--version", action="version", version=f"cachefilesd-py version {__version__}"
@@ -69,25 +69,6 @@ def parse_args(argv: list[str] | None) -> Options:
     return Options(a.d, a.s, a.n, a.N, a.f, a.p, a.log_format, a.check_config)
 
 
-def daemonize(pidfile: str) -> None:
-    """Fork into the background like cachefilesd; the child writes the pidfile."""
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    with open(pidfile, "w") as f:
-        f.write(f"{os.getpid()}\n")
-
-    def remove_pidfile() -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(pidfile)
-
-    atexit.register(remove_pidfile)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,19 +85,32 @@ def main(argv: list[str] | None = None) -> int:
     from cachefilesd_py.daemon.logging import configure_logging
 
     configure_logging(opts.debug + (1 if cfg.debug else 0), opts.log_format, opts.stderr)
-    if not opts.foreground:
-        daemonize(opts.pidfile)
-    from cachefilesd_py.daemon import app
+    import os
 
+    import structlog
+
+    if cfg.dir is not None and not os.path.isdir(cfg.dir):
+        # before the imports a worker needs: a start that cannot work fails fast
+        structlog.get_logger("daemon").error("fatal", error="Can't confirm cache location",
+                                             dir=cfg.dir, status=1)
+        print(f"cachefilesd-py: Can't confirm cache location: {cfg.dir}", file=sys.stderr)
+        return 1
+
+    from cachefilesd_py.daemon import start  # imports everything: workers fork from here
+
+    log = structlog.get_logger("daemon")
     try:
-        return app.run(cfg, opts)
+        return start.run(cfg, opts)
     except CachefilesdError as exc:
+        log.error("fatal", error=str(exc), status=exc.exit_code)
         print(f"cachefilesd-py: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
+        log.error("fatal", error=exc.strerror or str(exc), errno=exc.errno, status=1)
         print(f"cachefilesd-py: {exc.strerror or exc}: errno {exc.errno}", file=sys.stderr)
         return 1
     except Exception as exc:  # pragma: no cover - last resort
+        log.exception("fatal", status=3)
         print(f"cachefilesd-py: Internal error: {exc!r}", file=sys.stderr)
         return 3
 

@@ -21,7 +21,9 @@ ask to free (``limits_need``). The decisions are the shared cull plan's
   wait, ``engine/leases.py``), its tail chunks' bits are cleared in the sidecar
   durably first, then holes are punched over them. A bit may lag its data, never lead
   it: a crash between the two leaves data without a bit, a refetch later. A blob
-  without a trusted sidecar cannot be trimmed and is culled whole.
+  without a trusted sidecar cannot be trimmed and is culled whole. A blob the kernel
+  still has open (``in_kernel_use``: on-demand mode asks ``inuse``; it covers objects
+  a dead worker opened) is not trimmed.
 
 Lock order: ``BlobCuller._lock`` guards the policy only and is a leaf (nothing else is
 taken while it is held). A pass takes, one at a time and never nested in each other,
@@ -45,9 +47,15 @@ from cachefilesd_py.kernel.fd import OwnedFd
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.space.caps import CullRules
 from cachefilesd_py.space.chunks import chunks_to_trim, keep_head_chunks
-from cachefilesd_py.space.culler import PassResult, run_plan, volume_dir_of
+from cachefilesd_py.space.culler import (
+    DecisionRecord,
+    PassResult,
+    Remover,
+    run_plan,
+    volume_dir_of,
+)
 from cachefilesd_py.space.graveyard import reap
-from cachefilesd_py.space.plan import CullPlan, Needs, Outcome, Tally
+from cachefilesd_py.space.plan import CullPlan, Decision, Needs, Outcome, Tally
 from cachefilesd_py.space.policy import CullPolicy
 from cachefilesd_py.space.scan import Candidate, scan
 
@@ -69,6 +77,7 @@ class BlobCuller:
         key_of: Callable[[Candidate], BlobKey | None],
         cull: Callable[[Candidate], int],
         limits_need: Callable[[], int],
+        in_kernel_use: Callable[[Candidate], bool] = lambda _cand: False,
         scan_limit: int = 1 << 20,
     ) -> None:
         self.tree = tree
@@ -80,10 +89,12 @@ class BlobCuller:
         self.key_of = key_of
         self._cull = cull
         self.limits_need = limits_need
+        self.in_kernel_use = in_kernel_use
         self.scan_limit = scan_limit
         #: totals since start, for the daemon's stats
         self.totals = Tally()
         self._lock = threading.Lock()
+        self._pass_lock = threading.Lock()
 
     # -- signals from the frontend --------------------------------------------------
 
@@ -122,10 +133,29 @@ class BlobCuller:
 
     # -- doing -----------------------------------------------------------------------
 
-    def cull_pass(self, need_bytes: int | None = None, need_objects: int = 0) -> PassResult:
+    def cull_pass(
+        self,
+        need_bytes: int | None = None,
+        need_objects: int = 0,
+        *,
+        dry_run: bool = False,
+        record: bool = False,
+    ) -> PassResult:
         """Cull toward the limits. The tree is scanned only when there is something to
         free (statvfs is cheap; a scan of a big cache is not), or when absolute caps
-        are configured (they need the tree's totals)."""
+        are configured (they need the tree's totals).
+
+        ``dry_run``: decide as a pass would, remove nothing (a cull is assumed to free
+        the file's blocks, a trim what it was asked for; a real trim may find the blob
+        untrimmable and cull it whole). ``record`` (implied by ``dry_run``): keep every
+        decision in the result. Passes run one at a time (the space thread's and the
+        operator's)."""
+        with self._pass_lock:
+            return self._cull_pass(need_bytes, need_objects, dry_run, record or dry_run)
+
+    def _cull_pass(
+        self, need_bytes: int | None, need_objects: int, dry_run: bool, record: bool
+    ) -> PassResult:
         out = PassResult()
         caps = self.rules.caps
         if need_bytes is None and not caps.configured:
@@ -142,6 +172,7 @@ class BlobCuller:
         if need_bytes is None:
             need_bytes = max(self.limits_need(), cap_needs.bytes)
         needs = Needs(need_bytes, max(need_objects, cap_needs.objects), cap_needs.volumes)
+        out.need_bytes, out.need_objects = needs.bytes, needs.objects
         if not needs.any:
             return out
         out.needed = True
@@ -155,9 +186,24 @@ class BlobCuller:
             in_use=lambda c: key_by_id[id(c)] in busy,
             trim=True,
         )
-        remover = _BlobRemover(self, key_by_id)
+        remover: Remover = _DryRemover() if dry_run else _BlobRemover(self, key_by_id)
         ordered = [c for c, _k in self.order(keyed)]
-        out.tally = run_plan(plan, ordered, remover, describe=lambda c: str(key_by_id[id(c)]))
+
+        def keep(cand: Candidate, decision: Decision, outcome: Outcome, freed: int) -> None:
+            out.decisions.append(
+                DecisionRecord(str(key_by_id[id(cand)]), outcome.value, freed, decision.reason)
+            )
+
+        out.tally = run_plan(
+            plan,
+            ordered,
+            remover,
+            describe=lambda c: str(key_by_id[id(c)]),
+            on_decision=keep if record else None,
+        )
+        if dry_run:
+            log.info("cull.plan", need_bytes=need_bytes, decisions=len(out.decisions))
+            return out
         if self.graveyard is not None:
             reap(str(self.graveyard))
         self.totals.add(out.tally)
@@ -187,6 +233,12 @@ class BlobCuller:
         path = Path(cand.directory) / cand.name
         with self.leases.trim(key) as granted:
             if not granted:
+                return Outcome.BUSY, 0
+            # The leases know the objects this process opened; the kernel knows them
+            # all (after a failover, objects the dead worker opened stay open in the
+            # kernel until a READ re-opens them). With the lease held no new OPEN is
+            # answered, so the kernel's "not in use" holds until the punch is done.
+            if self.in_kernel_use(cand):
                 return Outcome.BUSY, 0
             bp = self.presence.load_bound(key, path)
             if bp is None:
@@ -231,6 +283,16 @@ class BlobCuller:
         for path in orphans:
             path.unlink(missing_ok=True)
         return len(orphans)
+
+
+class _DryRemover:
+    """The :class:`Remover` of a dry run: every removal "succeeds", nothing is done."""
+
+    def cull(self, cand: Candidate) -> Outcome:
+        return Outcome.CULLED
+
+    def trim(self, cand: Candidate, nbytes: int) -> tuple[Outcome, int]:
+        return Outcome.TRIMMED, nbytes
 
 
 class _BlobRemover:

@@ -27,6 +27,7 @@ class LatencyHistogram:
     def __init__(self) -> None:
         self._counts = [0] * (len(BOUNDS) + 1)
         self._total = 0
+        self._sum = 0.0
         self._lock = threading.Lock()
 
     def record(self, seconds: float) -> None:
@@ -34,10 +35,17 @@ class LatencyHistogram:
         with self._lock:
             self._counts[index] += 1
             self._total += 1
+            self._sum += seconds
 
     @property
     def count(self) -> int:
         return self._total
+
+    def snapshot(self) -> tuple[list[int], int, float]:
+        """Per-bucket counts (bucket *i* up to ``BOUNDS[i]``, the last one above all
+        bounds), the total count and the sum of the durations, taken together."""
+        with self._lock:
+            return list(self._counts), self._total, self._sum
 
     def quantile(self, q: float) -> float | None:
         """The upper bound of the bucket holding the ``q`` quantile (None if empty;

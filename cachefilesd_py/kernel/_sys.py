@@ -14,6 +14,11 @@ call, before any other C code can overwrite it).
   the only way to make bytes written through it durable.
 - ``punch_hole``: ``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)``; frees the
   blocks of a byte range and leaves a hole that reads as zeros and that SEEK_DATA skips.
+- ``prctl``: process attributes the daemon's process model sets (the parent-death
+  signal of a worker, its name in ``ps``, no-new-privileges, the capability bounding
+  set and ambient set).
+- ``capget``/``capset``: the thread's capability sets (``_LINUX_CAPABILITY_VERSION_3``:
+  two 32-bit words per set).
 - ``openat2`` / ``open_beneath``: open a path *beneath* a directory fd. A path checked
   lexically (``normpath``, ``startswith``) is not a path resolved beneath anything: the
   kernel follows a symlink ``a -> /`` and then ``..`` wherever the link led. With
@@ -44,6 +49,9 @@ _libc.syncfs.argtypes = [ctypes.c_int]
 _libc.syncfs.restype = ctypes.c_int
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+_libc.prctl.restype = ctypes.c_int
 _libc.syscall.restype = ctypes.c_long
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -92,6 +100,72 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length),
         "fallocate(PUNCH_HOLE)",
     )
+
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
+
+
+def set_pdeathsig(signum: int) -> None:
+    """Have the kernel send ``signum`` to this process when the thread that forked it
+    exits (the parent must be single-threaded for this to mean "the parent process")."""
+    prctl(PR_SET_PDEATHSIG, signum)
+
+
+def set_comm(name: str) -> None:
+    """This process's name in ``ps``/``top`` (/proc/PID/comm, at most 15 bytes)."""
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+    _check(_libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0), "prctl(PR_SET_NAME)")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_libc.capget.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+_libc.capget.restype = ctypes.c_int
+_libc.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+_libc.capset.restype = ctypes.c_int
+
+
+def capget() -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) of the calling thread, as 64-bit masks."""
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(hdr), data), "capget")
+    return tuple(
+        getattr(data[0], f) | (getattr(data[1], f) << 32)
+        for f in ("effective", "permitted", "inheritable")
+    )
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """Set the calling thread's capability sets (lowering needs no privilege)."""
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in (0, 1):
+        data[i].effective = (effective >> (32 * i)) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> (32 * i)) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
+    _check(_libc.capset(ctypes.byref(hdr), data), "capset")
 
 
 #: ``openat2`` has the same number on every architecture that got it with the unified

@@ -25,11 +25,16 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import suppress
 from typing import Final, Protocol
 
 from cachefilesd_py.kernel import _sys
-from cachefilesd_py.kernel.commands import encode_cull
+from cachefilesd_py.kernel.commands import encode_cull, encode_inuse
+from cachefilesd_py.kernel.fd import OwnedFd
 
 DEVICE_PATH: Final = "/dev/cachefiles"
 #: >= CACHEFILES_MSG_MAX_SIZE (1024): EMSGSIZE cannot happen; > the 256-byte state line
@@ -77,9 +82,47 @@ class Device(Protocol):
         ...
 
 
+class NotTheDevice(OSError):
+    """An inherited fd is not ``/dev/cachefiles`` (errno ENODEV)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.ENODEV, why)
+
+
+def check_is_device(fd: int, path: str = DEVICE_PATH) -> None:
+    """Raise :class:`NotTheDevice` unless ``fd`` is an open character device with the
+    same device number as ``path``. An fd handed back by systemd's fd store is trusted
+    only after this: the misc minor of ``/dev/cachefiles`` is dynamic, so a module
+    reload between two runs, or a wrongly named fd, would otherwise have the daemon
+    write ``restore`` into some other device."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise NotTheDevice(f"inherited fd {fd} is not open: {exc.strerror}") from exc
+    if not stat.S_ISCHR(st.st_mode):
+        raise NotTheDevice(f"inherited fd {fd} is not a character device")
+    try:
+        node = os.stat(path)
+    except OSError as exc:
+        raise NotTheDevice(f"{path}: {exc.strerror}; cannot check inherited fd {fd}") from exc
+    if not stat.S_ISCHR(node.st_mode) or node.st_rdev != st.st_rdev:
+        raise NotTheDevice(
+            f"inherited fd {fd} is device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}, "
+            f"{path} is {os.major(node.st_rdev)}:{os.minor(node.st_rdev)}"
+        )
+
+
 class CachefilesDevice:
     """The real ``/dev/cachefiles`` (or an inherited fd of it, e.g. from systemd's
-    fd store: pass ``fd=``)."""
+    fd store: :meth:`inherit`)."""
+
+    @classmethod
+    def inherit(cls, fd: int, path: str = DEVICE_PATH) -> CachefilesDevice:
+        """Adopt an fd opened by an earlier process, after :func:`check_is_device`.
+        It is made close-on-exec; it is usually already bound (do not send ``dir`` or
+        ``bind`` again: the kernel answers EEXIST/EBUSY)."""
+        check_is_device(fd, path)
+        return cls(path, fd=fd)
 
     def __init__(self, path: str = DEVICE_PATH, *, fd: int | None = None) -> None:
         if fd is None:
@@ -134,14 +177,16 @@ class _Commands(Protocol):
 _cwd_lock = threading.Lock()
 
 
-def cull_in(device: _Commands, directory: str, name: str) -> int:
-    """``cull <name>`` from inside ``directory`` (the kernel resolves the name against
-    the process's working directory, and a ``/`` in it is EINVAL). Returns 0 when the
-    kernel culled it (moved it to the graveyard), else the errno: EBUSY (in use, it
-    stays), ESTALE/ENOENT (already gone), anything else (a failure; EINVAL also for a
-    name the encoder refuses). Culls are serialised by a lock around the ``chdir``."""
+def _by_name(
+    device: _Commands, directory: str, encode: Callable[[str], bytes], name: str
+) -> int:
+    """Send the command ``encode(name)`` from inside ``directory`` (the kernel resolves
+    the name against the process's working directory, and a ``/`` in it is EINVAL):
+    0 when the kernel accepted it, else the errno (EINVAL also for a name the encoder
+    refuses). The working directory is process-wide: these commands are serialised by
+    a lock around the ``chdir``."""
     try:
-        cmd = encode_cull(name)
+        cmd = encode(name)
     except ValueError:
         return errno.EINVAL
     with _cwd_lock:
@@ -155,3 +200,92 @@ def cull_in(device: _Commands, directory: str, name: str) -> int:
         finally:
             os.fchdir(old)
             os.close(old)
+
+
+def cull_in(device: _Commands, directory: str, name: str) -> int:
+    """``cull <name>`` from inside ``directory``: 0 when the kernel culled it (moved it
+    to the graveyard), else the errno: EBUSY (in use, it stays), ESTALE/ENOENT (already
+    gone), anything else (a failure)."""
+    return _by_name(device, directory, encode_cull, name)
+
+
+def in_use_in(device: _Commands, directory: str, name: str) -> int:
+    """``inuse <name>`` from inside ``directory``: 0 when no kernel object has the file
+    open, EBUSY when one has, ESTALE/ENOENT when it is gone, another errno on failure.
+    The kernel's answer covers objects this process never saw an OPEN for (e.g. opened
+    by a worker that died before this one took over)."""
+    return _by_name(device, directory, encode_inuse, name)
+
+
+class CullCursor:
+    """``cull`` for many objects in a row (one pass of a culler).
+
+    :func:`cull_in` pays, per object, an ``open(".")``, a ``chdir`` by path (a walk from
+    ``/`` down to the fan-out directory), the write, an ``fchdir`` back and a ``close``;
+    a daemon runs with ``/`` as its working directory, so two of those touch the root
+    filesystem every time. A cursor opens each directory once and keeps its fd, so an
+    object costs one ``fchdir`` and the ``cull`` write, what cachefilesd C pays. The
+    working directory stays in the cache between culls and is set back by
+    :meth:`close` (the daemon must not keep sitting in the cache: it would hold the
+    mount busy). At most ``max_dirs`` directory fds are kept open, the least recently
+    used closed first (the kernel's fan-out is 256 directories per volume).
+
+    Same answers as :func:`cull_in`: 0, or the errno (ENOENT too when the directory
+    itself is gone). Serialised with it by the working-directory lock, taken per cull."""
+
+    def __init__(self, device: _Commands, max_dirs: int = 1024) -> None:
+        self._device = device
+        self._max_dirs = max_dirs
+        self._dirs: OrderedDict[str, OwnedFd] = OrderedDict()
+        self._home: OwnedFd | None = None
+
+    def __enter__(self) -> CullCursor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def open_dirs(self) -> int:
+        return len(self._dirs)
+
+    def cull(self, directory: str, name: str) -> int:
+        try:
+            cmd = encode_cull(name)
+        except ValueError:
+            return errno.EINVAL
+        with _cwd_lock:
+            try:
+                if self._home is None:
+                    self._home = OwnedFd(_open_dir("."))
+                os.fchdir(self._dir_fd(directory))
+                self._device.write_command(cmd)
+                return 0
+            except OSError as exc:
+                return exc.errno or errno.EIO
+
+    def _dir_fd(self, directory: str) -> int:
+        held = self._dirs.get(directory)
+        if held is not None:
+            self._dirs.move_to_end(directory)
+            return held.fileno()
+        held = OwnedFd(_open_dir(directory))
+        self._dirs[directory] = held
+        if len(self._dirs) > self._max_dirs:
+            self._dirs.popitem(last=False)[1].close()
+        return held.fileno()
+
+    def close(self) -> None:
+        with _cwd_lock:
+            if self._home is not None:
+                home, self._home = self._home, None
+                with suppress(OSError):
+                    os.fchdir(home.fileno())
+                home.close()
+            for held in self._dirs.values():
+                held.close()
+            self._dirs.clear()
+
+
+def _open_dir(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from cachefilesd_py.space.plan import Action, CullPlan, Outcome, Tally
+from cachefilesd_py.space.plan import Action, CullPlan, Decision, Outcome, Tally
 from cachefilesd_py.space.scan import Candidate
 
 log = structlog.get_logger("space")
@@ -44,6 +44,7 @@ def run_plan(
     keep_going: Callable[[], bool] | None = None,
     check_every: int = 64,
     logger: Any = None,
+    on_decision: Callable[[Candidate, Decision, Outcome, int], None] | None = None,
 ) -> Tally:
     """Decide about ``candidates`` in order until the plan says stop (or, every
     ``check_every`` candidates, ``keep_going()`` says no). Returns the plan's tally."""
@@ -72,6 +73,8 @@ def run_plan(
             outcome = remover.cull(cand)
             freed = cand.blocks * 512 if outcome is culled else 0
         plan.record(cand, outcome, freed)
+        if on_decision is not None:
+            on_decision(cand, decision, outcome, freed)
         if logging_on:
             events.debug(
                 "cull.decision",
@@ -89,6 +92,16 @@ def _debug_enabled(logger: Any) -> bool:
     return True if check is None else bool(check(logging.DEBUG))
 
 
+@dataclass(frozen=True)
+class DecisionRecord:
+    """One candidate's fate in a pass, for the operator."""
+
+    blob: str
+    outcome: str
+    bytes: int
+    reason: str
+
+
 @dataclass
 class PassResult:
     """One pass of a culler: whether the limits asked for anything, and what it did."""
@@ -96,6 +109,10 @@ class PassResult:
     needed: bool = False
     tally: Tally = field(default_factory=Tally)
     scanned: int = 0
+    need_bytes: int = 0
+    need_objects: int = 0
+    #: what the pass decided, in order (kept only when asked: ``cachefilesctl cull``)
+    decisions: list[DecisionRecord] = field(default_factory=list)
 
     @property
     def acted(self) -> int:

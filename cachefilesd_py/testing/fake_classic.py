@@ -4,7 +4,8 @@ Space is modelled by object count: the state line says ``cull=1`` once the tree 
 more than ``cull_above`` objects and keeps saying it until it is down to ``run_at``
 (the kernel's hysteresis). ``cull <name>`` works relative to the process's working
 directory like the kernel's: EINVAL for a ``/``, ESTALE for a missing name, EBUSY for a
-name in ``in_use``, else the object moves into ``graveyard/``.
+name in ``in_use``; else a file is unlinked and a directory moved into ``graveyard/``, as
+the kernel does.
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ class FakeClassic:
                 raise OSError(errno.ESTALE, "gone")
             if path in self.in_use:
                 raise OSError(errno.EBUSY, "in use")
-            os.rename(path, self.cache_dir / "graveyard" / f"x{id(path):x}{arg}")
+            if path.is_dir():  # the kernel buries directories in the graveyard
+                os.rename(path, self.cache_dir / "graveyard" / f"x{id(path):x}{arg}")
+            else:  # and unlinks files (6.12 cachefiles_bury_object)
+                path.unlink()
 
     def wait_reads(self, n: int, timeout: float = 20.0) -> bool:
         """Whether the state line has been read ``n`` times within ``timeout``."""

@@ -431,6 +431,86 @@ def case_second_mount_is_served_from_the_cache(h: KernelHarness) -> None:
         d.finish()
 
 
+def _die(d: MiniDaemon) -> None:
+    """What a daemon process's death does to the kernel: every anonymous fd it held is
+    closed (the device itself stays open: the harness, like a supervisor or systemd's
+    fd store, still holds it). The objects go to their closed state."""
+    for fd in d.fds.values():
+        d.h.device.close_fd(fd)
+    d.fds.clear()
+
+
+def case_restore_after_daemon_death(h: KernelHarness) -> None:
+    """A READ the dead daemon had read is not delivered again until ``restore``; after
+    it, the object is re-opened first (an OPEN with a **new** object id and a new
+    anonymous fd, same volume and cookie), then the READ comes again with its **old**
+    msg id, and serving it completes the reader's read with the right bytes."""
+    d = MiniDaemon(h)
+    try:
+        m = d.mount("restore.img")
+        first = next(r for r in d.seen if isinstance(r, wire.OpenRequest))
+        job = Background(m.read, 0, PAGE_SIZE)
+        held = d.next_request()
+        assert isinstance(held, wire.ReadRequest), held
+        _die(d)
+        # nothing is delivered again on its own
+        time.sleep(0.5)
+        assert d.h.device.read_message() == b"", "a request came back without restore"
+        h.device.write_command(commands.encode_restore())
+        reopen = d.next_request()
+        assert isinstance(reopen, wire.OpenRequest), reopen
+        assert (reopen.volume_key, reopen.cookie_key) == (first.volume_key, first.cookie_key)
+        assert reopen.object_id != first.object_id, "the re-opened object kept its id"
+        os.fstat(reopen.fd)
+        d.answer(reopen)
+        again = d.next_request()
+        assert isinstance(again, wire.ReadRequest), again
+        assert again.msg_id == held.msg_id, (again.msg_id, held.msg_id)
+        assert again.object_id == reopen.object_id
+        assert (again.offset, again.length) == (held.offset, held.length)
+        d.answer(again)
+        d.serve_until(job.done, "the held read completes")
+        assert job.result(0) == h.payload[:PAGE_SIZE]
+    finally:
+        d.finish()
+
+
+def case_restore_redelivers_an_unanswered_open(h: KernelHarness) -> None:
+    """An OPEN the dead daemon read and never answered comes again after ``restore``,
+    with the same msg id and a new object id and anonymous fd; answering it lets the
+    mount finish."""
+    d = MiniDaemon(h)
+    try:
+        m = d.start_mount("restore-open.img")
+        req = d.next_request()
+        assert isinstance(req, wire.OpenRequest), req
+        _die(d)
+        h.device.write_command(commands.encode_restore())
+        again = d.next_request()
+        assert isinstance(again, wire.OpenRequest), again
+        assert again.msg_id == req.msg_id
+        assert again.object_id != req.object_id
+        d.answer(again)
+        d.serve_until(lambda: m.wait(0) != errno.ETIMEDOUT, "mounted")
+        assert m.wait(0) == 0
+        assert _payload_via(d, m) == h.payload
+    finally:
+        d.finish()
+
+
+def case_restore_with_nothing_pending_is_harmless(h: KernelHarness) -> None:
+    """``restore`` on a cache with nothing outstanding succeeds and changes nothing (the
+    daemon uses it to find out whether the kernel has it at all)."""
+    d = MiniDaemon(h)
+    try:
+        m = d.mount("restore-idle.img")
+        h.device.write_command(commands.encode_restore())
+        assert d.h.device.read_message() == b""
+        assert _payload_via(d, m) == h.payload
+    finally:
+        d.finish()
+
+
 CASES: list[Callable[[KernelHarness], None]] = [
     case_open_message,
     case_copen_unknown_id_is_einval,
@@ -442,4 +522,7 @@ CASES: list[Callable[[KernelHarness], None]] = [
     case_read_complete_needs_the_objects_fd,
     case_umount_sends_close_per_object,
     case_second_mount_is_served_from_the_cache,
+    case_restore_after_daemon_death,
+    case_restore_redelivers_an_unanswered_open,
+    case_restore_with_nothing_pending_is_harmless,
 ]

@@ -1,14 +1,14 @@
-"""The HTTP answer fuzz harness (``fuzz/fuzz_http_response.py``) in CI: every seed of
-its corpus, then mutations of them drawn by hypothesis. The harness raises when an
-answer made the source report wrong bytes as good, raise anything but a
-``SourceError``, or outlive its deadline. Long runs use atheris (see
+"""The HTTP answer fuzz harness (``fuzz/fuzz_http_response.py``) in CI: mutations of
+its seeds drawn by hypothesis that know the script's layout (its whole corpus is
+replayed with every other harness's by ``tests/unit/test_fuzz_harnesses.py``). The
+harness raises when an answer made the source report wrong bytes as good, raise
+anything but a ``SourceError``, or outlive its deadline. Long runs use atheris (see
 ``docs/security.md``, "Sources")."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,11 +22,6 @@ TOKENS = [
     "Transfer-Encoding: chunked\n", "Connection: close\n", "ETag: ", "Last-Modified: ",
     "{a}", "{b}", "{total}", "{len}", "{etag}", "{lm}", "{date}", "99999999999999999999",
 ]  # fmt: skip
-
-
-@pytest.mark.parametrize("seed", SEEDS, ids=[p.name for p in SEEDS])
-def test_seed(seed: Path) -> None:
-    TestOneInput(seed.read_bytes())
 
 
 @st.composite

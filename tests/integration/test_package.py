@@ -86,6 +86,7 @@ def test_file_list(deb: Path, unpacked: Path) -> None:
         "usr/share/man/man5/cachefilesd-py.conf.5.gz",
         "usr/share/doc/cachefilesd-py/copyright",
         "usr/share/dbus-1/system.d/org.cachefilesd_py.Cache1.conf",
+        "usr/lib/systemd/system-generators/cachefilesd-py-generator",
         f"{VENV}/pyvenv.cfg",
         f"{VENV}/installed-versions.txt",
         f"{SITE}/cachefilesd_py/daemon/cli.py",
@@ -145,6 +146,18 @@ def test_commands_run_from_the_unpacked_tree(unpacked: Path, tmp_path: Path) -> 
     loaded = re.findall(r"^# code object from '?([^'\n]+?)'?$", traced.stderr, re.MULTILINE)
     ours = [p for p in loaded if re.search(r"/(cachefilesd_py|urllib3|structlog)/", p)]
     assert ours and all(p.startswith(str(unpacked / SITE)) for p in ours), ours[:5]
+    # the generator finds the package's environment from three levels below /usr
+    conf = tmp_path / "gen.conf"
+    conf.write_text(f"dir {tmp_path}/cache\nondemand\nsource * file:///srv/blobs/{{cookie}}\n")
+    out = tmp_path / "generated"
+    gen = unpacked / "usr/lib/systemd/system-generators/cachefilesd-py-generator"
+    res = subprocess.run(
+        [str(gen), str(out)], capture_output=True, text=True,
+        env={**os.environ, "CACHEFILESD_PY_CONFIG": str(conf)},
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    dropins = list(out.rglob("*.conf"))
+    assert dropins and f"{tmp_path}/cache" in dropins[0].read_text()
     bad = tmp_path / "bad.conf"
     bad.write_text(f"dir {tmp_path}\nbrun  10%\nbcull 7% \n")
     res = subprocess.run([str(daemon), "--check-config", "-f", str(bad)], capture_output=True)
@@ -158,6 +171,7 @@ def test_unit_passes_systemd_analyze_verify(unpacked: Path, tmp_path: Path) -> N
     shutil.copytree(unpacked, root, symlinks=True)
     unit = (root / "lib/systemd/system/cachefilesd-py.service").read_text()
     assert "\nExecStart=/usr/sbin/cachefilesd-py -n " in unit
+    assert "\nExecReload=/usr/sbin/cachefilesd-py --check-config " in unit
     # the unit's other commands are the host's own tools: put them in the root
     for tool in re.findall(r"^Exec\w+=[-@:+!]*(/\S+)", unit, re.MULTILINE):
         target = root / tool.lstrip("/")

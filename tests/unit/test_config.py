@@ -195,3 +195,36 @@ def test_header_values_outside_latin1_are_refused_at_load(tmp_path: Path) -> Non
     headers.write_text("Bad Name: x\n")
     with pytest.raises(ConfigError, match=":1: not a 'Name: value' header line"):
         load_headers(str(headers))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "fetch_retries \u0661\u0662",  # Arabic-Indic 12
+        "brun \u0661\u0660%",
+        "fetch_concurrency \uff18",  # fullwidth 8
+        "resume_thresholds \u0665 -",
+        "culltable \u0661\u0664",
+    ],
+)
+def test_numbers_take_ascii_digits_only(line: str) -> None:
+    """str.isdigit() and a str pattern's \\d take any script's digits; the kernel and
+    cachefilesd read ASCII only, so such a value is a configuration error (issue 10
+    item 12), named with its line."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"dir /var/cache/fscache\n{line}\n", "c.conf")
+    assert "c.conf:2" in str(info.value)
+
+
+def test_every_configured_chunk_size_fits_one_fill_buffer() -> None:
+    """A ``source_chunk_size`` above the 4 MiB default buffer made every full-chunk READ
+    of those blobs fail (issue 10 item 12): the fill buffers are sized for the largest
+    chunk any rule can give."""
+    from cachefilesd_py.daemon.app import engine_settings
+
+    cfg = parse_config(
+        "dir /var/cache/fscache\nondemand\nsource * file:///srv/{cookie}\n"
+        "source_chunk_size big/* 16M\n",
+        "c.conf",
+    )
+    assert engine_settings(cfg).max_run >= 16 << 20

@@ -23,7 +23,7 @@ from tests.vm.rig import (
 )
 from tests.vm.test_ondemand_guest import make_tree
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.ondemand]
 
 
 def read_all(mnt: Path, want: dict[str, str]) -> tuple[int, int]:

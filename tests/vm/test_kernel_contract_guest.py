@@ -19,7 +19,7 @@ from cachefilesd_py.testing.kernel_contract import CASES, KernelHarness
 from cachefilesd_py.testing.pattern import pattern_bytes
 from tests.vm.rig import mkfs_erofs, run
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.ondemand]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -17,7 +17,7 @@ import pytest
 from cachefilesd_py.kernel.layout import object_path
 from tests.vm.rig import Daemon, Nginx, mkfs_erofs, mount_erofs, run, tree_digests
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.ondemand]
 
 
 def make_tree(root: Path, *, files: int = 40, big: int = 3 << 20, seed: int = 1) -> Path:

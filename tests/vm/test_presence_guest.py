@@ -21,7 +21,7 @@ from cachefilesd_py.sources.policy import Deadline
 from tests.vm.rig import Daemon, mkfs_erofs, mount_erofs, run, tree_digests
 from tests.vm.test_ondemand_guest import config, make_tree
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.ondemand]
 
 BINDING_XATTR = "user.cachefilesd_py.presence"
 CHUNK = 256 * 1024

@@ -16,7 +16,7 @@ import pytest
 from tests.vm.rig import Daemon, mkfs_erofs, mount_tracked, sha256_file, umount_tracked
 from tests.vm.test_presence_guest import stats as last_stats
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.ondemand]
 
 MiB = 1 << 20
 CHUNK = 256 * 1024

@@ -27,7 +27,7 @@ from tests.vm.test_presence_guest import load_and_verify
 #: the daemon's chunk size when the config names none (these tests name none)
 DEFAULT_CHUNK = Config().chunk_size
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.ondemand]
 
 
 def test_images_larger_than_the_cache_are_served_by_culling(

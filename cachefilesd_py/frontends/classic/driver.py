@@ -12,10 +12,27 @@ The kernel fills the cache by itself; the daemon's job is to cull
 
 Unlike cachefilesd C, which culls one object per loop pass and re-walks the tree for
 every 4096 victims, each pass here scans once into a bounded heap of the oldest objects
-and culls in a batch, re-reading the state every 64 objects until the kernel's ``cull``
-flag clears; when nothing is cullable it backs off instead of spinning. What to cull
-is decided by the cull plan both frontends share (``space/plan.py``: pins, needs) and
-carried out by the shared loop (``space/culler.py``), one outcome per object.
+and culls from it in LRU order until the kernel's ``cull`` flag clears. How fast that
+is, and why (``docs/benchmarks.md``, "Classic mode vs cachefilesd C"):
+
+- the heap is as large as the pass needs (:func:`table_for`): what the kernel still
+  wants freed (its *run* limits in the state line against ``statvfs``) over the mean
+  object size, doubled, at least ``culltable`` and at most :data:`MAX_TABLE` entries,
+  so one scan is one pass and the tree is not ``stat``-ed again for each 4096 victims;
+- the state line is read only once the culls so far may have freed what was missing
+  (:class:`KernelGate`), then before every object, so the pass stops at *run* like C
+  does, without reading the state 5,000 times on the way nor overshooting by a batch;
+- each object costs one ``fchdir`` to a directory fd kept for the pass and the
+  ``cull`` write (``kernel.device.CullCursor``);
+- the daemon's own culls do not come back to the index as inotify events to apply
+  (``space/tree_index.py`` does not ask for IN_DELETE; the driver tells it what went);
+- a pass that ran out of candidates while the kernel still asks is followed by the
+  next at once, not after the poll timeout; and when the kernel already asks at start,
+  the first pass walks the tree itself before the index is built.
+
+When nothing is cullable it backs off instead of spinning. What to cull is decided by
+the cull plan both frontends share (``space/plan.py``: pins, needs) and carried out by
+the shared loop (``space/culler.py``), one outcome per object.
 
 The absolute caps (``cache_max_bytes``, ``cache_max_objects``, ``volume_max_bytes``;
 ``space/caps.py``), which the kernel knows nothing about, are checked by a scan every
@@ -43,7 +60,7 @@ import structlog
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.frontends.classic.commands import parse_state
 from cachefilesd_py.kernel import commands
-from cachefilesd_py.kernel.device import cull_in
+from cachefilesd_py.kernel.device import CullCursor
 from cachefilesd_py.space.caps import CullRules, volume_name
 from cachefilesd_py.space.culler import run_plan
 from cachefilesd_py.space.graveyard import GraveyardWatch, reap
@@ -53,8 +70,51 @@ from cachefilesd_py.space.tree_index import TreeIndex
 
 log = structlog.get_logger("classic")
 
-BATCH = 64
 BACKOFF = 5.0
+#: the most candidates one pass keeps (a candidate costs ~200 bytes: ~26 MiB)
+MAX_TABLE = 1 << 17
+#: the state line is read at least this often, whatever the estimate says (space may be
+#: freed by others meanwhile)
+STATE_EVERY = 64
+
+
+def table_for(need_bytes: int, need_files: int, mean_object_bytes: int, floor: int) -> int:
+    """How many of the oldest objects a kernel-driven pass should keep: twice what
+    freeing ``need_bytes`` and ``need_files`` takes at the mean object size (objects
+    differ in size, some are busy or pinned), at least ``floor`` (the ``culltable``),
+    at most :data:`MAX_TABLE`. Pure."""
+    by_bytes = -(-need_bytes // max(1, mean_object_bytes))
+    return max(floor, min(MAX_TABLE, 2 * max(by_bytes, need_files)))
+
+
+class KernelGate:
+    """``keep_going`` for a kernel-driven pass. The kernel clears its ``cull`` flag once
+    free blocks and free files are both back at *run*; until the objects culled so far
+    can have freed ``need_bytes`` and ``need_files`` (measured at the pass's start),
+    asking it is pointless, except every :data:`STATE_EVERY` objects in case others
+    freed space. From there on the state is read before every object, so the pass
+    stops where C stops. Needs of 0 (unknown) mean: read every time."""
+
+    def __init__(self, read_state: Callable[[], bool], need_bytes: int, need_files: int) -> None:
+        self._read_state = read_state
+        self.need_bytes = need_bytes
+        self.need_files = need_files
+        self.tally: Tally | None = None
+        self.reads = 0
+        self._since = 0
+
+    def __call__(self) -> bool:
+        tally = self.tally
+        self._since += 1
+        if (
+            tally is not None
+            and self._since < STATE_EVERY
+            and (tally.freed_bytes < self.need_bytes or tally.culled < self.need_files)
+        ):
+            return True
+        self._since = 0
+        self.reads += 1
+        return self._read_state()
 
 
 class ClassicDevice(Protocol):
@@ -101,6 +161,8 @@ class ClassicDriver:
         self.stats = ClassicStats()
         self.index: TreeIndex | None = None
         self._culling = False
+        self._limits: dict[str, int] = {}
+        self._cursor: CullCursor | None = None
 
     # -- what the shared cull plan needs to know of a classic object ----------------
 
@@ -116,8 +178,14 @@ class ClassicDriver:
         )
 
     def cull(self, cand: Candidate) -> Outcome:
-        """The :class:`~cachefilesd_py.space.culler.Remover` side: the kernel's ``cull``."""
-        return Outcome.of_cull(cull_in(self.device, cand.directory, cand.name))
+        """The :class:`~cachefilesd_py.space.culler.Remover` side: the kernel's ``cull``,
+        through the pass's cursor. What went is forgotten by the index at once (it
+        does not watch for deletions)."""
+        assert self._cursor is not None, "cull() outside a pass"
+        outcome = Outcome.of_cull(self._cursor.cull(cand.directory, cand.name))
+        if self.index is not None and outcome in (Outcome.CULLED, Outcome.GONE):
+            self.index.forget(cand.directory, cand.name)
+        return outcome
 
     def trim(self, cand: Candidate, nbytes: int) -> tuple[Outcome, int]:
         """Classic objects are never trimmed (the kernel's files, not ours)."""
@@ -127,10 +195,18 @@ class ClassicDriver:
         self,
         needs: Needs,
         candidates: Iterable[Candidate],
-        keep_going: Callable[[], bool] | None = None,
+        gate: KernelGate | None = None,
     ) -> Tally:
         plan = CullPlan(needs, volume_of=self._volume_of, pinned=self._pinned)
-        tally = run_plan(plan, candidates, self, describe=_path, keep_going=keep_going)
+        if gate is not None:
+            gate.tally = plan.tally
+        with CullCursor(self.device) as self._cursor:
+            try:
+                tally = run_plan(
+                    plan, candidates, self, describe=_path, keep_going=gate, check_every=1
+                )
+            finally:
+                self._cursor = None
         stats = self.stats
         stats.culled += tally[Outcome.CULLED]
         stats.busy += tally[Outcome.BUSY]
@@ -165,6 +241,7 @@ class ClassicDriver:
         cleared only once both are back at *run* (each read re-evaluates it). Its
         changes are logged: ``kernel.cull_requested`` / ``kernel.cull_satisfied``."""
         state = parse_state(self.device.read_message())
+        self._limits = state.values
         if state.malformed:
             log.warning("kernel.malformed_state", tokens=list(state.malformed))
         if state.cull != self._culling:
@@ -177,18 +254,49 @@ class ClassicDriver:
             )
         return state.cull
 
+    def _needs(self) -> tuple[int, int, int]:
+        """(bytes, files, mean object bytes): what the kernel still wants freed before
+        it clears its ``cull`` flag, from its *run* limits (last state line; blocks and
+        files as ``statfs`` counts them) and ``statvfs`` of the cache now; zeros when
+        unknown."""
+        brun, frun = self._limits.get("brun"), self._limits.get("frun")
+        if brun is None or frun is None:
+            return 0, 0, 0
+        try:
+            st = os.statvfs(self._cache)
+        except OSError:
+            return 0, 0, 0
+        # objects and their directories hold the used inodes (a slight overcount of
+        # objects: a slightly small mean, a slightly larger table)
+        inodes = st.f_files - st.f_ffree
+        mean = (st.f_blocks - st.f_bfree) * st.f_frsize // inodes if inodes > 0 else 0
+        return (
+            max(0, brun - st.f_bavail) * st.f_frsize,
+            max(0, frun - st.f_ffree),
+            mean,
+        )
+
     def cull_pass(self) -> int:
         """Cull the oldest objects while the kernel still asks for it (its ``cull``
-        flag, re-read every 64 objects)."""
+        flag, read when the culls may have freed what it misses: :class:`KernelGate`)."""
         self.stats.passes += 1
-        result = self._scan(self._cache, self.table_size)
+        need_bytes, need_files, mean = self._needs()
+        table = self.table_size
+        if mean:
+            table = table_for(need_bytes, need_files, mean, self.table_size)
+        result = self._scan(self._cache, table)
         for stray in result.strays:
             try:
                 os.unlink(stray)
                 self.stats.strays_removed += 1
-            except OSError:
+            except FileNotFoundError:
                 pass
-        tally = self._run(Needs(until_stopped=True), result.oldest, keep_going=self.read_state)
+            except OSError:
+                continue
+            if self.index is not None:
+                self.index.forget(*os.path.split(stray))
+        gate = KernelGate(self.read_state, need_bytes, need_files)
+        tally = self._run(Needs(until_stopped=True), result.oldest, gate=gate)
         for empty in result.empty_dirs:
             with contextlib.suppress(OSError):
                 os.rmdir(empty)
@@ -198,6 +306,7 @@ class ClassicDriver:
             scanned=result.objects,
             candidates=len(result.oldest),
             strays=len(result.strays),
+            state_reads=gate.reads,
             **tally.as_fields(),
         )
         return tally.culled
@@ -248,15 +357,22 @@ class ClassicDriver:
         self.stats.reaped += reap(graveyard)
         watch = GraveyardWatch(graveyard)
         if not self.nocull:
+            if self.read_state():
+                # the kernel asks already: the first pass walks the tree itself (a
+                # walk with stat is what the pass costs anyway); the index comes after
+                self.cull_pass()
             self.open_index()
         poller = select.poll()
         poller.register(self.device.fileno(), select.POLLIN)
         poller.register(watch.fileno(), select.POLLIN)
         backoff_until = 0.0
         next_caps = 0.0 if self.rules.caps.configured and not self.nocull else float("inf")
+        #: the last pass ran out of candidates while the kernel still asked: no waiting
+        again = False
         try:
             while not stop.is_set():
-                poller.poll(int(poll_interval * 1000))
+                poller.poll(0 if again else int(poll_interval * 1000))
+                again = False
                 if watch.changed():
                     self.stats.reaped += reap(graveyard)
                 if time.monotonic() >= next_caps:
@@ -269,6 +385,8 @@ class ClassicDriver:
                 if self.cull_pass() == 0:
                     log.info("cull.nothing_cullable", backoff=BACKOFF)
                     backoff_until = time.monotonic() + BACKOFF
+                else:
+                    again = self._culling
                 self.stats.reaped += reap(graveyard)
         finally:
             watch.close()
@@ -284,12 +402,13 @@ def run_classic(
     stop: threading.Event,
     *,
     nocull: bool,
-    setup: list[bytes],
+    setup: list[bytes] | None,
     on_ready: Callable[[], object] = lambda: None,
     report_stats: Callable[[Callable[[], dict[str, object]]], object] = lambda _collect: None,
 ) -> int:
-    """Bind and serve until ``stop``; ``report_stats`` is handed a function returning
-    the driver's counters, for periodic and on-demand stats lines."""
+    """Bind (unless ``commands`` is None: the device is bound already) and serve until
+    ``stop``; ``report_stats`` is handed a function returning the driver's counters,
+    for periodic and on-demand stats lines."""
     assert config.dir is not None
     driver = ClassicDriver(
         device,
@@ -298,7 +417,8 @@ def run_classic(
         table_size=1 << config.culltable,
         rules=CullRules.from_config(config),
     )
-    driver.bind(setup)
+    if setup is not None:
+        driver.bind(setup)
     on_ready()
     report_stats(lambda: dict(vars(driver.stats)))
     try:

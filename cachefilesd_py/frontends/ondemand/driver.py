@@ -128,6 +128,12 @@ class OnDemandDriver:
         #: set when the reader paused for room, cleared when the READ scheduler is
         #: down to half its capacity: while set, long-waiting READs are shed
         self._overflow = False
+        #: liveness, for the supervisor's watchdog (daemon/health.py): when the request
+        #: loop last went round, and since when each READ taken off the device has been
+        #: in service (queued or filling), by msg id
+        self.last_loop = time.monotonic()
+        self._in_service: dict[int, float] = {}
+        self._in_service_lock = threading.Lock()
 
     # -- start-up --------------------------------------------------------------------
 
@@ -156,8 +162,10 @@ class OnDemandDriver:
         fd = self.device.fileno()
         watching_out = False
         poller.register(fd, select.POLLIN)
+        self.last_loop = time.monotonic()  # a spare built long ago starts afresh
         try:
             while not stop.is_set():
+                self.last_loop = time.monotonic()
                 if not self._has_room():
                     self._wait_room(stop, poll_interval)
                     continue
@@ -175,6 +183,17 @@ class OnDemandDriver:
         finally:
             if self.space is not None:
                 self.space.stop()
+
+    @property
+    def culling(self) -> bool:
+        """Whether a cull pass is running (or asked for)."""
+        return self.space is not None and not self.space.idle.is_set()
+
+    def oldest_read_age(self) -> float | None:
+        """Seconds the oldest READ now in service has been, or None."""
+        with self._in_service_lock:
+            oldest = min(self._in_service.values(), default=None)
+        return None if oldest is None else time.monotonic() - oldest
 
     def _has_room(self) -> bool:
         return self.reads.has_room() and self.opens.has_room()
@@ -207,6 +226,10 @@ class OnDemandDriver:
                 return handled
             handled += 1
             self.dispatch(buf)
+            # reading is the loop's progress: under a steady stream of requests this
+            # loop may not return to poll() for a long time, and the supervisor must
+            # not take that for a stuck reader (daemon/health.py)
+            self.last_loop = time.monotonic()
         return handled
 
     def dispatch(self, raw: bytes) -> None:
@@ -266,6 +289,8 @@ class OnDemandDriver:
 
     def _on_read(self, action: sess.ServeRead[OwnedFd, OnDemandObject], received: float) -> None:
         self._count("reads")
+        with self._in_service_lock:
+            self._in_service[action.msg_id] = received
         obj = action.handle
         if not action.fill or obj is None:
             self._serve(action, received, False)
@@ -314,6 +339,8 @@ class OnDemandDriver:
                 ok = self._fill(obj, action, Deadline.after(self.fetch_timeout))
         finally:
             self._complete(action)
+            with self._in_service_lock:
+                self._in_service.pop(action.msg_id, None)
             self.read_times.record(time.monotonic() - received)
             self.run(self.session.served(action.ticket))
         if ok and obj is not None:

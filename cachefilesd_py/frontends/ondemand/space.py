@@ -35,7 +35,7 @@ from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.engine.cull import BlobCuller
 from cachefilesd_py.engine.leases import BlobLeases
-from cachefilesd_py.kernel.device import Device, cull_in
+from cachefilesd_py.kernel.device import Device, cull_in, in_use_in
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.space.caps import CullRules
 from cachefilesd_py.space.culler import PassResult
@@ -79,6 +79,7 @@ def make_culler(
         policy=make_policy(config.cull_policy),
         key_of=key_of,
         cull=lambda cand: cull_in(device, cand.directory, cand.name),
+        in_kernel_use=lambda cand: in_use_in(device, cand.directory, cand.name) != 0,
         limits_need=limits_need,
     )
 

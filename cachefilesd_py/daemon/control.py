@@ -1,0 +1,475 @@
+"""What the control socket's operations do, against the serving daemon's live state.
+
+``control/schema.py`` says what may be asked, ``daemon/control_server.py`` carries the
+exchange; this module answers. Each handler runs in the server's connection thread,
+reads the engine's state under its leaf locks (``Engine.blobs()``, a presence bitmap's
+snapshot) and never holds a lock across I/O, so the serving path never waits for it.
+
+The answers are plain JSON values, documented in ``docs/control.md``; ``cachefilesctl``
+draws them, ``--json`` prints them as they are.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import grp
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cachefilesd_py import __version__
+from cachefilesd_py.config.model import Config
+from cachefilesd_py.control.presence_map import fold
+from cachefilesd_py.control.schema import ControlError, ErrorCode
+from cachefilesd_py.daemon.control_server import ControlServer, Handler
+from cachefilesd_py.daemon.metrics import Figures, Metrics
+from cachefilesd_py.engine.blob import Blob, BlobKey
+from cachefilesd_py.engine.fill import Sink
+from cachefilesd_py.engine.service import Engine
+from cachefilesd_py.errors import SourceError
+from cachefilesd_py.presence.verify import verify
+from cachefilesd_py.sources.policy import Deadline
+from cachefilesd_py.space.stats import SpaceSnapshot
+
+log = structlog.get_logger("control")
+
+#: bytes a prefetch asks for per step (one progress line each)
+PREFETCH_STEP = 4 << 20
+
+Progress = Callable[[Mapping[str, Any]], None]
+
+
+def group_id(name: str | None) -> int | None:
+    """The gid of ``control_group`` (a name or a number); an unknown name is an error
+    the operator must see at start, not a silently closed door."""
+    if name is None:
+        return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ControlError(
+            ErrorCode.UNAVAILABLE, f"control_group {name!r}: no such group"
+        ) from None
+
+
+@dataclass
+class ServingState:
+    """What the handlers read: the serving daemon's parts (``daemon/app.py`` fills it)."""
+
+    mode: str
+    cache_dir: Path
+    config: Callable[[], Config]
+    collect: Callable[[], dict[str, object]]
+    engine: Engine | None = None
+    objects: Callable[[], int] = lambda: 0
+    reload: Callable[[], dict[str, Any]] | None = None
+    cull_plan: Callable[[], dict[str, Any]] | None = None
+    cull_now: Callable[[], dict[str, Any]] | None = None
+    #: the sink of a kernel object open on a blob (None: no object has it open)
+    sink_for: Callable[[Blob], Sink | None] | None = None
+    histograms: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    #: unix time of each blob's last READ, by ``str(key)`` (the driver notes it)
+    last_use: Callable[[str], float | None] = lambda _k: None
+
+
+class ControlHandlers:
+    """The operations of ``control/schema.py``, answered from a :class:`ServingState`."""
+
+    def __init__(self, state: ServingState, metrics: Metrics) -> None:
+        self.state = state
+        self.metrics = metrics
+
+    def table(self) -> dict[str, Handler]:
+        table: dict[str, Handler] = {
+            "status": lambda a, p: self.status(),
+            "stats": lambda a, p: self.stats(),
+            "metrics": lambda a, p: {"text": self.metrics.text()},
+        }
+        if self.state.engine is not None:
+            table |= {
+                "blobs": lambda a, p: self.blobs(a["limit"]),
+                "show": lambda a, p: self.show(a["blob"], a["width"]),
+                "verify": lambda a, p: self.verify(a["blob"], p),
+                "prefetch": lambda a, p: self.prefetch(a["blob"], a["offset"], a["length"], p),
+            }
+        if self.state.reload is not None:
+            reload = self.state.reload
+            table["reload"] = lambda a, p: reload()
+        if self.state.cull_plan is not None:
+            plan = self.state.cull_plan
+            table["cull_plan"] = lambda a, p: plan()
+        if self.state.cull_now is not None:
+            now = self.state.cull_now
+            table["cull"] = lambda a, p: now()
+        return table
+
+    # -- read-only -------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.state.config()
+        snap = SpaceSnapshot.of(str(self.state.cache_dir))
+        engine = self.state.engine
+        blobs = engine.blobs() if engine is not None else []
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "mode": self.state.mode,
+            "kernel_interface": "/dev/cachefiles (ondemand)"
+            if self.state.mode == "ondemand"
+            else "/dev/cachefiles",
+            "cache_dir": str(self.state.cache_dir),
+            "uptime_s": round(time.monotonic() - self.state.started, 1),
+            "space": {
+                "bytes_total": snap.blocks * snap.block_size,
+                "bytes_free": snap.blocks_free * snap.block_size,
+                "files_total": snap.files,
+                "files_free": snap.files_free,
+                "thresholds_pct": {
+                    n: cfg.threshold(n)
+                    for n in ("brun", "bcull", "bstop", "frun", "fcull", "fstop")
+                },
+                "cache_max_bytes": cfg.cache_max_bytes,
+                "cache_max_objects": cfg.cache_max_objects,
+                "volume_max_bytes": {r.pattern: r.size for r in cfg.volume_max_bytes},
+            },
+            "objects": self.state.objects(),
+            "open_blobs": len(blobs),
+            "fetches_in_flight": sum(len(b.inflight) for b in blobs),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"counters": {}, "latency_ms": {}}
+        for k, v in self.state.collect().items():
+            if k.endswith("_ms") or k.endswith("_n"):
+                out["latency_ms"][k] = v
+            else:
+                out["counters"][k] = v
+        return out
+
+    def _find(self, name: str) -> Blob:
+        assert self.state.engine is not None
+        blobs = self.state.engine.blobs()
+        for blob in blobs:
+            if str(blob.key) == name:
+                return blob
+        raise ControlError(
+            ErrorCode.NOT_FOUND,
+            f"no open blob {name!r} (the daemon knows the blobs the kernel has open; "
+            f"{len(blobs)} now, see 'cachefilesctl blobs')",
+        )
+
+    def _describe(self, blob: Blob) -> dict[str, Any]:
+        cfg = self.state.config()
+        presence = blob.presence
+        present = 0
+        if presence is not None:
+            with presence.lock:
+                present = presence.bitmap.count()
+        nchunks = blob.geometry.nchunks
+        key = str(blob.key)
+        match_name = key.removeprefix("erofs,")
+        return {
+            "blob": key,
+            "size": blob.size,
+            "chunk_size": blob.chunk_size,
+            "chunks": nchunks,
+            "present_chunks": present,
+            "present_pct": round(100.0 * present / nchunks, 2) if nchunks else 100.0,
+            "trusted": bool(presence is not None and presence.trusted),
+            "source": blob.identity.url,
+            "users": blob.users,
+            "in_flight": len(blob.inflight),
+            "last_use": self.state.last_use(key),
+            "pinned": any(fnmatch.fnmatchcase(match_name, p) for p in cfg.pins),
+        }
+
+    def blobs(self, limit: int) -> dict[str, Any]:
+        assert self.state.engine is not None
+        blobs = sorted(self.state.engine.blobs(), key=lambda b: str(b.key))
+        shown = blobs[:limit] if limit else blobs
+        return {"blobs": [self._describe(b) for b in shown], "total": len(blobs)}
+
+    def show(self, name: str, width: int) -> dict[str, Any]:
+        blob = self._find(name)
+        out = self._describe(blob)
+        if blob.presence is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, f"{name}: no presence bitmap")
+        _version, bits = blob.presence.snapshot()
+        out["cells"] = fold(bits, blob.geometry.nchunks, width)
+        return out
+
+    def verify(self, name: str, progress: Progress) -> dict[str, Any]:
+        """Check ``name``'s presence bitmap against its cache file and its source
+        (``presence/verify.py``). A blob the kernel has open is checked as the engine
+        holds it; any other blob of the cache tree is opened by the engine for the
+        check (under a use lease, so no trim runs meanwhile) and released after."""
+        engine = self.state.engine
+        assert engine is not None
+        open_blob = next((b for b in engine.blobs() if str(b.key) == name), None)
+        if open_blob is not None:
+            return self._verify_blob(open_blob, progress)
+        key = _parse_key(name)
+        cache_file = _cache_file(self.state.cache_dir, key)
+        if cache_file is None or not cache_file.exists():
+            raise ControlError(ErrorCode.NOT_FOUND, f"{name}: no such blob in the cache tree")
+        lease = _lease_key(key)
+        timeout = self.state.config().fetch_timeout
+        if not engine.leases.acquire_use(lease, timeout=timeout):
+            raise ControlError(ErrorCode.BUSY, f"{name}: being trimmed; try again")
+        try:
+            try:
+                blob = engine.open_blob(key, cache_file, Deadline.after(timeout))
+            except SourceError as exc:
+                raise ControlError(ErrorCode.FAILED, f"{name}: {exc}") from None
+            try:
+                return self._verify_blob(blob, progress)
+            finally:
+                engine.release(blob)
+        finally:
+            engine.leases.release_use(lease)
+
+    def _verify_blob(self, blob: Blob, progress: Progress) -> dict[str, Any]:
+        name = str(blob.key)
+        if blob.presence is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, f"{name}: no presence bitmap")
+        cache_file = _cache_file(self.state.cache_dir, blob.key)
+        if cache_file is None or not cache_file.exists():
+            raise ControlError(
+                ErrorCode.FAILED,
+                f"{name}: its cache file is new and not linked into the cache tree yet "
+                "(the kernel links it when it drops the object); verify it after that",
+            )
+        timeout = self.state.config().fetch_timeout
+
+        def read_source(off: int, n: int) -> bytes:
+            buf = bytearray(n)
+            blob.source.fetch_into(off, memoryview(buf), Deadline.after(timeout))
+            return bytes(buf)
+
+        progress({"phase": "verify", "blob": name, "chunks": blob.geometry.nchunks})
+        try:
+            report = verify(blob.presence, cache_file, read_source)
+        except (SourceError, OSError) as exc:
+            raise ControlError(ErrorCode.FAILED, f"{name}: {exc}") from None
+        return {
+            "blob": name,
+            "trusted": blob.presence.trusted,
+            "chunks": report.chunks,
+            "present": report.present,
+            "lagging": report.lagging,
+            "errors": report.errors[:100],
+            "ok": report.ok,
+        }
+
+    # -- mutating --------------------------------------------------------------------
+
+    def prefetch(self, name: str, offset: int, length: int, progress: Progress) -> dict[str, Any]:
+        """Fetch ``[offset, offset+length)`` of an open blob into its cache file, a step
+        at a time, through the sink of a kernel object that has it open (its anonymous
+        fd, borrowed per write: a CLOSE meanwhile ends the prefetch with EBADF, never a
+        write elsewhere). Chunks present already cost nothing; chunks another worker
+        is fetching are waited for. One progress line per step."""
+        engine, sink_for = self.state.engine, self.state.sink_for
+        if engine is None or sink_for is None:
+            raise ControlError(ErrorCode.UNAVAILABLE, "prefetch is not available in this mode")
+        blob = self._find(name)
+        if offset >= blob.size:
+            raise ControlError(ErrorCode.BAD_ARGS, f"offset {offset} is past the end ({blob.size})")
+        end = blob.size if length == 0 else min(blob.size, offset + length)
+        step = max(PREFETCH_STEP, blob.chunk_size)
+        timeout = self.state.config().fetch_timeout
+        fetched_before = engine.filler.stats.bytes_fetched
+        began = time.monotonic()
+        pos = offset
+        while pos < end:
+            sink = sink_for(blob)
+            if sink is None:
+                raise ControlError(ErrorCode.FAILED, f"{name}: no kernel object has it open now")
+            n = min(step, end - pos)
+            try:
+                engine.ensure(blob, pos, n, sink, Deadline.after(timeout))
+            except (SourceError, OSError) as exc:
+                raise ControlError(
+                    ErrorCode.FAILED, f"{name}: prefetch stopped at {pos}: {exc}"
+                ) from None
+            pos += n
+            progress({"done": pos - offset, "total": end - offset})
+        log.info("control.prefetched", blob=name, offset=offset, length=end - offset)
+        return {
+            "blob": name,
+            "offset": offset,
+            "length": end - offset,
+            "seconds": round(time.monotonic() - began, 3),
+            "fetched_bytes_daemon_wide": engine.filler.stats.bytes_fetched - fetched_before,
+            **{k: v for k, v in self._describe(blob).items() if k.startswith("present")},
+        }
+
+
+def _parse_key(name: str) -> BlobKey:
+    """The key ``blobs`` prints as ``<volume key>/<cookie key>`` (split at the first
+    ``/``: EROFS volume keys hold none)."""
+    volume, sep, cookie = name.partition("/")
+    if not sep or not volume or not cookie:
+        raise ControlError(ErrorCode.BAD_ARGS, f"{name!r} is not <volume key>/<cookie key>")
+    return BlobKey(volume.encode(), cookie.encode())
+
+
+def _lease_key(key: BlobKey) -> BlobKey:
+    return key
+
+
+def _cache_file(cache_dir: Path, key: BlobKey) -> Path | None:
+    """Where cachefiles keeps ``key``'s file (None for keys it cannot store)."""
+    try:
+        return key.cache_path(cache_dir)
+    except ValueError:
+        return None
+
+
+class ControlService:
+    """The control socket's server and the metrics, as one thing to close."""
+
+    def __init__(self, server: ControlServer | None, metrics: Metrics | None) -> None:
+        self.server = server
+        self.metrics = metrics
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def start_control(state: ServingState, config: Config) -> ControlService:
+    """The metrics registry, the control socket's server (unless ``control_socket
+    none``) and the loopback metrics port (if ``metrics_listen``), all started."""
+    server_ref: list[ControlServer] = []
+
+    def labelled() -> dict[str, tuple[str, str, Mapping[str, float]]]:
+        answered = dict(server_ref[0].answered) if server_ref else {}
+        return {"control_requests_total": ("outcome", "control requests by outcome", answered)}
+
+    def gauges() -> dict[str, tuple[float, str]]:
+        snap = SpaceSnapshot.of(str(state.cache_dir))
+        cfg = state.config()
+        out = {
+            "cache_fs_bytes": (float(snap.blocks * snap.block_size), "cache filesystem size"),
+            "cache_fs_free_bytes": (
+                float(snap.blocks_free * snap.block_size),
+                "cache filesystem bytes free (for unprivileged users)",
+            ),
+            "cache_fs_free_files": (float(snap.files_free), "cache filesystem inodes free"),
+            "kernel_objects": (float(state.objects()), "kernel cache objects open"),
+            "uptime_seconds": (time.monotonic() - state.started, "seconds since serving began"),
+        }
+        if cfg.cache_max_bytes is not None:
+            out["cache_max_bytes"] = (float(cfg.cache_max_bytes), "configured cache_max_bytes")
+        if cfg.cache_max_objects is not None:
+            out["cache_max_objects"] = (float(cfg.cache_max_objects), "cache_max_objects")
+        if state.engine is not None:
+            blobs = state.engine.blobs()
+            out["open_blobs"] = (float(len(blobs)), "blobs the kernel has open")
+            out["fetches_in_flight"] = (
+                float(sum(len(b.inflight) for b in blobs)),
+                "chunks being fetched now",
+            )
+        return out
+
+    figures = Figures(
+        counters=state.collect, histograms=state.histograms, gauges=gauges, labelled=labelled
+    )
+    metrics = Metrics(figures)
+    server = None
+    if config.control_socket:
+        handlers = ControlHandlers(state, metrics).table()
+        server = ControlServer(
+            config.control_socket, handlers, read_gid=group_id(config.control_group)
+        ).start()
+        server_ref.append(server)
+    if config.metrics_listen:
+        metrics.serve_http(config.metrics_listen)
+        log.info("metrics.listening", address=config.metrics_listen)
+    return ControlService(server, metrics)
+
+
+def pass_report(result: Any) -> dict[str, Any]:
+    """A cull pass's result (``space/culler.py`` PassResult) as a reply."""
+    return {
+        "needed": result.needed,
+        "need_bytes": getattr(result, "need_bytes", None),
+        "need_objects": getattr(result, "need_objects", None),
+        "scanned": result.scanned,
+        **result.tally.as_fields(),
+        "decisions": [
+            {"blob": d.blob, "outcome": d.outcome, "bytes": d.bytes, "reason": d.reason}
+            for d in getattr(result, "decisions", [])
+        ],
+    }
+
+
+def serve_control(
+    daemon: Any, mode: str, collect: Callable[[], dict[str, object]], engine: Any, driver: Any
+) -> ControlService:
+    """Start the control socket and metrics for the serving ``daemon``
+    (``daemon/app.py``'s ``Daemon``); a failure is logged and serving goes on without
+    them (the cache matters more than its dashboard)."""
+    histograms: dict[str, tuple[Any, str]] = {}
+    if driver is not None and hasattr(driver, "read_times"):
+        histograms["read_service"] = (driver.read_times, "READ service time")
+    if engine is not None:
+        histograms |= {
+            "fetch": (engine.filler.fetch_times, "source fetch time per run"),
+            "write": (engine.filler.write_times, "cache write time per run"),
+            "checkpoint": (engine.checkpoint_times, "presence checkpoint time"),
+        }
+
+    def reload() -> dict[str, Any]:
+        from cachefilesd_py.errors import ConfigError
+
+        try:
+            report: dict[str, Any] = daemon.reload_report()
+        except ConfigError as exc:
+            raise ControlError(ErrorCode.FAILED, f"configuration rejected: {exc}") from None
+        return report
+
+    def sink_for(blob: Blob) -> Sink | None:
+        for obj in driver.objects():
+            if obj.blob is blob:
+                sink: Sink = obj.sink
+                return sink
+        return None
+
+    culler: Any = getattr(driver, "culler", None) if driver is not None else None
+
+    def cull_plan() -> dict[str, Any]:
+        return pass_report(culler.cull_pass(dry_run=True))
+
+    def cull_now() -> dict[str, Any]:
+        return pass_report(culler.cull_pass())
+
+    state = ServingState(
+        mode=mode,
+        cull_plan=cull_plan if culler is not None else None,
+        cull_now=cull_now if culler is not None else None,
+        cache_dir=daemon.cache_dir,
+        config=lambda: daemon.config,
+        collect=collect,
+        engine=engine,
+        objects=(lambda: len(driver.objects())) if driver is not None else (lambda: 0),
+        reload=reload,
+        sink_for=sink_for if driver is not None else None,
+        histograms=histograms,
+    )
+    try:
+        return start_control(state, daemon.config)
+    except (OSError, ControlError) as exc:
+        log.error("control.unavailable", error=str(exc), path=daemon.config.control_socket)
+        return ControlService(None, None)

@@ -1,0 +1,110 @@
+"""The daemon in fanotify mode (``fanotify`` in the config): no ``/dev/cachefiles``.
+
+The same engine, sources, presence sidecars and settings as on-demand mode
+(``app.py`` builds them the same way); the frontend is ``frontends/fanotify``: it makes
+the cache files, marks and mounts them, and answers the kernel's pre-content events.
+Start-up: raise RLIMIT_NOFILE (every event in flight holds an fd) → presence store →
+engine → frontend (group, images, mounts) → READY=1. An image that cannot be served is
+logged; if none can, the daemon exits with an error.
+
+SIGTERM: every mount is unmounted first, and the group stays open and served while a
+mount is busy (``frontends/fanotify/service.py``): the daemon never leaves a mount it
+can no longer serve. Culling is not done in this mode yet (README, "fanotify mode").
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from cachefilesd_py.config.model import Config
+from cachefilesd_py.daemon import host, systemd
+from cachefilesd_py.daemon.stats import StatsReporter
+from cachefilesd_py.engine.service import Engine, EngineSettings
+from cachefilesd_py.frontends.fanotify.service import FanotifyFrontend
+from cachefilesd_py.presence.store import PresenceStore
+from cachefilesd_py.sources.open import SourceFactory, SourceSettings
+from cachefilesd_py.sources.resolve import SourceResolver
+
+log = structlog.get_logger("daemon")
+
+
+def run_fanotify(
+    config: Config,
+    cache_dir: Path,
+    state_dir: Path,
+    stop: threading.Event,
+    *,
+    engine_settings: EngineSettings,
+    source_settings: SourceSettings,
+    nofile: int,
+    on_engine: Callable[[Engine], None] = lambda _e: None,
+    on_reporter: Callable[[StatsReporter], None] = lambda _r: None,
+) -> int:
+    presence = PresenceStore(state_dir / "presence")
+    factory = SourceFactory(source_settings)
+    engine = Engine(
+        resolve=SourceResolver(config.sources).resolve,
+        open_source=factory.open,
+        presence=presence,
+        settings=engine_settings,
+    )
+    on_engine(engine)
+    if not config.nocull and (
+        config.cache_max_bytes or config.cache_max_objects or config.volume_max_bytes
+    ):
+        log.warning(
+            "fanotify.no_culling", note="cache limits are not enforced in fanotify mode yet"
+        )
+    frontend = FanotifyFrontend(
+        engine,
+        cache_dir,
+        config.fanotify_images,
+        workers=config.fetch_concurrency,
+        fetch_timeout=config.fetch_timeout,
+    )
+    engine.start()
+    try:
+        failed = frontend.start()
+        if len(failed) == len(config.fanotify_images):
+            log.error("fanotify.no_image_served")
+            return 1
+        systemd.ready()
+        log.info("cache.device", **host.cache_device(str(cache_dir)))
+        log.info(
+            "ready",
+            mode="fanotify",
+            cache_dir=str(cache_dir),
+            nofile=nofile,
+            images=len(frontend.images),
+            failed=len(failed),
+            chunk_size=config.chunk_size,
+        )
+
+        def collect() -> dict[str, object]:
+            driver = frontend.driver
+            return {
+                **(driver.stats_fields() if driver is not None else {}),
+                **vars(engine.filler.stats),
+                **engine.filler.fetch_times.summary_ms("fetch"),
+                **engine.filler.write_times.summary_ms("write"),
+                **engine.checkpoint_times.summary_ms("checkpoint"),
+                **host.footprint(),
+            }
+
+        reporter = StatsReporter(collect).start()
+        on_reporter(reporter)
+        try:
+            stop.wait()
+            systemd.stopping()
+        finally:
+            reporter.close()
+            log.info("stats", final=True, **collect())
+    finally:
+        frontend.stop()
+        engine.close()
+        factory.close()
+    return 0

@@ -1,0 +1,146 @@
+"""The daemon's figures in the Prometheus text format (``prometheus_client``).
+
+Nothing here runs on the READ path. The daemon already counts what it does (driver
+and fill counters, log-scale latency histograms, cull totals) for its ``stats`` line;
+:class:`DaemonCollector` reads those at scrape time and turns them into metric
+families, so a scrape costs the scraper's thread a few microseconds per metric and a
+READ nothing at all (no second set of counters to keep in step).
+
+The same text is served on the control socket (``metrics`` operation, read-only) and,
+when ``metrics_listen`` names a loopback address, over HTTP by ``prometheus_client``'s
+own server thread.
+
+Names follow Prometheus conventions: ``cachefilesd_`` prefix, ``_total`` for
+counters, base units (seconds, bytes). Latency histograms keep one bucket per power
+of two of the daemon's own log-scale histograms (``engine/latency.py``: four per
+octave), 1 µs to ~17 min.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from cachefilesd_py.config.parse import parse_listen
+from cachefilesd_py.engine.latency import BOUNDS, LatencyHistogram
+
+PREFIX = "cachefilesd_"
+#: every 4th bound of engine/latency.py: one bucket per power of two
+_EVERY = 4
+
+
+@dataclass(frozen=True)
+class CounterSpec:
+    """A counter read from a stats dict: ``key`` there, ``name``/``help`` here."""
+
+    key: str
+    name: str
+    help: str
+
+
+#: counters the frontends and the engine keep (``DriverStats``, ``FillStats``)
+COUNTERS = (
+    CounterSpec("reads", "reads", "READ requests served (completed)"),
+    CounterSpec("reads_failed", "reads_failed", "READ requests answered with an error"),
+    CounterSpec("opens", "opens", "OPEN requests answered"),
+    CounterSpec("opens_refused", "opens_refused", "OPEN requests refused"),
+    CounterSpec("closes", "closes", "CLOSE requests"),
+    CounterSpec("malformed", "malformed_messages", "malformed kernel messages dropped"),
+    CounterSpec("bytes_fetched", "fetched_bytes", "bytes fetched from sources"),
+    CounterSpec("chunks_fetched", "fetched_chunks", "chunks fetched from sources"),
+    CounterSpec("runs", "fetch_runs", "source requests (runs of chunks)"),
+    CounterSpec("failures", "fetch_failures", "fills that failed (source or write error)"),
+    CounterSpec("waits", "fetch_waits", "fills that waited for another worker's chunk"),
+    CounterSpec("culled", "culled_blobs", "blobs culled"),
+    CounterSpec("trimmed", "trimmed_blobs", "blobs trimmed (tail chunks given back)"),
+    CounterSpec("cull_freed", "cull_freed_bytes", "bytes freed by culls and trims"),
+)
+
+
+@dataclass
+class Figures:
+    """Where the collector reads the daemon's figures; each callable is cheap."""
+
+    counters: Callable[[], Mapping[str, Any]]
+    histograms: Mapping[str, tuple[LatencyHistogram, str]] = field(default_factory=dict)
+    gauges: Callable[[], Mapping[str, tuple[float, str]]] = dict
+    labelled: Callable[[], Mapping[str, tuple[str, str, Mapping[str, float]]]] = dict
+
+
+def _histogram(name: str, help_text: str, hist: LatencyHistogram) -> HistogramMetricFamily:
+    counts, total, total_sum = hist.snapshot()
+    buckets: list[tuple[str, float]] = []
+    seen = 0
+    for i, n in enumerate(counts[: len(BOUNDS)]):
+        seen += n
+        if (i + 1) % _EVERY == 0:
+            buckets.append((repr(BOUNDS[i]), seen))
+    buckets.append(("+Inf", total))
+    return HistogramMetricFamily(
+        PREFIX + name + "_seconds", help_text, buckets=buckets, sum_value=total_sum
+    )
+
+
+class DaemonCollector:
+    """A ``prometheus_client`` collector over the daemon's own figures."""
+
+    def __init__(self, figures: Figures) -> None:
+        self.figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.figures.counters()
+        for spec in COUNTERS:
+            value = stats.get(spec.key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                yield CounterMetricFamily(PREFIX + spec.name, spec.help, value=value)
+        for name, (value, help_text) in self.figures.gauges().items():
+            yield GaugeMetricFamily(PREFIX + name, help_text, value=value)
+        for name, (label, help_text, values) in self.figures.labelled().items():
+            family = (
+                CounterMetricFamily(PREFIX + name, help_text, labels=[label])
+                if name.endswith("_total")
+                else GaugeMetricFamily(PREFIX + name, help_text, labels=[label])
+            )
+            for key, value in sorted(values.items()):
+                family.add_metric([key], value)
+            yield family
+        for name, (hist, help_text) in self.figures.histograms.items():
+            yield _histogram(name, help_text, hist)
+
+
+class Metrics:
+    """The registry of one daemon, its text, and the optional loopback HTTP server."""
+
+    def __init__(self, figures: Figures) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(DaemonCollector(figures))
+        self._server: Any = None
+        self._lock = threading.Lock()
+
+    def text(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    def serve_http(self, listen: str) -> None:
+        """Serve ``/metrics`` on ``host:port`` (a loopback address only)."""
+        from prometheus_client import start_http_server
+
+        host, port = parse_listen(listen)
+        started = start_http_server(port, addr=host, registry=self.registry)
+        # prometheus_client >= 0.17 returns (server, thread)
+        self._server = started[0] if isinstance(started, tuple) else started
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,189 @@
+"""The fanotify frontend as the daemon runs it: group, images, driver, in the right order.
+
+Start (:meth:`FanotifyFrontend.start`):
+
+1. one pre-content group (``FAN_UNLIMITED_QUEUE``), the driver's reader thread on it,
+   and the deny errno the kernel takes (probed once);
+2. per configured image, per blob: lease, engine blob, cache file, sidecar binding,
+   identity registered with the session, **mark** (``images.py``);
+3. per image: any stale mount on its mount point removed, then **mount** (every blob
+   marked first: EROFS opens its files while mounting, and only files opened after the
+   mark raise events). An image that fails is logged and left out (its blobs released),
+   the others are served; :meth:`start` reports which failed.
+
+Stop (:meth:`FanotifyFrontend.stop`) never fails open (trap 1: closing the group
+allows every pending and future read of a hole, zeros through EROFS):
+
+1. every mount is unmounted, plainly (a lazy detach would outlive the group); while a
+   mount is in use (EBUSY) the daemon keeps serving it and tries again every second,
+   logging ``fanotify.unmount_busy`` every ``BUSY_LOG_EVERY`` seconds, for as long as
+   it takes. The group is never closed under a live mount;
+2. the reader stops and every fill in flight gets its answer;
+3. marks are removed, the group closed, each blob released (presence checkpointed and
+   bound to its file) and its use lease given back.
+
+A crash or SIGKILL of the daemon closes the group with the process: reads of holes in
+mounts it served then get zeros. Keeping the group alive across a crash needs the fd
+store of the failover work (docs/failover.md); until then that is the one way this
+frontend fails open, and README says so.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from cachefilesd_py.config.model import FanotifyImage
+from cachefilesd_py.engine.service import Engine
+from cachefilesd_py.errors import CachefilesdError
+from cachefilesd_py.frontends.fanotify import images as img
+from cachefilesd_py.frontends.fanotify.driver import FanotifyDriver
+from cachefilesd_py.kernel import fanotify
+from cachefilesd_py.kernel.fd import OwnedFd
+from cachefilesd_py.sources.policy import Deadline
+
+log = structlog.get_logger("fanotify")
+
+#: how often a busy mount is logged while the daemon waits to unmount it
+BUSY_LOG_EVERY = 10.0
+
+
+class FanotifyFrontend:
+    def __init__(
+        self,
+        engine: Engine,
+        cache_dir: Path,
+        specs: tuple[FanotifyImage, ...],
+        *,
+        workers: int = 8,
+        fetch_timeout: float = 30.0,
+        silence_complete: bool = True,
+    ) -> None:
+        self.silence_complete = silence_complete
+        self.engine = engine
+        self.cache_dir = cache_dir
+        self.specs = specs
+        self.workers = workers
+        self.fetch_timeout = fetch_timeout
+        self.group: OwnedFd | None = None
+        self.driver: FanotifyDriver | None = None
+        self.images: list[img.ServedImage] = []
+
+    def start(self) -> list[tuple[FanotifyImage, str]]:
+        """Make the group, serve it, prepare and mount every image; returns the images
+        that could not be served, with why."""
+        self.group = fanotify.pre_content_group()
+        self.driver = FanotifyDriver(
+            self.group,
+            self.engine,
+            workers=self.workers,
+            fetch_timeout=self.fetch_timeout,
+            silence_complete=self.silence_complete,
+        )
+        self.driver.start()
+        log.info("fanotify.group", deny_errno=self.driver.deny_errno)
+        failed: list[tuple[FanotifyImage, str]] = []
+        for spec in self.specs:
+            try:
+                self.images.append(self._serve_image(spec))
+            except (CachefilesdError, OSError, ValueError) as exc:
+                log.error(
+                    "fanotify.image_failed",
+                    image=f"{spec.volume}/{spec.name}",
+                    mountpoint=spec.mountpoint,
+                    error=str(exc),
+                    config=f"{spec.file}:{spec.line}",
+                )
+                failed.append((spec, str(exc)))
+        return failed
+
+    def _serve_image(self, spec: FanotifyImage) -> img.ServedImage:
+        assert self.group is not None and self.driver is not None
+        image = img.ServedImage(spec)
+        try:
+            img.clear_stale_mount(image.mountpoint)
+            for key in img.blob_keys(spec):
+                served = img.prepare_blob(
+                    self.engine,
+                    self.cache_dir,
+                    key,
+                    Deadline.after(self.fetch_timeout),
+                )
+                image.blobs.append(served)
+                self.driver.session.add_image(served.identity, served, served.size)
+                img.mark(self.group.fileno(), served)
+                self.driver.maybe_silence(served)
+            img.mount_image(image)
+        except BaseException:
+            self._release_image(image)
+            raise
+        presence = [b.blob.presence for b in image.blobs]
+        log.info(
+            "fanotify.mounted",
+            image=f"{spec.volume}/{spec.name}",
+            mountpoint=spec.mountpoint,
+            blobs=len(image.blobs),
+            size=image.blobs[0].size,
+            present=[p.bitmap.count() if p is not None else 0 for p in presence],
+        )
+        return image
+
+    def _release_image(self, image: img.ServedImage) -> None:
+        """Give back everything of an image that is not mounted."""
+        assert self.group is not None and self.driver is not None
+        assert not image.mounted
+        for served in image.blobs:
+            img.unmark(self.group.fileno(), served)
+            session = self.driver.session
+            if served.identity in {b.identity for b in session.images()}:
+                session.close_image(served.identity)
+                while True:
+                    try:
+                        session.forget_image(served.identity)
+                        break
+                    except RuntimeError:  # a fill still runs: it gets its answer first
+                        time.sleep(0.05)
+            path = served.path
+            try:
+                self.engine.release(served.blob, committed=lambda p=path: p)  # type: ignore[misc]
+            finally:
+                self.engine.leases.release_use(served.key)
+        image.blobs.clear()
+
+    def stop(self, abort: threading.Event | None = None) -> bool:
+        """Unmount everything (waiting out busy mounts while serving them), then close
+        the group. Returns False, with the group still open and served, only if
+        ``abort`` was set while a mount was still busy."""
+        if self.driver is None or self.group is None:
+            return True
+        waited_since = time.monotonic()
+        last_log = 0.0
+        while True:
+            busy = [i for i in self.images if not img.unmount_image(i)]
+            if not busy:
+                break
+            now = time.monotonic()
+            if now - last_log >= BUSY_LOG_EVERY:
+                last_log = now
+                log.warning(
+                    "fanotify.unmount_busy",
+                    mountpoints=[str(i.mountpoint) for i in busy],
+                    waited=round(now - waited_since),
+                    note="still serving: the group stays open while a mount lives",
+                )
+            if abort is not None and abort.wait(1.0):
+                return False
+            if abort is None:
+                time.sleep(1.0)
+        for image in self.images:
+            log.info("fanotify.unmounted", mountpoint=str(image.mountpoint))
+        self.driver.stop()
+        for image in self.images:
+            self._release_image(image)
+        self.images.clear()
+        self.group.close()
+        self.group = None
+        return True
