@@ -33,8 +33,8 @@ def test_verify_takes_the_configuration_spelling(
         f"dir {cache}\nondemand\nsource img/* file://{blobs}/{{cookie}}\n"
         f"chunk_size {CHUNK // 1024}K\n"
     )
-    assert main(["verify", "-f", str(conf), "img", "img"]) == 0
+    assert main(["verify", "--offline", "-f", str(conf), "img", "img"]) == 0
     out = capsys.readouterr().out
     assert "trusted=True" in out and "errors=0" in out
-    assert main(["verify", "-f", str(conf), "erofs,img", "img"]) == 2
+    assert main(["verify", "--offline", "-f", str(conf), "erofs,img", "img"]) == 2
     assert "spell the volume as the configuration does: 'img'" in capsys.readouterr().err
