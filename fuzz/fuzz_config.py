@@ -2,15 +2,15 @@
 
 The bytes are decoded as ``config/load.py`` decodes a file (UTF-8, or a ``ConfigError``
 naming the line). An accepted configuration must also yield the kernel commands and the
-``--check-config`` description without error, each command a single line the kernel
+``--check-config`` report without error, each command a single line the kernel
 takes whole (no newline or NUL, at most 4095 bytes).
 """
 
 from __future__ import annotations
 
+from cachefilesd_py.config.check import report
 from cachefilesd_py.config.model import Config
-from cachefilesd_py.config.parse import HANDLERS, parse_config
-from cachefilesd_py.daemon.cli import describe
+from cachefilesd_py.config.parse import DIRECTIVES, parse_config
 from cachefilesd_py.errors import ConfigError
 from cachefilesd_py.frontends.bind import kernel_commands
 
@@ -19,7 +19,7 @@ MAX_LEN = 8192
 #: where Unicode-aware text handling differs from ASCII (case folds such as KELVIN
 #: SIGN and LONG S, non-ASCII digits, other line breaks and whitespace)
 TOKENS = (
-    *(name.encode() + b" " for name in HANDLERS),
+    *(name.encode() + b" " for name in DIRECTIVES),
     b"bind",
     b"%",
     b"K",
@@ -55,4 +55,4 @@ def TestOneInput(data: bytes) -> None:
     assert isinstance(cfg, Config)
     for cmd in kernel_commands(cfg):
         assert b"\n" not in cmd and b"\0" not in cmd and len(cmd) <= 4095, cmd
-    describe(cfg)
+    report(cfg, "fuzz.conf", [])  # the --check-config text, without the host probes

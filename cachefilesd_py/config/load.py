@@ -1,10 +1,18 @@
-"""Read a configuration file and run the checks that need the filesystem."""
+"""Read a configuration file and run the checks that need the filesystem.
+
+:func:`read_config` reads and parses the file and loads what it refers to (credentials
+files, the CA file): everything ``--check-config`` reports on. :func:`load_config`
+also confirms the cache directory, as cachefilesd does while it reads the file (it
+``stat``\\ s the ``dir`` value and stops with "Can't confirm cache location", exit
+status 1, if that fails).
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import os
 import stat
+import string
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,14 +20,25 @@ from cachefilesd_py.config.model import Config
 from cachefilesd_py.config.parse import parse_config
 from cachefilesd_py.errors import ConfigError
 
+#: an HTTP field name: RFC 9110 ``token`` characters
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~" + string.digits + string.ascii_letters)
 
-def load_config(path: str) -> Config:
+
+def os_config_error(rule: str, file: str, line: int | None = None) -> ConfigError:
+    """A configuration problem that is an OS-level failure (exit status 1, as
+    cachefilesd's ``oserror``): an unreadable file, a missing cache directory."""
+    err = ConfigError(rule, file, line)
+    err.exit_code = 1
+    return err
+
+
+def read_config(path: str) -> Config:
+    """Read, decode and parse ``path``; check the files it names (``source_headers``
+    files: root's, mode 0600, every line a header; ``ca_file``: exists)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        err = ConfigError(f"cannot read the configuration: {exc.strerror}", path)
-        err.exit_code = 1
-        raise err from exc
+        raise os_config_error(f"cannot read the configuration: {exc.strerror}", path) from exc
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -28,9 +47,36 @@ def load_config(path: str) -> Config:
     cfg = parse_config(text, path)
     for rule in cfg.source_headers:
         check_secret_file(rule.path, rule.file, rule.line)
+        load_headers(rule.path)
     if cfg.ca_file is not None and not Path(cfg.ca_file).is_file():
         raise ConfigError(f"ca_file {cfg.ca_file}: no such file", path)
     return cfg
+
+
+def load_config(path: str) -> Config:
+    """:func:`read_config`, then confirm the cache directory as cachefilesd does."""
+    cfg = read_config(path)
+    confirm_cache_dir(cfg, path)
+    return cfg
+
+
+def confirm_cache_dir(cfg: Config, path: str) -> None:
+    """The ``dir`` value must name a directory (ConfigError with exit status 1)."""
+    assert cfg.dir is not None
+    line = cfg.dir_line or None
+    blank = (
+        " (the value ends in a blank, kept as cachefilesd keeps it)"
+        if (cfg.dir != cfg.dir.rstrip())
+        else ""
+    )
+    try:
+        st = os.stat(cfg.dir)
+    except OSError as exc:
+        raise os_config_error(
+            f"dir {cfg.dir!r}: Can't confirm cache location: {exc.strerror}{blank}", path, line
+        ) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise os_config_error(f"dir {cfg.dir!r}: not a directory{blank}", path, line)
 
 
 def check_secret_file(path: str, conf: str, line: int) -> None:
@@ -46,15 +92,37 @@ def check_secret_file(path: str, conf: str, line: int) -> None:
 
 
 def load_headers(path: str) -> dict[str, str]:
-    """``Name: value`` lines; blank lines and ``#`` comments ignored."""
+    """``Name: value`` lines; blank lines and ``#`` comments ignored.
+
+    Values go on the wire as ISO-8859-1 (what ``http.client`` encodes them with), so
+    a value outside Latin-1, or with a control character, is refused here, with its
+    line, instead of failing every request later."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("not valid UTF-8", path) from exc
     headers: dict[str, str] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         name, sep, value = line.partition(":")
-        if not sep or not name.strip() or any(c in name for c in " \t"):
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not set(name) <= _TOKEN_CHARS:
             raise ConfigError("not a 'Name: value' header line", path, number)
-        headers[name.strip()] = value.strip()
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"header {name}: the value holds characters outside ISO-8859-1 (Latin-1), "
+                "which HTTP cannot carry; percent- or base64-encode it",
+                path,
+                number,
+            ) from None
+        if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value):
+            raise ConfigError(f"header {name}: the value holds a control character", path, number)
+        headers[name] = value
     return headers
 
 

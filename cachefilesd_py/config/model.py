@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-KERNEL_DEFAULT_PERCENT = {"run": 7, "cull": 5, "stop": 1}
+from cachefilesd_py.kernel.commands import KERNEL_DEFAULTS
+
+#: the kernel's thresholds at every fresh open of the device (``kernel/commands.py``)
+KERNEL_DEFAULT_PERCENT = KERNEL_DEFAULTS
 THRESHOLDS = ("brun", "bcull", "bstop", "frun", "fcull", "fstop")
 
 
@@ -14,8 +17,8 @@ class SourceRule:
 
     pattern: str
     url_template: str
-    file: str = ""
-    line: int = 0
+    file: str = field(default="", compare=False)
+    line: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,8 @@ class SizeRule:
 
     pattern: str
     size: int
-    file: str = ""
-    line: int = 0
+    file: str = field(default="", compare=False)
+    line: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,8 @@ class HeaderRule:
 
     pattern: str
     path: str
-    file: str = ""
-    line: int = 0
+    file: str = field(default="", compare=False)
+    line: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ class FanotifyImage:
 class Config:
     # cachefilesd's own directives
     dir: str | None = None
+    #: the line of the ``dir`` directive (0: not from a file), for errors about it
+    dir_line: int = field(default=0, compare=False)
     tag: str | None = None
     secctx: str | None = None
     debug: int | None = None

@@ -1,32 +1,57 @@
 """Parse ``cachefilesd.conf`` text into a :class:`Config` (pure: no I/O).
 
-cachefilesd C hands most lines to the kernel as they stand and lets it decide, which
-means an error shows up as a bare ``EINVAL`` with the details in dmesg. Here every rule
-is checked *before* anything reaches the kernel, and every error reads
-``file:line: rule``:
+A drop-in for cachefilesd: a line that cachefilesd 0.10.10 and the kernel accept gives
+the same settings here, and a line they refuse is refused here, with the rule spelled
+out as ``file:line: rule`` before anything reaches the kernel (cachefilesd only relays
+the kernel's bare ``EINVAL``). ``docs/config-compat.md`` explains how the two read a
+line, row by row against the table in ``tests/unit/c_config_table.py``; in short:
 
-- one directive per line, starting in column 1; ``#`` comments and blank lines are
-  ignored; a missing final newline is accepted (cachefilesd refuses it);
-- CRLF line endings, trailing whitespace, NUL bytes and lines of 4095+ bytes are
-  refused with a rule naming the problem (the kernel would keep a ``\\r`` or a trailing
-  space in the value);
-- thresholds are ``N%`` exactly, and ``0 <= stop < cull < run < 100`` must hold for the
-  blocks and the files triple after the whole file is read;
-- a directive the kernel accepts once (``dir``, ``tag``, ``secctx``, thresholds...) may
-  appear once; ``bind`` is refused (the daemon binds itself);
-- sizes take binary suffixes ``K M G T``.
+- a line is a *word* and a *value*: the word ends at the first blank (space, tab, CR,
+  VT or FF: ``isspace()`` in the C locale) and the value is everything after the run
+  of blanks that follows, **kept verbatim to the end of the line**, trailing blanks
+  included (the kernel keeps them in ``dir``, ``tag`` and ``secctx``, and refuses a
+  threshold or ``debug`` value followed by one);
+- blank lines and lines whose first non-blank is ``#`` are skipped; there are no
+  trailing comments (``brun 10% # x`` is refused, ``tag a # b`` names the tag
+  ``a # b``, as with cachefilesd);
+- the directives the kernel reads (``dir tag secctx debug brun bcull bstop frun fcull
+  fstop``) must start in column 1: cachefilesd sends the line as it stands and the
+  kernel refuses a command that starts with a blank. The directives the daemon reads
+  itself may be indented;
+- numbers are ASCII digits only, read the way their reader reads them: the kernel's
+  ``simple_strtoul`` for percentages (base 10) and ``debug`` (base 0: ``0x1f``,
+  ``017``), C's ``strtoul`` for ``culltable`` (a sign is allowed);
+- ``dir``, ``tag`` and ``secctx`` may be given once (the kernel refuses a second one);
+  ``debug``, the thresholds and ``culltable`` may be repeated, the last one wins;
+  ``bind`` is refused (the daemon binds the cache itself);
+- thresholds are checked as a whole once the file is read: ``0 <= stop < cull < run <
+  100`` for blocks and for files, unset values being the kernel's defaults.
+
+Where this parser knowingly differs from cachefilesd (each is tested and listed in
+``cachefilesd-py.conf(5)``): ``nocull`` and ``resume_thresholds`` work (cachefilesd
+0.10.10 hands ``nocull`` to the kernel, which refuses it, and never recognises
+``resume_thresholds``: its ``memcmp`` compares 18 bytes of a 17-letter word); a file
+whose last line has no newline is read (cachefilesd: "Unterminated line"); thresholds
+may come in any order (the daemon sends them in an order the kernel's step-by-step
+checks accept); ``dir`` must be an absolute path; a number too large for 64 bits is
+refused (the kernel would silently wrap it).
+
+This project's own directives (``ondemand``, ``source`` and the rest) are words and
+values too, their arguments separated by runs of blanks; trailing blanks are ignored.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import string
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 from cachefilesd_py.config.model import (
+    KERNEL_DEFAULT_PERCENT,
     THRESHOLDS,
     Config,
     FanotifyImage,
@@ -36,54 +61,96 @@ from cachefilesd_py.config.model import (
 )
 from cachefilesd_py.errors import ConfigError
 
-MAX_LINE = 4095
-#: ASCII digits only: str.isdigit() and \d also take other scripts' digits (١٠)
-PERCENT = re.compile(r"^([0-9]{1,3})%$", re.ASCII)
-SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE | re.ASCII)
-#: a debug mask as the kernel takes it: decimal or 0x hex, ASCII, no sign
-DEBUG_MASK = re.compile(r"^(?:0[xX][0-9a-fA-F]+|[0-9]+)$", re.ASCII)
+#: cachefilesd reads lines with ``getline`` and refuses one of a page or more,
+#: counting its newline: a line holds at most 4094 bytes
+PAGE = 4096
+#: ``isspace()`` in the C locale; the kernel's ``isspace`` agrees on ASCII
+BLANKS = " \t\n\v\f\r"
+_BLANK_RUN = re.compile(f"[{re.escape(BLANKS)}]+")
+#: cachefilesd: ``strlen(path) > PATH_MAX - 10`` → "Cache pathname is too long"
+MAX_DIR_BYTES = 4096 - 10
+U64 = 1 << 64
+SIZE = re.compile(r"([0-9]+)([KMGT]?)(i?B)?", re.IGNORECASE | re.ASCII)
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+DECIMAL = re.compile(r"[0-9]+")
+SECONDS = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 POLICIES = ("s3fifo", "lru", "fifo")
-ONCE = {
-    "dir",
-    "tag",
-    "secctx",
-    "debug",
-    "culltable",
-    "resume_thresholds",
-    "nocull",
-    "ondemand",
-    "fanotify",
-    "chunk_size",
-    "readahead",
-    "fetch_timeout",
-    "fetch_retries",
-    "fetch_concurrency",
-    "ca_file",
-    "cache_max_bytes",
-    "cache_max_objects",
-    "cull_policy",
-    "control_socket",
-    "control_group",
-    "metrics_listen",
-    *THRESHOLDS,
-}
+SCHEMES = ("http", "https", "file")
+
+
+def kernel_defaults_text() -> str:
+    """The kernel's default thresholds, as ``run/cull/stop``: the one spelling of them."""
+    d = KERNEL_DEFAULT_PERCENT
+    return f"{d['run']}/{d['cull']}/{d['stop']}% (run/cull/stop)"
 
 
 def parse_size(text: str) -> int:
-    m = SIZE.match(text)
+    m = SIZE.fullmatch(text)
     if not m:
         raise ValueError(f"{text!r} is not a size (digits with an optional K, M, G or T)")
     return int(m.group(1)) * UNITS[m.group(2).upper()]
 
 
 def _count(text: str, what: str, lo: int, hi: int) -> int:
-    if not (text.isascii() and text.isdigit()):
-        raise ValueError(f"{what} must be a whole number in ASCII digits, not {text!r}")
+    if not DECIMAL.fullmatch(text):
+        raise ValueError(f"{what} must be a whole number (ASCII digits), not {text!r}")
     value = int(text)
     if not lo <= value <= hi:
         raise ValueError(f"{what} must lie in {lo}..{hi}, not {value}")
     return value
+
+
+def split_line(body: str) -> tuple[str, str]:
+    """``word`` up to the first blank, and the value after the blanks that follow it,
+    verbatim (the kernel's ``cachefiles_daemon_write`` split)."""
+    m = _BLANK_RUN.search(body)
+    if m is None:
+        return body, ""
+    return body[: m.start()], body[m.end() :]
+
+
+def tokens(value: str) -> list[str]:
+    """The arguments of one of this project's directives: split on runs of blanks."""
+    return [t for t in _BLANK_RUN.split(value) if t]
+
+
+def kernel_strtoul(text: str, base: int) -> tuple[int, str]:
+    """The kernel's ``simple_strtoul``: the value of the leading digits and what
+    follows them. Base 0 reads ``0x``/``0X`` + a hex digit as hexadecimal, another
+    leading ``0`` as octal, else decimal; no sign, no blanks. A value that does not
+    fit 64 bits raises ValueError (the kernel would wrap it)."""
+    if base == 0:
+        if text[:1] != "0":
+            base = 10
+        elif text[1:2] in ("x", "X") and text[2:3] and text[2:3] in string.hexdigits:
+            base = 16
+        else:
+            base = 8
+    if base == 16 and text[:1] == "0" and text[1:2] in ("x", "X"):
+        text = text[2:]
+    digits = "0123456789abcdef"[:base]
+    end = 0
+    while end < len(text) and text[end].lower() in digits and text[end].isascii():
+        end += 1
+    value = int(text[:end], base) if end else 0
+    if value >= U64:
+        raise ValueError(f"{text[:end]!r} does not fit in 64 bits")
+    return value, text[end:]
+
+
+def _cr_hint(rest: str) -> str:
+    return " (a CR: CRLF line endings?)" if "\r" in rest else ""
+
+
+@dataclass(frozen=True)
+class Directive:
+    """How one directive word is read."""
+
+    handler: Handler
+    #: read by the kernel (cachefilesd relays the line): column 1, value verbatim
+    kernel: bool = False
+    #: may appear once
+    once: bool = False
 
 
 def parse_config(text: str, filename: str = "<config>") -> Config:
@@ -99,32 +166,27 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
 
         if "\0" in raw:
             raise fail("line contains a NUL character")
-        if len(raw.encode()) >= MAX_LINE:
-            raise fail(f"line too long (the kernel takes at most {MAX_LINE - 1} bytes)")
-        if raw.endswith("\r"):
-            raise fail("CRLF line ending: save the file with Unix (LF) line endings")
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
+        if len(raw.encode()) + 1 >= PAGE:
+            raise fail(f"line too long (at most {PAGE - 2} bytes, as cachefilesd reads them)")
+        body = raw.lstrip(BLANKS)
+        if not body or body.startswith("#"):
             continue
-        if raw != raw.rstrip():
-            raise fail("trailing whitespace (the kernel would keep it in the value)")
-        if raw != raw.lstrip():
-            raise fail("leading whitespace: directives start in column 1")
-        word, _, rest = raw.partition(" ")
-        args = rest.split()
-        if rest != " ".join(args):
-            raise fail("arguments separated by more than one space or by tabs")
-        if word in ONCE:
-            if word in seen:
-                raise fail(f"'{word}' given twice (first on line {seen[word]})")
-            seen[word] = number
-        handler = HANDLERS.get(word)
-        if handler is None:
-            if word == "bind":
-                raise fail("'bind' command not permitted (the daemon binds the cache itself)")
+        word, value = split_line(body)
+        if word == "bind":
+            raise fail("'bind' command not permitted (the daemon binds the cache itself)")
+        directive = DIRECTIVES.get(word)
+        if directive is None:
             raise fail(f"unknown directive '{word}'")
+        if directive.kernel and body != raw:
+            raise fail(
+                f"leading whitespace before '{word}': cachefilesd passes the line as it "
+                "stands and the kernel refuses a command that starts with a blank"
+            )
+        if directive.once and word in seen:
+            raise fail(f"'{word}' given twice (first on line {seen[word]})")
+        seen[word] = number
         try:
-            cfg = handler(cfg, args, filename, number)
+            cfg = directive.handler(cfg, value, filename, number)
         except ValueError as exc:
             raise fail(f"{word}: {exc}") from exc
     return _check_whole(cfg, filename, seen)
@@ -139,7 +201,7 @@ def _check_whole(cfg: Config, filename: str, seen: dict[str, int]) -> Config:
             where = max((seen.get(kind + n, 0) for n in ("run", "cull", "stop")), default=0)
             raise ConfigError(
                 f"{kind}stop {stop}% < {kind}cull {cull}% < {kind}run {run}% < 100% does "
-                "not hold (unset values are the kernel's 1/5/7)",
+                f"not hold (unset values are the kernel's {kernel_defaults_text()})",
                 filename,
                 where or None,
             )
@@ -168,43 +230,73 @@ def _check_whole(cfg: Config, filename: str, seen: dict[str, int]) -> Config:
     return cfg
 
 
-Handler = Callable[[Config, list[str], str, int], Config]
+Handler = Callable[[Config, str, str, int], Config]
 
 
-def _one(args: list[str], what: str) -> str:
-    if len(args) != 1:
-        raise ValueError(f"takes exactly one argument ({what})")
-    return args[0]
+# -- cachefilesd's directives ------------------------------------------------------------
 
 
-def _none(args: list[str]) -> None:
-    if args:
-        raise ValueError("takes no argument")
+def _nonempty(value: str, what: str) -> str:
+    if not value:
+        raise ValueError(f"empty {what} (the kernel refuses it)")
+    return value
+
+
+def _dir(cfg: Config, value: str, _f: str, n: int) -> Config:
+    path = _nonempty(value, "cache directory")
+    if not path.startswith("/"):
+        raise ValueError(f"must be an absolute path, not {path!r}")
+    if len(path.encode()) > MAX_DIR_BYTES:
+        raise ValueError(f"cache pathname is too long (at most {MAX_DIR_BYTES} bytes)")
+    return replace(cfg, dir=path, dir_line=n)
 
 
 def _threshold(name: str) -> Handler:
-    def handle(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
-        m = PERCENT.match(_one(args, "N%"))
-        if not m:
-            raise ValueError(f"must be a whole percentage like 10%, not {args[0]!r}")
-        value = int(m.group(1))
-        if value >= 100:
-            raise ValueError(f"{value}% is not below 100%")
-        return replace(cfg, thresholds={**cfg.thresholds, name: value})
+    def handle(cfg: Config, value: str, _f: str, _n: int) -> Config:
+        number, rest = kernel_strtoul(_nonempty(value, "percentage"), 10)
+        if rest != "%":
+            raise ValueError(
+                f"must be a whole percentage like 10%, with nothing after the %, not "
+                f"{value!r}{_cr_hint(rest)}"
+            )
+        if number >= 100:
+            raise ValueError(f"{number}% is not below 100%")
+        return replace(cfg, thresholds={**cfg.thresholds, name: number})
 
     return handle
 
 
-def _dir(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
-    path = _one(args, "the cache directory")
-    if not path.startswith("/"):
-        raise ValueError(f"must be an absolute path, not {path!r}")
-    if len(path) > 4096 - 10:
-        raise ValueError("cache pathname is too long")
-    return replace(cfg, dir=path)
+def _debug(cfg: Config, value: str, _f: str, _n: int) -> Config:
+    mask, rest = kernel_strtoul(value, 0)
+    if rest:
+        raise ValueError(
+            f"debug command requires a mask (a number such as 0, 7 or 0x7), not "
+            f"{value!r}{_cr_hint(rest)}"
+        )
+    # the kernel keeps the mask in an unsigned int
+    return replace(cfg, debug=mask & 0xFFFFFFFF)
 
 
-def _resume(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
+def _culltable(cfg: Config, value: str, _f: str, _n: int) -> Config:
+    m = re.fullmatch(r"([+-]?)([0-9]*)", value)
+    if m is None or (m.group(1) and not m.group(2)):
+        raise ValueError(f"invalid cull table size number {value!r}{_cr_hint(value)}")
+    log2 = int(m.group(2) or "0")
+    if m.group(1) == "-" and log2:
+        log2 = U64 - log2  # strtoul negates: far out of range
+    if not 12 <= log2 <= 20:
+        raise ValueError(f"log2 of cull table size must be 12 <= N <= 20, not {value!r}")
+    return replace(cfg, culltable=log2)
+
+
+def _nocull(cfg: Config, value: str, _f: str, _n: int) -> Config:
+    if tokens(value):
+        raise ValueError("takes no argument")
+    return replace(cfg, nocull=True)
+
+
+def _resume(cfg: Config, value: str, _f: str, _n: int) -> Config:
+    args = tokens(value)
     if len(args) != 2:
         raise ValueError("takes two arguments: <blocks> <files> (either may be '-')")
     values: list[int | None] = []
@@ -212,22 +304,65 @@ def _resume(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
         if text == "-":
             values.append(None)
             continue
-        if not (text.isascii() and text.isdigit()) or int(text) == 0:
+        if not DECIMAL.fullmatch(text) or int(text) == 0 or int(text) >= U64:
             raise ValueError(f"invalid resume threshold ({what}): {text!r}")
         values.append(int(text))
     return replace(cfg, resume_blocks=values[0], resume_files=values[1])
 
 
-def _source(cfg: Config, args: list[str], f: str, n: int) -> Config:
-    if len(args) != 2:
-        raise ValueError("takes two arguments: <pattern> <url-template>")
-    pattern, template = args
-    scheme = urlsplit(template).scheme
-    if scheme not in ("http", "https", "file"):
-        raise ValueError(f"URL scheme must be http, https or file, not {scheme!r}")
+def _verbatim(field_name: str, what: str) -> Handler:
+    def handle(cfg: Config, value: str, _f: str, _n: int) -> Config:
+        changes: dict[str, Any] = {field_name: _nonempty(value, what)}
+        return replace(cfg, **changes)
+
+    return handle
+
+
+# -- this project's directives ------------------------------------------------------------
+
+
+def _one(value: str, what: str) -> str:
+    args = tokens(value)
+    if len(args) != 1:
+        raise ValueError(f"takes exactly one argument ({what})")
+    return args[0]
+
+
+def check_url_template(template: str) -> None:
+    """A ``source`` URL template must name one resource whatever the keys are: a known
+    scheme, a host for http(s), an absolute path for file, and ``{volume}``/``{cookie}``
+    only in the path. ValueError says what is wrong."""
     leftover = re.sub(r"\{(volume|cookie)\}", "", template)
     if "{" in leftover or "}" in leftover:
         raise ValueError("unknown placeholder: only {volume} and {cookie} exist")
+    sample = template.replace("{volume}", "v").replace("{cookie}", "c")
+    try:
+        url = urlsplit(sample)
+        port = url.port
+    except ValueError as exc:
+        raise ValueError(f"{template!r} is not a URL: {exc}") from None
+    if url.scheme not in SCHEMES:
+        raise ValueError(f"URL scheme must be http, https or file, not {url.scheme!r}")
+    fixed = urlsplit(template.split("{", 1)[0])
+    if "{" in template and (fixed.path == "" or fixed.scheme != url.scheme):
+        raise ValueError("{volume} and {cookie} may appear only in the URL's path")
+    if url.scheme == "file":
+        if url.netloc not in ("", "localhost"):
+            raise ValueError(f"a file URL names no host, not {url.netloc!r}")
+        if not url.path.startswith("/"):
+            raise ValueError("a file URL needs an absolute path")
+    elif not url.hostname:
+        raise ValueError(f"{template!r} names no host")
+    elif port == 0:
+        raise ValueError("port 0 is not a port")
+
+
+def _source(cfg: Config, value: str, f: str, n: int) -> Config:
+    args = tokens(value)
+    if len(args) != 2:
+        raise ValueError("takes two arguments: <pattern> <url-template>")
+    pattern, template = args
+    check_url_template(template)
     return replace(cfg, sources=(*cfg.sources, SourceRule(pattern, template, f, n)))
 
 
@@ -283,7 +418,8 @@ def _chunk(size_text: str) -> int:
 
 
 def _pattern_size(field_name: str, chunk: bool) -> Handler:
-    def handle(cfg: Config, args: list[str], f: str, n: int) -> Config:
+    def handle(cfg: Config, value: str, f: str, n: int) -> Config:
+        args = tokens(value)
         if len(args) != 2:
             raise ValueError("takes two arguments: <pattern> <size>")
         size = _chunk(args[1]) if chunk else parse_size(args[1])
@@ -294,46 +430,35 @@ def _pattern_size(field_name: str, chunk: bool) -> Handler:
     return handle
 
 
-def _headers(cfg: Config, args: list[str], f: str, n: int) -> Config:
+def _headers(cfg: Config, value: str, f: str, n: int) -> Config:
+    args = tokens(value)
     if len(args) != 2 or not args[1].startswith("/"):
         raise ValueError("takes two arguments: <pattern> </absolute/path/of/headers-file>")
     return replace(cfg, source_headers=(*cfg.source_headers, HeaderRule(args[0], args[1], f, n)))
 
 
 def _set(field_name: str, convert: Callable[[str], object]) -> Handler:
-    def handle(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
-        changes: dict[str, Any] = {field_name: convert(_one(args, field_name))}
+    def handle(cfg: Config, value: str, _f: str, _n: int) -> Config:
+        changes: dict[str, Any] = {field_name: convert(_one(value, field_name))}
         return replace(cfg, **changes)
 
     return handle
 
 
 def _flag(field_name: str) -> Handler:
-    def handle(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
-        _none(args)
+    def handle(cfg: Config, value: str, _f: str, _n: int) -> Config:
+        if tokens(value):
+            raise ValueError("takes no argument")
         changes: dict[str, Any] = {field_name: True}
         return replace(cfg, **changes)
 
     return handle
 
 
-def _debug(text: str) -> int:
-    if not DEBUG_MASK.match(text):
-        raise ValueError(f"debug command requires a numeric mask, not {text!r}")
-    try:
-        mask = int(text, 0)
-    except ValueError:
-        raise ValueError(f"debug command requires a numeric mask, not {text!r}") from None
-    if mask >= 1 << 32:
-        raise ValueError(f"debug mask {text} is above the kernel's 32 bits")
-    return mask
-
-
 def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"must be a number of seconds, not {text!r}") from None
+    if not SECONDS.fullmatch(text):
+        raise ValueError(f"must be a number of seconds (ASCII digits), not {text!r}")
+    value = float(text)
     if not 0.1 <= value <= 3600:
         raise ValueError("must lie between 0.1 and 3600 seconds")
     return value
@@ -383,41 +508,52 @@ def _listen(text: str) -> str:
     return text
 
 
-def _pin(cfg: Config, args: list[str], _f: str, _n: int) -> Config:
-    return replace(cfg, pins=(*cfg.pins, _one(args, "a blob pattern")))
+def _pin(cfg: Config, value: str, _f: str, _n: int) -> Config:
+    return replace(cfg, pins=(*cfg.pins, _one(value, "a blob pattern")))
 
 
-HANDLERS: dict[str, Handler] = {
-    "dir": _dir,
-    "tag": _set("tag", str),
-    "secctx": _set("secctx", str),
-    "debug": _set("debug", _debug),
-    **{name: _threshold(name) for name in THRESHOLDS},
-    "culltable": _set("culltable", lambda t: _count(t, "culltable", 12, 20)),
-    "resume_thresholds": _resume,
-    "nocull": _flag("nocull"),
-    "ondemand": _flag("ondemand"),
-    "fanotify": _flag("fanotify"),
-    "fanotify_image": _fanotify_image,
-    "source": _source,
-    "chunk_size": _set("chunk_size", _chunk),
-    "source_chunk_size": _pattern_size("source_chunk_sizes", chunk=True),
-    "readahead": _set("readahead", parse_size),
-    "fetch_timeout": _set("fetch_timeout", _timeout),
-    "fetch_retries": _set("fetch_retries", lambda t: _count(t, "fetch_retries", 0, 20)),
-    "fetch_concurrency": _set(
-        "fetch_concurrency", lambda t: _count(t, "fetch_concurrency", 1, 256)
+def _own(handler: Handler) -> Directive:
+    return Directive(handler, once=False)
+
+
+def _own_once(handler: Handler) -> Directive:
+    return Directive(handler, once=True)
+
+
+DIRECTIVES: dict[str, Directive] = {
+    # read by the kernel
+    "dir": Directive(_dir, kernel=True, once=True),
+    "tag": Directive(_verbatim("tag", "tag"), kernel=True, once=True),
+    "secctx": Directive(_verbatim("secctx", "security context"), kernel=True, once=True),
+    "debug": Directive(_debug, kernel=True),
+    **{name: Directive(_threshold(name), kernel=True) for name in THRESHOLDS},
+    # read by cachefilesd itself
+    "culltable": Directive(_culltable),
+    "nocull": Directive(_nocull),
+    "resume_thresholds": Directive(_resume),
+    # this project's
+    "ondemand": _own_once(_flag("ondemand")),
+    "source": _own(_source),
+    "chunk_size": _own_once(_set("chunk_size", _chunk)),
+    "source_chunk_size": _own(_pattern_size("source_chunk_sizes", chunk=True)),
+    "readahead": _own_once(_set("readahead", parse_size)),
+    "fetch_timeout": _own_once(_set("fetch_timeout", _timeout)),
+    "fetch_retries": _own_once(_set("fetch_retries", lambda t: _count(t, "fetch_retries", 0, 20))),
+    "fetch_concurrency": _own_once(
+        _set("fetch_concurrency", lambda t: _count(t, "fetch_concurrency", 1, 256))
     ),
-    "ca_file": _set("ca_file", str),
-    "source_headers": _headers,
-    "cache_max_bytes": _set("cache_max_bytes", parse_size),
-    "cache_max_objects": _set(
-        "cache_max_objects", lambda t: _count(t, "cache_max_objects", 1, 2**63)
+    "ca_file": _own_once(_set("ca_file", str)),
+    "source_headers": _own(_headers),
+    "cache_max_bytes": _own_once(_set("cache_max_bytes", parse_size)),
+    "cache_max_objects": _own_once(
+        _set("cache_max_objects", lambda t: _count(t, "cache_max_objects", 1, 2**63))
     ),
-    "volume_max_bytes": _pattern_size("volume_max_bytes", chunk=False),
-    "cull_policy": _set("cull_policy", _policy),
-    "pin": _pin,
-    "control_socket": _set("control_socket", _control_socket),
-    "control_group": _set("control_group", _group),
-    "metrics_listen": _set("metrics_listen", _listen),
+    "volume_max_bytes": _own(_pattern_size("volume_max_bytes", chunk=False)),
+    "cull_policy": _own_once(_set("cull_policy", _policy)),
+    "pin": _own(_pin),
+    "fanotify": _own_once(_flag("fanotify")),
+    "fanotify_image": _own(lambda cfg, value, f, n: _fanotify_image(cfg, tokens(value), f, n)),
+    "control_socket": _own_once(_set("control_socket", _control_socket)),
+    "control_group": _own_once(_set("control_group", _group)),
+    "metrics_listen": _own_once(_set("metrics_listen", _listen)),
 }

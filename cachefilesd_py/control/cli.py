@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import argcomplete
 
-    from cachefilesd_py.control import live  # noqa: F401  (registers sub-commands)
+    from cachefilesd_py.control import install, live  # noqa: F401  (register sub-commands)
 
     parser = build_parser()
     argcomplete.autocomplete(parser)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from cachefilesd_py.blobkey import BlobKey
@@ -18,9 +19,16 @@ from cachefilesd_py.sources.resolve import SourceResolver
 
 def verify_offline(args: argparse.Namespace) -> int:
     """Compare a blob's presence bitmap with its cache file and its source."""
+    if args.volume.startswith("erofs,"):
+        print(
+            f"cachefilesctl: spell the volume as the configuration does: "
+            f"{args.volume.removeprefix('erofs,')!r}, without 'erofs,'",
+            file=sys.stderr,
+        )
+        return 2
     cfg = load_config(args.f)
     assert cfg.dir is not None
-    key = BlobKey.ondemand(args.volume.encode(), args.cookie.encode())
+    key = BlobKey.named(args.volume, args.cookie)  # the volume as the config spells it
     try:
         path: Path | None = key.cache_path(cfg.dir)
     except ValueError:  # a key the kernel could not have stored

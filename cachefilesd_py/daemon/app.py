@@ -71,6 +71,7 @@ def engine_settings(config: Config) -> EngineSettings:
         chunk_size_rules=tuple((r.pattern, r.size) for r in config.source_chunk_sizes),
         readahead=config.readahead,
         fetch_timeout=config.fetch_timeout,
+        # a buffer must hold the largest chunk any rule gives a blob
         max_run=max(4 << 20, config.chunk_size, *(r.size for r in config.source_chunk_sizes)),
         buffers=config.fetch_concurrency + 4,
     )

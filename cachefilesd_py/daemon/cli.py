@@ -18,9 +18,7 @@ from dataclasses import dataclass
 
 from cachefilesd_py import __version__
 from cachefilesd_py.config.load import load_config
-from cachefilesd_py.config.model import Config
 from cachefilesd_py.errors import CachefilesdError, ConfigError
-from cachefilesd_py.frontends.bind import kernel_commands
 
 
 @dataclass(frozen=True)
@@ -71,28 +69,19 @@ def parse_args(argv: list[str] | None) -> Options:
     return Options(a.d, a.s, a.n, a.N, a.f, a.p, a.log_format, a.check_config)
 
 
-def describe(cfg: Config) -> str:
-    lines = [f"{k} = {v!r}" for k, v in vars(cfg).items()]
-    lines.append("kernel commands, in order:")
-    lines += [f"  {c.decode()}" for c in kernel_commands(cfg)]
-    lines.append(f"  bind{' ondemand' if cfg.ondemand else ''}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    if opts.check_config:
+        from cachefilesd_py.config.check import check_config_main
+
+        return check_config_main(opts.config_path)
     try:
         cfg = load_config(opts.config_path)
     except ConfigError as exc:
         print(f"cachefilesd-py: {exc}", file=sys.stderr)
         return exc.exit_code
-    if opts.check_config:
-        try:
-            print(describe(cfg))
-        except ConfigError as exc:
-            print(f"cachefilesd-py: {exc}", file=sys.stderr)
-            return exc.exit_code
-        return 0
     from cachefilesd_py.daemon.logging import configure_logging
 
     configure_logging(opts.debug + (1 if cfg.debug else 0), opts.log_format, opts.stderr)

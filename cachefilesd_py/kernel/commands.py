@@ -84,14 +84,25 @@ def encode_dir(path: str | bytes) -> bytes:
     return _command(b"dir", _text_arg(path, "dir"))
 
 
+def _verbatim_arg(value: str | bytes, what: str) -> bytes:
+    """A name the kernel takes to the end of the line: trailing blanks are part of it
+    (cachefilesd writes a configuration line as it is, so ``tag name `` names a cache
+    ending in a space, and a drop-in must send the same); leading blanks cannot be sent
+    (the kernel skips them after the command word)."""
+    raw = os.fsencode(value)
+    if not raw or raw != raw.lstrip() or b"\n" in raw or b"\0" in raw:
+        raise ValueError(f"{what} {value!r}: empty, starts with whitespace, or holds NUL/newline")
+    return raw
+
+
 def encode_tag(tag: str | bytes) -> bytes:
     """``tag <name>``: the FS-Cache cache name (default ``CacheFiles``)."""
-    return _command(b"tag", _text_arg(tag, "tag"))
+    return _command(b"tag", _verbatim_arg(tag, "tag"))
 
 
 def encode_secctx(context: str | bytes) -> bytes:
     """``secctx <label>``: the LSM context the module acts as."""
-    return _command(b"secctx", _text_arg(context, "secctx"))
+    return _command(b"secctx", _verbatim_arg(context, "secctx"))
 
 
 def encode_threshold(name: str, percent: int) -> bytes:
