@@ -68,3 +68,35 @@ def test_an_open_after_an_upstream_change_learns_the_new_size(
         assert obj2.size == len(bigger), "the OPEN got the size of the old version"
         assert obj2.read(0, len(bigger)) == bigger
         obj2.withdraw()
+
+
+def test_an_open_racing_the_previous_objects_release_learns_the_new_size(
+    cache: Path, daemons: list[Daemon]
+) -> None:
+    """The kernel sends CLOSE, then (a new mount) OPEN of the same key; the CLOSE's
+    release runs in the finish lane and may not have run when the OPEN is served. The
+    OPEN must not share the closed object's blob (its identity pinned to the old
+    version): it waits for the release. Here the release is held back on purpose; a
+    loaded machine did the same once (the OPEN got the old size)."""
+    import threading
+
+    with FaultServer({"img": A}) as srv:
+        d = start(daemons, cache, srv.url + "/{cookie}")
+        hold = threading.Event()
+        release = d.driver._release
+
+        def slow_release(action):  # type: ignore[no-untyped-def]
+            hold.wait(5)
+            release(action)
+
+        d.driver._release = slow_release  # type: ignore[method-assign]
+        obj = d.fake.lookup(b"erofs,img", b"img")
+        assert obj.read(0, 4096) == A[:4096]
+        obj.withdraw()
+        bigger = B + b"more bytes"
+        srv.replace("img", bigger, '"v2"')
+        threading.Timer(1.0, hold.set).start()
+        obj2 = d.fake.lookup(b"erofs,img", b"img", 30)
+        assert obj2.size == len(bigger), "the OPEN shared the closed object's blob"
+        assert obj2.read(0, len(bigger)) == bigger
+        obj2.withdraw()

@@ -36,7 +36,8 @@ about that long at most and umount never stalls; without a flood nothing is shed
 Space: a :class:`~cachefilesd_py.frontends.ondemand.space.SpaceWatcher` culls on
 POLLOUT (asked for only while no pass runs) and on ENOBUFS from fills.
 
-Lock order: ``Session._lock``, ``LaneScheduler._cond`` and the stats lock are leaves,
+Lock order: ``Session._lock``, ``LaneScheduler._cond``, the stats lock and
+``_releasing`` (a condition) are leaves,
 never held while calling out; fills take ``Blob.lock`` and the presence locks inside
 the engine (``engine/blob.py``); the culler's locks are its own (``engine/cull.py``).
 No lock is held while the driver writes to the device.
@@ -55,6 +56,7 @@ from typing import Any
 
 import structlog
 
+from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.engine.cull import BlobCuller
 from cachefilesd_py.engine.latency import LatencyHistogram
 from cachefilesd_py.engine.schedule import LaneScheduler
@@ -134,6 +136,11 @@ class OnDemandDriver:
         self.last_loop = time.monotonic()
         self._in_service: dict[int, float] = {}
         self._in_service_lock = threading.Lock()
+        #: releases queued or running, per blob key: an OPEN of that key waits for them
+        #: (``wait_released``), so it never shares the blob of an object the kernel has
+        #: already closed, and learns the source's identity afresh
+        self._releasing: dict[BlobKey, int] = {}
+        self._released = threading.Condition()
 
     # -- start-up --------------------------------------------------------------------
 
@@ -254,6 +261,9 @@ class OnDemandDriver:
             elif isinstance(action, sess.CloseFd):
                 action.fd.close()
             elif isinstance(action, sess.Release):
+                key = action.handle.blob.key
+                with self._released:
+                    self._releasing[key] = self._releasing.get(key, 0) + 1
                 self.finishes.submit("finish", functools.partial(self._release, action))
             else:
                 self._report(action)
@@ -402,6 +412,24 @@ class OnDemandDriver:
             )
         finally:
             self.engine.leases.release_use(obj.blob.key)
+            with self._released:
+                left = self._releasing.get(obj.blob.key, 1) - 1
+                if left > 0:
+                    self._releasing[obj.blob.key] = left
+                else:
+                    self._releasing.pop(obj.blob.key, None)
+                self._released.notify_all()
+
+    def wait_released(self, key: BlobKey, timeout: float) -> bool:
+        """Wait until no release of ``key`` is queued or running; False on timeout.
+
+        The kernel holds at most one object per cookie: an OPEN of a key arrives only
+        after the previous object of that key was closed, but its release (checkpoint,
+        sidecar bound to the committed file) runs in the finish lane and may still be
+        pending; an OPEN that did not wait would share that closed object's blob and its
+        pinned, possibly outdated, identity."""
+        with self._released:
+            return self._released.wait_for(lambda: key not in self._releasing, timeout)
 
     # -- shutdown --------------------------------------------------------------------
 

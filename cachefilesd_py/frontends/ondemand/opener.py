@@ -5,7 +5,9 @@ For every OPEN the session asks for (``OpenObject``), the opener
 1. finds the blob's source from the ``source`` rules in the reader thread (cheap, no
    network): its origin picks the lane of the OPEN scheduler, so OPENs of a stalled
    origin wait only behind each other. A blob no rule serves is refused at once;
-2. in an OPEN worker, takes the blob's use lease (waiting out a trim of its cache
+2. in an OPEN worker, waits for a pending release of the same key (the kernel closed
+   the previous object; its release may still be running: ``driver.wait_released``),
+   takes the blob's use lease (waiting out a trim of its cache
    file: the kernel cannot read the file before our ``copen``, ``engine/leases.py``),
    then opens the blob in the engine: the source's identity (size, ETag), the presence
    bitmap if the cache file's sidecar vouches for it;
@@ -58,6 +60,8 @@ class Opener:
     def open(self, action: OpenAction, source: Source) -> None:
         driver = self.driver
         leases = driver.engine.leases
+        if not driver.wait_released(action.key, timeout=driver.fetch_timeout):
+            log.warning("open.release_pending", msg_id=action.msg_id, blob=str(action.key))
         if not leases.acquire_use(action.key, timeout=driver.fetch_timeout):
             log.warning("open.lease_timeout", msg_id=action.msg_id, blob=str(action.key))
             driver.count("opens_refused")
