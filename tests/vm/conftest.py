@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,10 +25,32 @@ from tests.vm.rig import WORK, Daemon, Nginx, run, start_nginx
 pytestmark = pytest.mark.guest
 
 
+def free(path: Path) -> None:
+    """Remove a test's files: the guest's /tmp is RAM (tmpfs), and a whole guest tier
+    leaving every test's images and caches behind ran it out of space (ENOSPC in the
+    later tests). Whatever a failed test left mounted below ``path`` is unmounted
+    first, so the removal never reaches into another filesystem."""
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f]
+    below = [p for p in points if p == str(path) or p.startswith(f"{path}/")]
+    for point in sorted(below, key=len, reverse=True):
+        run("umount", "-l", point, check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _tmp_path_freed(tmp_path: Path) -> Iterator[None]:
+    """Every guest test's ``tmp_path`` is removed after it (see :func:`free`)."""
+    yield
+    free(tmp_path)
+
+
 @pytest.fixture
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     WORK.mkdir(parents=True, exist_ok=True)
-    return tmp_path_factory.mktemp("vm")
+    path = tmp_path_factory.mktemp("vm")
+    yield path
+    free(path)
 
 
 @pytest.fixture
