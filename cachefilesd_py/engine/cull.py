@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -50,7 +52,6 @@ from cachefilesd_py.space.chunks import chunks_to_trim, keep_head_chunks
 from cachefilesd_py.space.culler import (
     DecisionRecord,
     PassResult,
-    Remover,
     run_plan,
     volume_dir_of,
 )
@@ -93,6 +94,8 @@ class BlobCuller:
         self.scan_limit = scan_limit
         #: totals since start, for the daemon's stats
         self.totals = Tally()
+        #: the tree as the last pass's scan found it: (unix time, objects, bytes)
+        self.last_scan: tuple[float, int, int] | None = None
         self._lock = threading.Lock()
         self._pass_lock = threading.Lock()
 
@@ -164,6 +167,7 @@ class BlobCuller:
                 return out
         result = scan(str(self.tree), self.scan_limit)
         out.scanned = result.objects
+        self.last_scan = (time.time(), result.objects, result.blocks * 512)
         cap_needs = caps.needs(
             result.blocks * 512,
             result.objects,
@@ -186,7 +190,7 @@ class BlobCuller:
             in_use=lambda c: key_by_id[id(c)] in busy,
             trim=True,
         )
-        remover: Remover = _DryRemover() if dry_run else _BlobRemover(self, key_by_id)
+        remover = _DryRemover() if dry_run else _BlobRemover(self, key_by_id)
         ordered = [c for c, _k in self.order(keyed)]
 
         def keep(cand: Candidate, decision: Decision, outcome: Outcome, freed: int) -> None:
@@ -200,6 +204,8 @@ class BlobCuller:
             remover,
             describe=lambda c: str(key_by_id[id(c)]),
             on_decision=keep if record else None,
+            detail=remover.detail,
+            info=not dry_run,  # a plan shown to the operator is no decision carried out
         )
         if dry_run:
             log.info("cull.plan", need_bytes=need_bytes, decisions=len(out.decisions))
@@ -226,23 +232,26 @@ class BlobCuller:
                 self.policy.remove(key)
         return outcome
 
-    def trim(self, cand: Candidate, key: BlobKey, need_bytes: int) -> tuple[Outcome, int]:
+    def trim(
+        self, cand: Candidate, key: BlobKey, need_bytes: int
+    ) -> tuple[Outcome, int, list[tuple[int, int]]]:
         """Give back about ``need_bytes`` of an idle blob's chunks: ``(TRIMMED, bytes
-        freed)``, ``(BUSY, 0)`` when the blob is in use, ``(UNTRIMMABLE, 0)`` when it
-        has no trusted sidecar or nothing to trim (cull it whole instead)."""
+        freed, [(offset, length) punched])``, ``(BUSY, 0, [])`` when the blob is in
+        use, ``(UNTRIMMABLE, 0, [])`` when it has no trusted sidecar or nothing to trim
+        (cull it whole instead)."""
         path = Path(cand.directory) / cand.name
         with self.leases.trim(key) as granted:
             if not granted:
-                return Outcome.BUSY, 0
+                return Outcome.BUSY, 0, []
             # The leases know the objects this process opened; the kernel knows them
             # all (after a failover, objects the dead worker opened stay open in the
             # kernel until a READ re-opens them). With the lease held no new OPEN is
             # answered, so the kernel's "not in use" holds until the punch is done.
             if self.in_kernel_use(cand):
-                return Outcome.BUSY, 0
+                return Outcome.BUSY, 0, []
             bp = self.presence.load_bound(key, path)
             if bp is None:
-                return Outcome.UNTRIMMABLE, 0
+                return Outcome.UNTRIMMABLE, 0, []
             geo = bp.geometry
             runs = chunks_to_trim(
                 bp.bitmap.present_runs(0, geo.nchunks),
@@ -252,7 +261,7 @@ class BlobCuller:
                 keep_head_chunks(geo.chunk_size),
             )
             if not runs:
-                return Outcome.UNTRIMMABLE, 0
+                return Outcome.UNTRIMMABLE, 0, []
             self.presence.clear_runs(bp, runs)  # the bits go durably before the bytes
             try:
                 with OwnedFd(os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)) as fd:
@@ -263,17 +272,25 @@ class BlobCuller:
             except OSError as exc:
                 # the bits are already gone: at worst a refetch, never wrong bytes
                 log.warning("cull.trim_failed", blob=str(key), file=str(path), error=str(exc))
-                return Outcome.UNTRIMMABLE, 0
+                return Outcome.UNTRIMMABLE, 0, []
         freed = max(0, before - after) * 512
+        chunk = geo.chunk_size
+        ranges = [
+            (first * chunk, min(count * chunk, geo.blob_size - first * chunk))
+            for first, count in runs
+        ]
         log.info(
             "cull.trimmed",
             blob=str(key),
             file=str(path),
             chunks=sum(c for _f, c in runs),
+            ranges=ranges,
             freed=freed,
             present=bp.bitmap.count(),
         )
-        return (Outcome.TRIMMED, freed) if freed > 0 else (Outcome.UNTRIMMABLE, 0)
+        if freed <= 0:
+            return Outcome.UNTRIMMABLE, 0, []
+        return Outcome.TRIMMED, freed, ranges
 
     def remove_orphan_sidecars(self) -> int:
         """Sidecars whose cache file is gone (culled by anyone, or never committed)."""
@@ -294,16 +311,28 @@ class _DryRemover:
     def trim(self, cand: Candidate, nbytes: int) -> tuple[Outcome, int]:
         return Outcome.TRIMMED, nbytes
 
+    def detail(self, cand: Candidate) -> dict[str, Any]:
+        return {"dry_run": True}
+
 
 class _BlobRemover:
-    """The :class:`Remover` of one :meth:`BlobCuller.cull_pass`."""
+    """The :class:`Remover` of one :meth:`BlobCuller.cull_pass`; remembers the byte
+    ranges of its trims for their decision events."""
 
     def __init__(self, culler: BlobCuller, keys: dict[int, BlobKey]) -> None:
         self._culler = culler
         self._keys = keys
+        self._trimmed: dict[int, list[tuple[int, int]]] = {}
 
     def cull(self, cand: Candidate) -> Outcome:
         return self._culler.cull(cand, self._keys[id(cand)])
 
     def trim(self, cand: Candidate, nbytes: int) -> tuple[Outcome, int]:
-        return self._culler.trim(cand, self._keys[id(cand)], nbytes)
+        outcome, freed, ranges = self._culler.trim(cand, self._keys[id(cand)], nbytes)
+        if ranges:
+            self._trimmed[id(cand)] = ranges
+        return outcome, freed
+
+    def detail(self, cand: Candidate) -> dict[str, Any]:
+        ranges = self._trimmed.get(id(cand))
+        return {"ranges": [list(r) for r in ranges]} if ranges else {}

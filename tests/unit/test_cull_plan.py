@@ -10,7 +10,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachefilesd_py.space.culler import run_plan
+from cachefilesd_py.space.culler import EventBudget, run_plan
 from cachefilesd_py.space.plan import Action, CullPlan, Needs, Outcome, Tally
 from cachefilesd_py.space.scan import Candidate
 
@@ -272,3 +272,73 @@ def test_random_plans_free_what_is_needed_and_keep_what_is_kept(
         last = next(c for c in reversed(cands) if c.name in culled)
         short = tally.freed_bytes - last.blocks * 512 < needs.bytes
         assert short or tally.culled - 1 < needs.objects
+
+
+# -- decision events: one per decision, at info within a budget ------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_decisions_past_the_budget_go_to_debug_and_are_summed_up() -> None:
+    """A pass over many objects logs its first decisions at info, the rest at debug,
+    and says in one info event how many it held back, by outcome, and why."""
+    clock = Clock()
+    budget = EventBudget(burst=3, per_second=1.0, clock=clock)
+    plan = CullPlan(Needs(bytes=8 * MB), volume_of=volume_of, pinned=lambda c: c.name == "p")
+    cands = [cand("a", 1), cand("p", 1), *(cand(f"o{i}", 1) for i in range(8))]
+    with structlog.testing.capture_logs() as logs:
+        tally = run_plan(
+            plan, cands, Remover(frozenset({"a"})), describe=lambda c: c.name, budget=budget
+        )
+    decided = [e for e in logs if e["event"] == "cull.decision"]
+    assert len(decided) == 10 == sum(tally.counts.values()), "one event per decision"
+    info = [(e["blob"], e["outcome"]) for e in decided if e["log_level"] == "info"]
+    assert info == [("a", "busy"), ("p", "pinned"), ("o0", "culled")]
+    assert all(e["log_level"] == "debug" for e in decided[3:])
+    culled = [e for e in decided if e["outcome"] == "culled"]
+    assert all(e["whole"] and e["size"] == MB and e["reason"] for e in culled)
+    assert not decided[0]["whole"]  # kept: nothing given back
+    [summary] = [e for e in logs if e["event"] == "cull.decisions_suppressed"]
+    assert summary["log_level"] == "info"
+    assert summary["suppressed"] == 7 and summary["by_outcome"] == {"culled": 7}
+    assert summary["freed"] == 7 * MB and "at most 3" in summary["why"]
+    # the budget refills with time: the next pass starts at info again
+    clock.now += 2.0
+    plan = CullPlan(Needs(bytes=MB), volume_of=volume_of)
+    with structlog.testing.capture_logs() as logs:
+        run_plan(plan, [cand("x", 1)], Remover(), describe=lambda c: c.name, budget=budget)
+    assert [e["log_level"] for e in logs] == ["info"]
+
+
+def test_a_dry_run_logs_its_decisions_at_debug_only() -> None:
+    budget = EventBudget(burst=100)
+    plan = CullPlan(Needs(bytes=2 * MB), volume_of=volume_of)
+    with structlog.testing.capture_logs() as logs:
+        run_plan(
+            plan,
+            [cand("a", 1), cand("b", 1)],
+            Remover(),
+            describe=lambda c: c.name,
+            budget=budget,
+            info=False,
+        )
+    assert [e["log_level"] for e in logs] == ["debug", "debug"]
+    assert budget.take(), "a dry run took from the budget"
+
+
+def test_event_budget_is_a_token_bucket() -> None:
+    clock = Clock()
+    budget = EventBudget(burst=2, per_second=0.5, clock=clock)
+    assert [budget.take() for _ in range(3)] == [True, True, False]
+    clock.now += 1.0  # half a token
+    assert not budget.take()
+    clock.now += 1.0
+    assert budget.take() and not budget.take()
+    clock.now += 100.0  # never more than the burst
+    assert [budget.take() for _ in range(3)] == [True, True, False]
