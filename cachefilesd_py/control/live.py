@@ -250,6 +250,10 @@ def _stats(args: argparse.Namespace) -> int:
         print(f"{section}:")
         for k, v in sorted(reply[section].items()):
             print(f"  {k:<28} {v}")
+    for name, values in sorted(reply.get("by_label", {}).items()):
+        print(f"{name}:")
+        for label, v in sorted(values.items()):
+            print(f"  {label:<28} {v}")
     return 0
 
 

@@ -149,7 +149,7 @@ class ControlHandlers:
         }
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"counters": {}, "latency_ms": {}}
+        out: dict[str, Any] = {"counters": {}, "latency_ms": {}, "by_label": self.state.counts()}
         for k, v in self.state.collect().items():
             if k.endswith("_ms") or k.endswith("_n"):
                 out["latency_ms"][k] = v

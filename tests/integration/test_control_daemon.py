@@ -396,6 +396,9 @@ def test_bytes_per_source_checkpoints_and_last_use(capsys: pytest.CaptureFixture
         assert m["cachefilesd_sidecar_checkpoint_failures_total"] == 0
         assert m["cachefilesd_checkpoint_seconds_count"] == 1
         assert not any(k.startswith("cachefilesd_fetch_errors_total{") for k in m)
+        _rc, stats = d.ctl(capsys, "stats")
+        assert stats["by_label"]["fetched_by_source"] == {label: chunks * CHUNK, other: 5000}
+        assert stats["counters"]["checkpoints"] == 1
 
         # last use: when the kernel last asked for the blob, in ISO 8601 and as an age
         _rc, listing = d.ctl(capsys, "blobs")
