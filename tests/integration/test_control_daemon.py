@@ -5,7 +5,9 @@ test did, prefetch, live verify and reload reports."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -476,12 +478,43 @@ def test_cull_decisions_are_info_events() -> None:
             done = call(d.sock, "cull")
         [e] = [e for e in logs if e["event"] == "cull.decision"]
         assert e["log_level"] == "info" and e["blob"] == BLOB and e["reason"]
-        assert e["outcome"] == done["decisions"][0]["outcome"] if done["decisions"] else True
-        if e["outcome"] == "trimmed":
-            assert e["ranges"] and all(off % CHUNK == 0 for off, _n in e["ranges"])
-            assert sum(n for _off, n in e["ranges"]) >= e["bytes"]
-        else:
-            assert e["outcome"] == "culled" and e["whole"] and e["bytes"] > 0
+        # smaller than the head a trim keeps (1 MiB): culled whole
+        assert e["outcome"] == "culled" and done["culled"] == 1, (e, done)
+        assert e["whole"] and e["ranges"] == [] and e["bytes"] > 0
+    finally:
+        d.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_trim_decision_names_its_byte_ranges() -> None:
+    """A blob much larger than what the cap asks for is trimmed: its decision event
+    names the byte ranges given back, and they are holes in the cache file now."""
+    root = Path(tempfile.mkdtemp(prefix="ctl-trimev-"))
+    d = Live(root, extra="cache_max_bytes 3M\n", cull=True)
+    try:
+        big = pattern_bytes(5, 0, 4 << 20)
+        (d.blobs / "big").write_bytes(big)
+        obj = d.fake.lookup(b"erofs,big", b"big")
+        assert obj.read(0, len(big)) == big
+        obj.withdraw()
+        wait_idle(d)
+        with structlog.testing.capture_logs() as logs:
+            done = call(d.sock, "cull")
+        [e] = [e for e in logs if e["event"] == "cull.decision"]
+        assert e["log_level"] == "info" and e["blob"] == "erofs,big/big", e
+        assert e["outcome"] == "trimmed" and done["trimmed"] == 1, (e, done)
+        assert not e["whole"] and e["ranges"] and e["reason"]
+        path = object_path(d.cache, b"erofs,big", b"big")
+        with open(path, "rb") as f:
+            for off, n in e["ranges"]:
+                assert off % CHUNK == 0 and off >= 1 << 20, "the head is kept"
+                try:  # a hole: the next data (if any) starts past the range
+                    assert os.lseek(f.fileno(), off, os.SEEK_DATA) >= off + n
+                except OSError as exc:
+                    assert exc.errno == errno.ENXIO  # no data up to the end
+                f.seek(off)
+                assert f.read(n) == bytes(n), "a trimmed range still holds data"
+        assert sum(n for _off, n in e["ranges"]) >= e["bytes"] > 0
     finally:
         d.close()
         shutil.rmtree(root, ignore_errors=True)
