@@ -372,23 +372,15 @@ class Daemon:
     def _serve_classic(self, on_serving: Callable[[], object]) -> int:
         from cachefilesd_py.frontends.classic.driver import run_classic
 
-        control: list[Any] = []
-        starters: list[threading.Thread] = []
-
-        def start_control(collect: Collect) -> None:
-            from cachefilesd_py.daemon.control import serve_control
-
-            control.append(serve_control(self, "classic", collect, None, None))
+        control = []
 
         def report(collect: Collect) -> None:
+            # called after the first pass: the control server and its metrics
+            # (prometheus-client, http.server) take seconds to import in a slow guest
+            from cachefilesd_py.daemon.control import serve_control
+
             self._reporter = StatsReporter(lambda: {**collect(), **host.footprint()}).start()
-            # the control server and its metrics (prometheus-client, http.server) take
-            # seconds to import in a slow guest: the first pass must not wait for them
-            starter = threading.Thread(
-                target=start_control, args=(collect,), name="control-start", daemon=True
-            )
-            starters.append(starter)
-            starter.start()
+            control.append(serve_control(self, "classic", collect, None, None))
 
         assert self._device is not None
         try:
@@ -402,8 +394,6 @@ class Daemon:
                 report_stats=report,
             )
         finally:
-            for starter in starters:
-                starter.join()
             for service in control:
                 service.close()
             if self._reporter is not None:
