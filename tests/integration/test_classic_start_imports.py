@@ -33,6 +33,9 @@ HEAVY = (
     "better_exceptions",
     "asyncio",  # structlog.stdlib's async methods, and ssl with it
     "ssl",
+    "hashlib",  # OpenSSL's libcrypto: blob digests are on-demand's
+    "ctypes.util",  # find_library runs ldconfig
+    "subprocess",
 )
 
 PROBE = r"""
