@@ -240,40 +240,7 @@ class BlobCuller:
             # answered, so the kernel's "not in use" holds until the punch is done.
             if self.in_kernel_use(cand):
                 return Outcome.BUSY, 0
-            bp = self.presence.load_bound(key, path)
-            if bp is None:
-                return Outcome.UNTRIMMABLE, 0
-            geo = bp.geometry
-            runs = chunks_to_trim(
-                bp.bitmap.present_runs(0, geo.nchunks),
-                geo.blob_size,
-                geo.chunk_size,
-                need_bytes,
-                keep_head_chunks(geo.chunk_size),
-            )
-            if not runs:
-                return Outcome.UNTRIMMABLE, 0
-            self.presence.clear_runs(bp, runs)  # the bits go durably before the bytes
-            try:
-                with OwnedFd(os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)) as fd:
-                    before = os.fstat(fd.fileno()).st_blocks
-                    for first, count in runs:
-                        punch_hole(fd.fileno(), first * geo.chunk_size, count * geo.chunk_size)
-                    after = os.fstat(fd.fileno()).st_blocks
-            except OSError as exc:
-                # the bits are already gone: at worst a refetch, never wrong bytes
-                log.warning("cull.trim_failed", blob=str(key), file=str(path), error=str(exc))
-                return Outcome.UNTRIMMABLE, 0
-        freed = max(0, before - after) * 512
-        log.info(
-            "cull.trimmed",
-            blob=str(key),
-            file=str(path),
-            chunks=sum(c for _f, c in runs),
-            freed=freed,
-            present=bp.bitmap.count(),
-        )
-        return (Outcome.TRIMMED, freed) if freed > 0 else (Outcome.UNTRIMMABLE, 0)
+            return trim_idle_file(self.presence, key, path, need_bytes)
 
     def remove_orphan_sidecars(self) -> int:
         """Sidecars whose cache file is gone (culled by anyone, or never committed)."""
@@ -283,6 +250,55 @@ class BlobCuller:
         for path in orphans:
             path.unlink(missing_ok=True)
         return len(orphans)
+
+
+def trim_idle_file(
+    presence: PresenceStore, key: BlobKey, path: Path, need_bytes: int
+) -> tuple[Outcome, int]:
+    """Give back about ``need_bytes`` of the tail chunks of a cache file nothing reads
+    now (the caller holds its trim lease and knows no kernel object uses it): bits
+    cleared durably first, then holes punched. ``(UNTRIMMABLE, 0)`` without a trusted
+    sidecar bound to ``path`` or with nothing to trim."""
+    bp = presence.load_bound(key, path)
+    if bp is None:
+        return Outcome.UNTRIMMABLE, 0
+    geo = bp.geometry
+    runs = chunks_to_trim(
+        bp.bitmap.present_runs(0, geo.nchunks),
+        geo.blob_size,
+        geo.chunk_size,
+        need_bytes,
+        keep_head_chunks(geo.chunk_size),
+    )
+    if not runs:
+        return Outcome.UNTRIMMABLE, 0
+    presence.clear_runs(bp, runs)  # the bits go durably before the bytes
+    try:
+        freed = punch_runs(path, runs, geo.chunk_size)
+    except OSError as exc:
+        # the bits are already gone: at worst a refetch, never wrong bytes
+        log.warning("cull.trim_failed", blob=str(key), file=str(path), error=str(exc))
+        return Outcome.UNTRIMMABLE, 0
+    log.info(
+        "cull.trimmed",
+        blob=str(key),
+        file=str(path),
+        chunks=sum(c for _f, c in runs),
+        freed=freed,
+        present=bp.bitmap.count(),
+    )
+    return (Outcome.TRIMMED, freed) if freed > 0 else (Outcome.UNTRIMMABLE, 0)
+
+
+def punch_runs(path: Path, runs: list[tuple[int, int]], chunk_size: int) -> int:
+    """Punch holes over chunk runs ``(first, count)`` of ``path`` through a new fd;
+    returns the bytes the filesystem freed (``st_blocks`` before and after)."""
+    with OwnedFd(os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)) as fd:
+        before = os.fstat(fd.fileno()).st_blocks
+        for first, count in runs:
+            punch_hole(fd.fileno(), first * chunk_size, count * chunk_size)
+        after = os.fstat(fd.fileno()).st_blocks
+    return max(0, before - after) * 512
 
 
 class _DryRemover:
