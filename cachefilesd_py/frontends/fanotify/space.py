@@ -17,9 +17,8 @@ What differs from on-demand mode is who may touch a file, not what the rules are
   under its trim lease (``engine/leases.py``), which a starting image's
   ``prepare_blob`` waits for. No mark is on such a file: its punch raises nothing.
 
-Lock order: the culler's ``_lock`` (policy) is a leaf; a pass takes, one at a time,
-the leases' condition, a blob's ``TrimGuard`` condition and the presence store's I/O
-lock, never nested in each other.
+Lock order: as ``engine/cull.py``'s; a pass also takes a blob's ``TrimGuard``
+condition, a leaf, never while holding another lock.
 """
 
 from __future__ import annotations
@@ -34,15 +33,15 @@ import structlog
 
 from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.config.model import Config
-from cachefilesd_py.engine.cull import trim_idle_file
+from cachefilesd_py.engine.cull import BlobCuller
 from cachefilesd_py.engine.leases import BlobLeases
 from cachefilesd_py.frontends.fanotify.images import TREE_NAME, ServedBlob
 from cachefilesd_py.frontends.fanotify.trim import SETTLE_SECONDS, TrimTarget, trim_served
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.space.caps import CullRules
 from cachefilesd_py.space.chunks import KEEP_HEAD_BYTES
-from cachefilesd_py.space.culler import PassResult, run_plan
-from cachefilesd_py.space.plan import CullPlan, Needs, Outcome, Tally
+from cachefilesd_py.space.culler import PassResult
+from cachefilesd_py.space.plan import Outcome
 from cachefilesd_py.space.policy import CullPolicy, make_policy
 from cachefilesd_py.space.scan import Candidate, scan_volume_files
 from cachefilesd_py.space.stats import Limits, SpaceSnapshot, bytes_to_free
@@ -77,8 +76,10 @@ def limits_need_of(cache_dir: Path, percent: dict[str, int]) -> Callable[[], int
     return need
 
 
-class FanotifyCuller:
-    """Keeps ``<dir>/fanotify`` inside its limits; see the module docstring."""
+class FanotifyCuller(BlobCuller):
+    """The core's blob culler (``engine/cull.py``: candidates, policy order, pins, the
+    shared plan, idle trims) over ``<dir>/fanotify``, with what this mode changes; see
+    the module docstring."""
 
     def __init__(
         self,
@@ -93,133 +94,63 @@ class FanotifyCuller:
         unsilence: Callable[[ServedBlob], None],
         settle: float = SETTLE_SECONDS,
         keep_head_bytes: int = KEEP_HEAD_BYTES,
-        scan_limit: int = 1 << 20,
     ) -> None:
-        self.tree = tree
-        self.presence = presence
-        self.leases = leases
-        self.rules = rules
-        self.policy = policy
-        self.limits_need = limits_need
+        super().__init__(
+            tree=tree,
+            graveyard=None,
+            presence=presence,
+            leases=leases,
+            rules=rules,
+            policy=policy,
+            key_of=key_of,
+            cull=self._unlink_idle,
+            limits_need=limits_need,
+            scan_tree=scan_volume_files,
+            volume_of=volume_dir_of,
+            keep_head_bytes=keep_head_bytes,
+        )
         self.served = served
         self.unsilence = unsilence
         self.settle = settle
-        self.keep_head_bytes = keep_head_bytes
-        self.scan_limit = scan_limit
-        self.totals = Tally()
-        self._lock = threading.Lock()
-        self._pass_lock = threading.Lock()
+        #: the served blobs of the pass that runs (read once per pass)
+        self._serving: dict[BlobKey, ServedBlob] = {}
 
-    # -- signals from the frontend ------------------------------------------------
+    def _cull_pass(
+        self, need_bytes: int | None, need_objects: int, dry_run: bool, record: bool
+    ) -> PassResult:
+        self._serving = self.served()
+        try:
+            return super()._cull_pass(need_bytes, need_objects, dry_run, record)
+        finally:
+            self._serving = {}
 
-    def opened(self, key: BlobKey, size: int) -> None:
-        with self._lock:
-            self.policy.admit(key, size)
-            self.policy.touch(key)
+    def trim_only(self, key: BlobKey) -> bool:
+        return key in self._serving
 
-    def missed(self, key: BlobKey) -> None:
-        with self._lock:
-            self.policy.touch(key)
+    def cull(self, cand: Candidate, key: BlobKey) -> Outcome:
+        if key in self._serving:  # a mount reads it: never removed
+            return Outcome.IN_USE
+        return super().cull(cand, key)
 
-    # -- a pass -------------------------------------------------------------------
-
-    def cull_pass(self) -> PassResult:
-        with self._pass_lock:
-            return self._cull_pass()
-
-    def _cull_pass(self) -> PassResult:
-        out = PassResult()
-        caps = self.rules.caps
-        need_bytes = self.limits_need()
-        if need_bytes <= 0 and not caps.configured:
-            return out
-        result = scan_volume_files(str(self.tree), self.scan_limit)
-        out.scanned = result.objects
-        cap_needs = caps.needs(
-            result.blocks * 512,
-            result.objects,
-            {v: b * 512 for v, b in result.volume_blocks.items()},
-        )
-        needs = Needs(max(need_bytes, cap_needs.bytes), cap_needs.objects, cap_needs.volumes)
-        out.need_bytes, out.need_objects = needs.bytes, needs.objects
-        if not needs.any:
-            return out
-        out.needed = True
-        served = self.served()
-        keys = {id(c): key_of(c) for c in result.oldest}
-        busy = self.leases.in_use()
-        plan = CullPlan(
-            needs,
-            volume_of=volume_dir_of,
-            pinned=lambda c: self._pinned(keys[id(c)]),
-            in_use=lambda c: keys[id(c)] in busy,
-            trim_only=lambda c: keys[id(c)] in served,
-            trim=True,
-        )
-        remover = _Remover(self, keys, served)
-        out.tally = run_plan(
-            plan, self._order(result.oldest, keys), remover, describe=lambda c: str(keys[id(c)])
-        )
-        self.totals.add(out.tally)
-        log.info(
-            "cull.pass",
-            mode="fanotify",
-            need_bytes=needs.bytes,
-            need_objects=needs.objects,
-            volumes_over=len(needs.volumes),
-            freed=out.tally.freed_bytes,
-            scanned=result.objects,
-            **out.tally.as_fields(),
-        )
-        return out
-
-    def _pinned(self, key: BlobKey) -> bool:
-        return self.rules.pinned(
-            key.volume.decode("utf-8", "backslashreplace"),
-            key.name.decode("utf-8", "backslashreplace"),
-        )
-
-    def _order(self, cands: list[Candidate], keys: dict[int, BlobKey]) -> list[Candidate]:
-        """Blobs the policy does not know (cached before this start) first, oldest
-        atime first; then the policy's eviction order."""
-        by_key = {keys[id(c)]: c for c in cands}
-        known: list[Candidate] = []
-        with self._lock:
-            for key in self.policy.victims(lambda k: k not in by_key):
-                known.append(by_key[key])  # type: ignore[index]
-                if len(known) == len(by_key):
-                    break
-        seen = {id(c) for c in known}
-        return sorted((c for c in cands if id(c) not in seen), key=lambda c: c.atime_ns) + known
-
-    # -- removing -----------------------------------------------------------------
-
-    def cull_idle(self, cand: Candidate, key: BlobKey) -> Outcome:
-        """Unlink a cache file no mount reads, then its sidecar (a sidecar without its
-        file is an orphan, a file without its sidecar a miss: either order is safe;
-        file first frees the space)."""
+    def _unlink_idle(self, cand: Candidate) -> int:
+        """Unlink a cache file no mount reads, under its trim lease (a starting image
+        waits for it): 0 or the errno (EBUSY while leased)."""
+        key = key_of(cand)
         with self.leases.trim(key) as granted:
             if not granted:
-                return Outcome.BUSY
+                return errno.EBUSY
             try:
                 os.unlink(Path(cand.directory) / cand.name)
             except OSError as exc:
-                if exc.errno == errno.ENOENT:
-                    return Outcome.GONE
                 log.warning("cull.failed", blob=str(key), error=str(exc))
-                return Outcome.FAILED
+                return exc.errno or errno.EIO
             self.presence.remove(key)
-        with self._lock:
-            self.policy.remove(key)
-        return Outcome.CULLED
+        return 0
 
-    def trim_idle(self, cand: Candidate, key: BlobKey, need_bytes: int) -> tuple[Outcome, int]:
-        with self.leases.trim(key) as granted:
-            if not granted:
-                return Outcome.BUSY, 0
-            return trim_idle_file(self.presence, key, Path(cand.directory) / cand.name, need_bytes)
-
-    def trim_live(self, served: ServedBlob, need_bytes: int) -> tuple[Outcome, int]:
+    def trim(self, cand: Candidate, key: BlobKey, need_bytes: int) -> tuple[Outcome, int]:
+        served = self._serving.get(key)
+        if served is None:
+            return super().trim(cand, key, need_bytes)
         presence = served.blob.presence
         if presence is None:
             return Outcome.UNTRIMMABLE, 0
@@ -237,31 +168,6 @@ class FanotifyCuller:
         except OSError as exc:  # the ignore mark could not go, or the sidecar not
             log.warning("fanotify.trim_failed", blob=str(served.key), error=str(exc))
             return Outcome.FAILED, 0
-
-
-class _Remover:
-    def __init__(
-        self,
-        culler: FanotifyCuller,
-        keys: dict[int, BlobKey],
-        served: dict[BlobKey, ServedBlob],
-    ) -> None:
-        self._culler = culler
-        self._keys = keys
-        self._served = served
-
-    def cull(self, cand: Candidate) -> Outcome:
-        key = self._keys[id(cand)]
-        if key in self._served:
-            return Outcome.IN_USE
-        return self._culler.cull_idle(cand, key)
-
-    def trim(self, cand: Candidate, nbytes: int) -> tuple[Outcome, int]:
-        key = self._keys[id(cand)]
-        served = self._served.get(key)
-        if served is not None:
-            return self._culler.trim_live(served, nbytes)
-        return self._culler.trim_idle(cand, key, nbytes)
 
 
 class SpaceThread:
