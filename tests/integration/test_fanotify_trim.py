@@ -181,3 +181,33 @@ def test_culler_culls_idle_blobs_whole_and_trims_the_mounted_one(rig: Rig) -> No
     no_bit_over_a_hole(rig)
     again = culler.cull_pass()
     assert not again.needed
+
+
+def test_the_punch_waits_for_answers_decided_from_the_old_bits(rig: Rig) -> None:
+    """The reader thread looked a range up in the bitmap (present) and has not written
+    its answer yet: the trim clears the bits but does not punch until that answer is
+    out (seen on 7.3 under load: answers written >0.5 s after the lookup)."""
+    fill_all(rig)
+    guard = rig.served.guard
+    epoch = guard.begin_allow()  # a lookup before the bits go, answer not written
+    result: list[tuple[Outcome, int]] = []
+    trimmer = threading.Thread(
+        target=lambda: result.append(
+            trim_served(
+                rig.engine.presence, target(rig), 3 * CHUNK, settle=0, keep_head_bytes=CHUNK
+            )
+        )
+    )
+    trimmer.start()
+    presence = rig.served.blob.presence
+    assert presence is not None
+    deadline = time.monotonic() + 10
+    while presence.is_present(10) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    assert not presence.is_present(10) and holes(rig.served.path) == []  # not punched yet
+    assert not result
+    guard.end_allow(epoch)  # the answer is written
+    trimmer.join(20)
+    assert result and result[0][0] is Outcome.TRIMMED
+    assert holes(rig.served.path) == [7, 8, 9, 10]

@@ -57,6 +57,7 @@ from cachefilesd_py.errors import CachefilesdError
 from cachefilesd_py.frontends.fanotify import session as sess
 from cachefilesd_py.frontends.fanotify import wire
 from cachefilesd_py.frontends.fanotify.images import ServedBlob, silence
+from cachefilesd_py.frontends.fanotify.trim import TrimGuard
 from cachefilesd_py.kernel import fanotify
 from cachefilesd_py.kernel.dio import AlignedBuffer
 from cachefilesd_py.kernel.fd import OwnedFd
@@ -136,8 +137,10 @@ class FanotifyDriver:
         self.fetch_timeout = fetch_timeout
         self.deny_errno = deny_errno_of(group.fileno())
         self.session: sess.Session[ServedBlob] = sess.Session(
-            _present, deny_errno=self.deny_errno, own_punch=_own_punch
+            self._present_now, deny_errno=self.deny_errno, own_punch=_own_punch
         )
+        #: answers from the bitmap decided in this batch, not yet written (trim.py)
+        self._allowing: list[tuple[TrimGuard, int]] = []
         self.fills = LaneScheduler("fanotify-fill", workers=workers, capacity=capacity)
         self.stats = DriverStats()
         self._stats_lock = threading.Lock()
@@ -186,8 +189,24 @@ class FanotifyDriver:
                 return handled
             received = time.monotonic()
             handled += 1
-            self.run(self.session.receive(raw, _identify), received)
+            try:
+                self.run(self.session.receive(raw, _identify), received)
+            finally:  # every answer from the bitmap of this batch is written now
+                for guard, epoch in self._allowing:
+                    guard.end_allow(epoch)
+                self._allowing.clear()
         return handled
+
+    def _present_now(self, served: ServedBlob, offset: int, length: int) -> bool:
+        """The bitmap lookup of the reader thread, registered with the blob's trim
+        guard until the batch's answers are written (a trim waits for it)."""
+        guard = served.guard
+        epoch = guard.begin_allow()
+        if _present(served, offset, length):
+            self._allowing.append((guard, epoch))
+            return True
+        guard.end_allow(epoch)
+        return False
 
     def stop(self) -> None:
         """Stop reading, then finish every fill in flight (each gets its answer)."""

@@ -10,13 +10,17 @@ does, and how each step answers it:
   checks, then calls ``read_iter`` in the same task). A read allowed from the bitmap a
   moment before the bits were cleared may therefore still be on its way to the page
   cache when the trimmer runs. So the trimmer clears the bits (durably: a bit may lag
-  its data, never lead it), then waits :data:`SETTLE_SECONDS` — long enough for every
-  read allowed before to have copied its pages — and only then punches. Punching
+  its data, never lead it), then waits until every answer the reader thread decided
+  from the bits before they went has been written (:meth:`TrimGuard.wait_allows`: the
+  reader registers before each bitmap lookup and deregisters after writing the
+  answer), then waits :data:`SETTLE_SECONDS` more — long enough for the reads those
+  answers let go to have copied their pages — and only then punches. Punching
   truncates the backing file's page cache for the range; a read that already holds
   those pages copies the old bytes; a read that starts later finds a hole, but its
   event came after the bits were cleared, so it was sent to the fill path.
-  The residual risk, stated plainly: a reader whose task stalls for longer than the
-  settle time between its answer and its page-cache lookup could read a hole. EROFS's
+  The residual risk, stated plainly: a reader whose task stalls, in the kernel, for
+  longer than the settle time between being woken by its answer and its page-cache
+  lookup could read a hole. EROFS's
   own page cache (decompressed data, metadata) is separate and stays valid.
 - An event whose chunks are missing becomes a fill; a fill of a blob being trimmed is
   **parked** (:meth:`TrimGuard.enter_fill` returns False, no worker waits) and
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +73,31 @@ class TrimGuard:
     parked: list[Callable[[], None]] = field(default_factory=list)
     #: the byte ranges being punched now (the daemon's own events on them are allowed)
     punching: tuple[tuple[int, int], ...] = ()
+    #: answers from the bitmap being decided or written, by epoch (``begin_allow``)
+    _allows: Counter[int] = field(default_factory=Counter)
+    _epoch: int = 0
+
+    def begin_allow(self) -> int:
+        """Called by the reader thread *before* it looks a range up in the bitmap; the
+        epoch it returns goes back to :meth:`end_allow` once the answer is written."""
+        with self._cond:
+            self._allows[self._epoch] += 1
+            return self._epoch
+
+    def end_allow(self, epoch: int) -> None:
+        with self._cond:
+            self._allows[epoch] -= 1
+            if not self._allows[epoch]:
+                del self._allows[epoch]
+                self._cond.notify_all()
+
+    def wait_allows(self, timeout: float) -> bool:
+        """Wait until every answer from the bitmap that began before this call has
+        been written (later ones saw the cleared bits). False on timeout."""
+        with self._cond:
+            before = self._epoch
+            self._epoch += 1
+            return self._cond.wait_for(lambda: not any(e <= before for e in self._allows), timeout)
 
     def enter_fill(self, resume: Callable[[], None]) -> bool:
         """True: go ahead (call :meth:`exit_fill` after). False: a trim runs, the fill
@@ -162,6 +192,10 @@ def trim_served(
             return Outcome.UNTRIMMABLE, 0
         target.unsilence()
         store.clear_runs(presence, runs)  # durable before any byte goes
+        # answers decided from the bits before they went are written by now ...
+        if not guard.wait_allows(fill_wait):
+            return Outcome.BUSY, 0  # (the bits lag the bytes: a refetch, never zeros)
+        # ... and the reads they let go have reached the page cache
         time.sleep(settle)
         guard.set_punching(tuple((f * geo.chunk_size, (f + c) * geo.chunk_size) for f, c in runs))
         try:
