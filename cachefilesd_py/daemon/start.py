@@ -12,13 +12,17 @@
    serves (``daemon/supervisor.py``).
 
 Importing this module imports every module a worker needs, so that workers, forked
-from the supervisor, start with nothing left to import.
+from the supervisor, start with nothing left to import — including
+``encodings.idna``, which ``socket.getaddrinfo()`` imports at a process's first
+connection: a new worker's first HTTP request, which after a failover is the identity
+request of every blob it re-opens.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import encodings.idna  # noqa: F401 - for the forks: socket.getaddrinfo() imports it
 import errno
 import os
 import signal
