@@ -233,6 +233,11 @@ class Daemon:
         state_dir = self.cache_dir / STATE_DIR_NAME
         presence = PresenceStore(state_dir / "presence")
         self._factory = SourceFactory(source_settings(self.config))
+        if any(
+            rule.url_template.lower().startswith(("http:", "https:"))
+            for rule in self.config.sources
+        ):
+            self._factory.prepare_http()  # not in the reader's first OPEN after a failover
         engine = Engine(
             resolve=SourceResolver(self.config.sources).resolve,
             open_source=self._factory.open,
