@@ -84,7 +84,8 @@ def without_rich() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    without_rich()
+    if argv is None:  # the process's own command line, not a caller's (a test's) process
+        without_rich()
     opts = parse_args(argv)
     if opts.check_config:
         from cachefilesd_py.config.check import check_config_main
