@@ -21,10 +21,10 @@ READ the daemon must serve. Reported per trial:
 The table gives min / median / max of each. Target (issue 9): worker death ≤ 1 s.
 
 A supervisor death costs a fresh interpreter. ``--import-trials N`` times what most of
-that is, a fresh ``python`` importing what the supervisor imports
-(``cachefilesd_py.daemon.start``), alternately with ``rich`` importable and kept out
-as ``cachefilesd-py`` does (``daemon/cli.py`` ``without_rich``: this checkout's
-environment has ``rich``, which structlog imports when it can).
+that is, a fresh ``python`` importing what an on-demand supervisor imports before it
+forks, alternately with structlog imported plainly (with ``rich``, which this
+checkout's environment has, and ``asyncio``) and as ``cachefilesd-py`` imports it
+(``daemon/lean_imports.py``).
 """
 
 from __future__ import annotations
@@ -78,12 +78,19 @@ def wait_spare_prepared(supervisor: int, log: Path, timeout: float = 300) -> Non
     fr.wait_for_event(log, "worker.prepared", 0, lambda e: e.get("worker") == spare, timeout)
 
 
-#: a fresh interpreter importing what the supervisor imports before forking
+#: what the supervisor of an on-demand cache imports before it forks a worker
+#: (``daemon/start.py``, then ``daemon/app.py`` ``import_mode``)
+_DAEMON = (
+    "import cachefilesd_py.daemon.start; "
+    "from cachefilesd_py.config.model import Config; "
+    "from cachefilesd_py.daemon.app import import_mode; import_mode(Config(ondemand=True))"
+)
+#: a fresh interpreter importing it, structlog as such or as the daemon imports it
 IMPORTS = {
-    "rich importable": "import cachefilesd_py.daemon.start",
-    "rich kept out": (
-        "from cachefilesd_py.daemon.cli import without_rich; without_rich(); "
-        "import cachefilesd_py.daemon.start"
+    "structlog plain": f"import structlog; {_DAEMON}",
+    "structlog lean": (
+        "from cachefilesd_py.daemon.lean_imports import import_structlog; "
+        f"import_structlog(); {_DAEMON}"
     ),
 }
 

@@ -69,23 +69,11 @@ def parse_args(argv: list[str] | None) -> Options:
     return Options(a.d, a.s, a.n, a.N, a.f, a.p, a.log_format, a.check_config)
 
 
-def without_rich() -> None:
-    """Keep structlog from importing ``rich``.
-
-    When ``rich`` is installed (a development environment, a host-wide pip install;
-    the Debian package's private environment has none), ``import structlog`` imports
-    it for the tracebacks of structlog's own console renderer, which the daemon never
-    uses: it renders every line itself (``daemon/logging.py``). That import lies on
-    the path of every start, and so of every restart after a supervisor's death
-    (``docs/failover.md``). ``None`` in ``sys.modules`` makes ``import rich`` fail at
-    once, and structlog takes its plain path. No effect once structlog is loaded."""
-    if "structlog" not in sys.modules:
-        sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
-
-
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the process's own command line, not a caller's (a test's) process
-        without_rich()
+    # first: before anything imports structlog (daemon/lean_imports.py says why)
+    from cachefilesd_py.daemon.lean_imports import import_structlog
+
+    import_structlog()
     opts = parse_args(argv)
     if opts.check_config:
         from cachefilesd_py.config.check import check_config_main

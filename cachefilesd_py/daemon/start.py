@@ -11,18 +11,16 @@
 6. run the supervisor, which forks the workers and tells systemd READY=1 once one
    serves (``daemon/supervisor.py``).
 
-Importing this module imports every module a worker needs, so that workers, forked
-from the supervisor, start with nothing left to import — including
-``encodings.idna``, which ``socket.getaddrinfo()`` imports at a process's first
-connection: a new worker's first HTTP request, which after a failover is the identity
-request of every blob it re-opens.
+Importing this module imports what every mode needs to bind; what a worker of the
+configured mode needs is imported once the cache is bound, before the first fork
+(``daemon/app.py``'s ``import_mode``), so that workers, forked from the supervisor,
+start with nothing left to import, and classic mode never imports on-demand's stack.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import encodings.idna  # noqa: F401 - for the forks: socket.getaddrinfo() imports it
 import errno
 import os
 import signal
@@ -32,11 +30,10 @@ import structlog
 
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.daemon import host, limits, privileges, systemd
-from cachefilesd_py.daemon import worker as _worker  # noqa: F401 - imported for the forks
+from cachefilesd_py.daemon.app import import_mode
 from cachefilesd_py.daemon.keeper import DeviceKeeper
 from cachefilesd_py.daemon.logging import set_process
 from cachefilesd_py.daemon.supervisor import Supervisor
-from cachefilesd_py.frontends.classic import driver as _classic  # noqa: F401 - same
 from cachefilesd_py.kernel import _sys
 
 log = structlog.get_logger("daemon")
@@ -111,7 +108,10 @@ def run(config: Config, options: object) -> int:
     keeper.acquire(systemd.listen_fds())
     try:
         privileges.drop_after_bind(config.dir)
-        log.info("cache.device", nofile=nofile, **host.cache_device(config.dir))
+        import_mode(config)
+        log.info(
+            "cache.device", nofile=nofile, **host.cache_device(config.dir, udev=config.ondemand)
+        )
         if not getattr(options, "foreground", True):
             daemonize(getattr(options, "pidfile", "/var/run/cachefilesd.pid"))
         supervisor = Supervisor(

@@ -66,28 +66,3 @@ def test_console_script_reports_errors_with_exit_2(tmp_path: Path) -> None:
 def test_missing_config_file_is_an_os_error(tmp_path: Path) -> None:
     assert main(["--check-config", "-f", str(tmp_path / "absent.conf")]) == 1
 
-
-def test_the_daemon_keeps_structlog_from_importing_rich(tmp_path: Path) -> None:
-    """``cachefilesd-py`` (the console script: ``main()`` on the process's own
-    arguments) keeps ``rich`` out, which structlog would import when it is installed,
-    as it is in this environment; structlog still works."""
-    pytest.importorskip("rich")  # otherwise there is nothing to keep out
-    conf = tmp_path / "c.conf"
-    conf.write_text(f"dir {tmp_path}\nondemand\nsource * http://h/{{cookie}}\n")
-    code = (
-        "import sys\n"
-        f"sys.argv = ['cachefilesd-py', '--check-config', '-f', {str(conf)!r}]\n"
-        "from cachefilesd_py.daemon.cli import main\n"
-        "status = main()\n"
-        "import structlog\n"
-        "structlog.get_logger().info('still logs')\n"
-        "print(status, sys.modules.get('rich', 'absent'), file=sys.stderr)\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.stderr.splitlines()[-1] == "0 None", res.stderr
-    assert "still logs" in res.stdout + res.stderr
-    plain = subprocess.run(
-        [sys.executable, "-c", "import structlog, sys; print('rich' in sys.modules)"],
-        capture_output=True, text=True,
-    )
-    assert plain.stdout.strip() == "True"  # the control: structlog alone imports it
