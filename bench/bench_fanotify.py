@@ -9,6 +9,10 @@ One EROFS image holding a ``--size-mb`` file of random bytes; a sequential ``rea
 of that file (1 MiB at a time, page cache dropped first) through:
 
 - ``loop``: the image loop-mounted directly: the physical limit here;
+- ``file-backed, no mark``: the fully present image copied onto the same kind of
+  ext4 cache (a loop-mounted ext4 file) and mounted file-backed with ``mount(2)``,
+  without any mark: the same I/O path as the frontend's mounts minus fanotify, so the
+  ratio of the fanotify rows to this one is the frontend's own cost;
 - ``cold file://`` and ``cold nginx``: the fanotify frontend (in this process: the
   same engine, driver and images the daemon runs) on a fresh ext4 cache, mounting the
   image from its sparse cache file and filling what EROFS reads;
@@ -17,13 +21,15 @@ of that file (1 MiB at a time, page cache dropped first) through:
   daemon answers from its bitmap; events per second of that path;
 - ``warm, ignore mark``: the same with the ignore mark (the default): no event.
 
-Ratios are against the loop mount of the same run (the machine is noisy).
+Ratios are against the loop mount and the unmarked file-backed mount of the same run
+(the machine is noisy).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -31,6 +37,7 @@ from bench.bench_ondemand import timed_read
 from cachefilesd_py.config.model import FanotifyImage, SourceRule
 from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.fanotify.service import FanotifyFrontend
+from cachefilesd_py.kernel import mount
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory
 from cachefilesd_py.sources.resolve import SourceResolver
@@ -97,6 +104,17 @@ def main() -> int:
     rows.append(("loop mount (physical limit)", loop_s, ""))
 
     cache_mb = args.size_mb * 2 + 64
+    plain = cache_fs(work, "cache-plain", cache_mb)
+    shutil.copyfile(origin / "imgs" / "bench.erofs", plain / "bench.erofs")
+    plain_mnt = work / "m-plain"
+    plain_mnt.mkdir()
+    mount.mount_file(plain / "bench.erofs", plain_mnt)
+    plain_s = timed_read(plain_mnt / "data.bin")
+    mount.umount(plain_mnt)
+    run("umount", str(plain))
+    rows.append(
+        ("file-backed, no mark (same ext4 cache)", plain_s, "the baseline of the rows below")
+    )
     nginx = start_nginx(origin, work)
     try:
         for label, url in (
@@ -147,12 +165,15 @@ def main() -> int:
 
     mb = args.size_mb
     print(f"\nfanotify mode, {mb} MB sequential read, kernel {os.uname().release}\n")
-    print(f"{'case':44} {'seconds':>8} {'MB/s':>8} {'× loop':>7}  notes")
+    print(f"{'case':44} {'seconds':>8} {'MB/s':>8} {'× loop':>7} {'× file':>7}  notes")
     for name, secs, note in rows:
         if secs:
-            print(f"{name:44} {secs:8.2f} {mb / secs:8.1f} {secs / loop_s:7.2f}  {note}")
+            print(
+                f"{name:44} {secs:8.2f} {mb / secs:8.1f} {secs / loop_s:7.2f}"
+                f" {secs / plain_s:7.2f}  {note}"
+            )
         else:
-            print(f"{name:44} {'':8} {'':8} {'':7}  {note}")
+            print(f"{name:44} {'':8} {'':8} {'':7} {'':7}  {note}")
     return 0
 
 

@@ -9,7 +9,8 @@ logged; if none can, the daemon exits with an error.
 
 SIGTERM: every mount is unmounted first, and the group stays open and served while a
 mount is busy (``frontends/fanotify/service.py``): the daemon never leaves a mount it
-can no longer serve. Culling is not done in this mode yet (README, "fanotify mode").
+can no longer serve. Culling and trimming follow the same limits, caps, pins and
+policy as on-demand mode (``frontends/fanotify/space.py``; off with ``nocull``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cachefilesd_py.daemon import host, systemd
 from cachefilesd_py.daemon.stats import StatsReporter
 from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.fanotify.service import FanotifyFrontend
+from cachefilesd_py.frontends.fanotify.space import make_culler
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory, SourceSettings
 from cachefilesd_py.sources.resolve import SourceResolver
@@ -53,18 +55,17 @@ def run_fanotify(
         settings=engine_settings,
     )
     on_engine(engine)
-    if not config.nocull and (
-        config.cache_max_bytes or config.cache_max_objects or config.volume_max_bytes
-    ):
-        log.warning(
-            "fanotify.no_culling", note="cache limits are not enforced in fanotify mode yet"
-        )
     frontend = FanotifyFrontend(
         engine,
         cache_dir,
         config.fanotify_images,
         workers=config.fetch_concurrency,
         fetch_timeout=config.fetch_timeout,
+        culler=None
+        if config.nocull
+        else lambda fe: make_culler(
+            config, cache_dir, presence, engine.leases, fe.served, fe.unsilence
+        ),
     )
     engine.start()
     try:
@@ -85,9 +86,8 @@ def run_fanotify(
         )
 
         def collect() -> dict[str, object]:
-            driver = frontend.driver
             return {
-                **(driver.stats_fields() if driver is not None else {}),
+                **frontend.stats_fields(),
                 **vars(engine.filler.stats),
                 **engine.filler.fetch_times.summary_ms("fetch"),
                 **engine.filler.write_times.summary_ms("write"),

@@ -46,7 +46,7 @@ from cachefilesd_py.kernel._sys import punch_hole
 from cachefilesd_py.kernel.fd import OwnedFd
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.space.caps import CullRules
-from cachefilesd_py.space.chunks import chunks_to_trim, keep_head_chunks
+from cachefilesd_py.space.chunks import KEEP_HEAD_BYTES, chunks_to_trim, keep_head_chunks
 from cachefilesd_py.space.culler import (
     DecisionRecord,
     PassResult,
@@ -57,7 +57,7 @@ from cachefilesd_py.space.culler import (
 from cachefilesd_py.space.graveyard import reap
 from cachefilesd_py.space.plan import CullPlan, Decision, Needs, Outcome, Tally
 from cachefilesd_py.space.policy import CullPolicy
-from cachefilesd_py.space.scan import Candidate, scan
+from cachefilesd_py.space.scan import Candidate, ScanResult, scan
 
 log = structlog.get_logger("space")
 
@@ -79,6 +79,9 @@ class BlobCuller:
         limits_need: Callable[[], int],
         in_kernel_use: Callable[[Candidate], bool] = lambda _cand: False,
         scan_limit: int = 1 << 20,
+        scan_tree: Callable[[str, int], ScanResult] = scan,
+        volume_of: Callable[[Candidate], str] = volume_dir_of,
+        keep_head_bytes: int = KEEP_HEAD_BYTES,
     ) -> None:
         self.tree = tree
         self.graveyard = graveyard
@@ -91,6 +94,12 @@ class BlobCuller:
         self.limits_need = limits_need
         self.in_kernel_use = in_kernel_use
         self.scan_limit = scan_limit
+        #: how the tree is walked and its volumes named (the cachefiles layout by
+        #: default; the fanotify frontend's tree is ``<volume>/<name>``)
+        self.scan_tree = scan_tree
+        self.volume_of = volume_of
+        #: bytes at the head of a blob a trim never gives back
+        self.keep_head_bytes = keep_head_bytes
         #: totals since start, for the daemon's stats
         self.totals = Tally()
         self._lock = threading.Lock()
@@ -108,6 +117,11 @@ class BlobCuller:
             self.policy.touch(key)
 
     # -- deciding --------------------------------------------------------------------
+
+    def trim_only(self, key: BlobKey) -> bool:
+        """Whether ``key``'s file may only be trimmed, never removed (a frontend whose
+        kernel reads it at any time overrides this; on-demand mode has none)."""
+        return False
 
     def pinned(self, key: BlobKey) -> bool:
         return self.rules.pinned(
@@ -162,7 +176,7 @@ class BlobCuller:
             need_bytes = self.limits_need()
             if need_bytes <= 0:
                 return out
-        result = scan(str(self.tree), self.scan_limit)
+        result = self.scan_tree(str(self.tree), self.scan_limit)
         out.scanned = result.objects
         cap_needs = caps.needs(
             result.blocks * 512,
@@ -181,9 +195,10 @@ class BlobCuller:
         busy = self.leases.in_use()
         plan = CullPlan(
             needs,
-            volume_of=volume_dir_of,
+            volume_of=self.volume_of,
             pinned=lambda c: self.pinned(key_by_id[id(c)]),
             in_use=lambda c: key_by_id[id(c)] in busy,
+            trim_only=lambda c: self.trim_only(key_by_id[id(c)]),
             trim=True,
         )
         remover: Remover = _DryRemover() if dry_run else _BlobRemover(self, key_by_id)
@@ -240,49 +255,69 @@ class BlobCuller:
             # answered, so the kernel's "not in use" holds until the punch is done.
             if self.in_kernel_use(cand):
                 return Outcome.BUSY, 0
-            bp = self.presence.load_bound(key, path)
-            if bp is None:
-                return Outcome.UNTRIMMABLE, 0
-            geo = bp.geometry
-            runs = chunks_to_trim(
-                bp.bitmap.present_runs(0, geo.nchunks),
-                geo.blob_size,
-                geo.chunk_size,
-                need_bytes,
-                keep_head_chunks(geo.chunk_size),
-            )
-            if not runs:
-                return Outcome.UNTRIMMABLE, 0
-            self.presence.clear_runs(bp, runs)  # the bits go durably before the bytes
-            try:
-                with OwnedFd(os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)) as fd:
-                    before = os.fstat(fd.fileno()).st_blocks
-                    for first, count in runs:
-                        punch_hole(fd.fileno(), first * geo.chunk_size, count * geo.chunk_size)
-                    after = os.fstat(fd.fileno()).st_blocks
-            except OSError as exc:
-                # the bits are already gone: at worst a refetch, never wrong bytes
-                log.warning("cull.trim_failed", blob=str(key), file=str(path), error=str(exc))
-                return Outcome.UNTRIMMABLE, 0
-        freed = max(0, before - after) * 512
-        log.info(
-            "cull.trimmed",
-            blob=str(key),
-            file=str(path),
-            chunks=sum(c for _f, c in runs),
-            freed=freed,
-            present=bp.bitmap.count(),
-        )
-        return (Outcome.TRIMMED, freed) if freed > 0 else (Outcome.UNTRIMMABLE, 0)
+            return trim_idle_file(self.presence, key, path, need_bytes, self.keep_head_bytes)
 
     def remove_orphan_sidecars(self) -> int:
         """Sidecars whose cache file is gone (culled by anyone, or never committed)."""
-        result = scan(str(self.tree), self.scan_limit)
+        result = self.scan_tree(str(self.tree), self.scan_limit)
         known = {k for c in result.oldest if (k := self.key_of(c)) is not None}
         orphans = self.presence.orphans(known)
         for path in orphans:
             path.unlink(missing_ok=True)
         return len(orphans)
+
+
+def trim_idle_file(
+    presence: PresenceStore,
+    key: BlobKey,
+    path: Path,
+    need_bytes: int,
+    keep_head_bytes: int = KEEP_HEAD_BYTES,
+) -> tuple[Outcome, int]:
+    """Give back about ``need_bytes`` of the tail chunks of a cache file nothing reads
+    now (the caller holds its trim lease and knows no kernel object uses it): bits
+    cleared durably first, then holes punched. ``(UNTRIMMABLE, 0)`` without a trusted
+    sidecar bound to ``path`` or with nothing to trim."""
+    bp = presence.load_bound(key, path)
+    if bp is None:
+        return Outcome.UNTRIMMABLE, 0
+    geo = bp.geometry
+    runs = chunks_to_trim(
+        bp.bitmap.present_runs(0, geo.nchunks),
+        geo.blob_size,
+        geo.chunk_size,
+        need_bytes,
+        keep_head_chunks(geo.chunk_size, keep_head_bytes),
+    )
+    if not runs:
+        return Outcome.UNTRIMMABLE, 0
+    presence.clear_runs(bp, runs)  # the bits go durably before the bytes
+    try:
+        freed = punch_runs(path, runs, geo.chunk_size)
+    except OSError as exc:
+        # the bits are already gone: at worst a refetch, never wrong bytes
+        log.warning("cull.trim_failed", blob=str(key), file=str(path), error=str(exc))
+        return Outcome.UNTRIMMABLE, 0
+    log.info(
+        "cull.trimmed",
+        blob=str(key),
+        file=str(path),
+        chunks=sum(c for _f, c in runs),
+        freed=freed,
+        present=bp.bitmap.count(),
+    )
+    return (Outcome.TRIMMED, freed) if freed > 0 else (Outcome.UNTRIMMABLE, 0)
+
+
+def punch_runs(path: Path, runs: list[tuple[int, int]], chunk_size: int) -> int:
+    """Punch holes over chunk runs ``(first, count)`` of ``path`` through a new fd;
+    returns the bytes the filesystem freed (``st_blocks`` before and after)."""
+    with OwnedFd(os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)) as fd:
+        before = os.fstat(fd.fileno()).st_blocks
+        for first, count in runs:
+            punch_hole(fd.fileno(), first * chunk_size, count * chunk_size)
+        after = os.fstat(fd.fileno()).st_blocks
+    return max(0, before - after) * 512
 
 
 class _DryRemover:

@@ -16,7 +16,11 @@ The rules, in order, for a candidate in volume ``v``:
    only volumes over their caps still need something and ``v`` is not one of them:
    **skip** (not needed);
 2. a ``pin`` matches it: **skip** (:attr:`Outcome.PINNED`);
-3. the frontend knows it is in use (an open kernel object): **skip**
+3. the frontend can only trim it (a blob a mount reads right now, in fanotify mode:
+   its file cannot go, its chunks can): **trim** it by what is still needed when
+   trimming is allowed and bytes are still needed, else **skip**
+   (:attr:`Outcome.IN_USE`);
+   the frontend knows it is in use (an open kernel object): **skip**
    (:attr:`Outcome.IN_USE`); the kernel would refuse anyway, this saves the command;
 4. trimming is allowed, no more whole objects are needed, and the object is much
    larger than the bytes still to free (``space/chunks.py``): **trim** it by those
@@ -179,12 +183,14 @@ class CullPlan:
         volume_of: Callable[[Candidate], str],
         pinned: Callable[[Candidate], bool] = lambda _cand: False,
         in_use: Callable[[Candidate], bool] = lambda _cand: False,
+        trim_only: Callable[[Candidate], bool] = lambda _cand: False,
         trim: bool = False,
     ) -> None:
         self.needs = needs
         self.volume_of = volume_of
         self._pinned = pinned
         self._in_use = in_use
+        self._trim_only = trim_only
         self._trim = trim
         self._over = {v: n for v, n in needs.volumes.items() if n > 0}
         self.tally = Tally()
@@ -218,6 +224,11 @@ class CullPlan:
             return NOT_NEEDED if self._over else STOP
         if self._pinned(cand):
             return PINNED
+        if self._trim_only(cand):
+            still = self.still_needed(volume)
+            if self._trim and still > 0:
+                return Decision(Action.TRIM, "in use: only its chunks can go", trim_bytes=still)
+            return IN_USE
         if self._in_use(cand):
             return IN_USE
         if self._trim and self.tally.culled >= self.needs.objects:

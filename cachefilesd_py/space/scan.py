@@ -110,3 +110,42 @@ def scan(cache_dir: str, limit: int) -> ScanResult:
     result = ScanResult(oldest=[])
     keep_oldest(walk_objects(cache_dir, result), limit, result)
     return result
+
+
+def walk_volume_files(tree: str, result: ScanResult) -> Iterator[Candidate]:
+    """Files of a two-level tree ``<tree>/<volume>/<name>`` (the fanotify frontend's
+    cache files): every regular file is a candidate, its volume counted under
+    ``I<volume>`` like a cachefiles volume directory, so caps name volumes the same
+    way in every mode. Anything else (a directory below a volume, a file at the top)
+    is a stray."""
+    try:
+        volumes = list(os.scandir(tree))
+    except OSError:
+        return
+    for vol in volumes:
+        try:
+            if not vol.is_dir(follow_symlinks=False):
+                result.strays.append(vol.path)
+                continue
+            it = os.scandir(vol.path)
+        except OSError:
+            continue
+        key = "I" + vol.name
+        with it:
+            for entry in it:
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        result.strays.append(entry.path)
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                result.volume_blocks[key] = result.volume_blocks.get(key, 0) + st.st_blocks
+                yield Candidate(st.st_atime_ns, st.st_blocks, vol.path, entry.name)
+
+
+def scan_volume_files(tree: str, limit: int) -> ScanResult:
+    """:func:`scan` for a ``<tree>/<volume>/<name>`` tree (:func:`walk_volume_files`)."""
+    result = ScanResult(oldest=[])
+    keep_oldest(walk_volume_files(tree, result), limit, result)
+    return result

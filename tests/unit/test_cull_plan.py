@@ -291,3 +291,23 @@ def test_random_plans_free_what_is_needed_and_keep_what_is_kept(
         last = next(c for c in reversed(cands) if c.name in culled)
         short = tally.freed_bytes - last.blocks * 512 < needs.bytes
         assert short or tally.culled - 1 < needs.objects
+
+
+def test_a_blob_that_can_only_be_trimmed_is_trimmed_by_what_is_still_needed() -> None:
+    """fanotify mode: a mounted image's file cannot go, its chunks can. It is trimmed
+    by the bytes still needed even when not much larger than them, never culled, and
+    skipped as in use when only objects (not bytes) are needed or trims are off."""
+    mounted = cand("mounted", 10)
+    idle = cand("idle", 4)
+    plan = CullPlan(
+        Needs(bytes=6 * MB), volume_of=volume_of, trim_only=lambda c: c is mounted, trim=True
+    )
+    d = plan.decide(mounted)
+    assert (d.action, d.trim_bytes) == (Action.TRIM, 6 * MB)
+    plan.record(mounted, Outcome.TRIMMED, 2 * MB)
+    d = plan.decide(idle)
+    assert d.action is Action.CULL  # 4 MB blob, 4 MB still needed: whole
+    plan = CullPlan(Needs(objects=1), volume_of=volume_of, trim_only=lambda c: True, trim=True)
+    assert plan.decide(mounted).outcome is Outcome.IN_USE
+    plan = CullPlan(Needs(bytes=MB), volume_of=volume_of, trim_only=lambda c: True)
+    assert plan.decide(mounted).outcome is Outcome.IN_USE

@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +37,9 @@ def stats_of(d: Daemon) -> dict[str, object]:
 
 
 def build(workdir: Path, layout: str) -> tuple[Path, Path, str]:
-    """Source tree, the folder of blobs (``imgs/``), and the ``fanotify_image`` args."""
-    src = make_tree(workdir / "src", small_files=120)
+    """Source tree, the folder of blobs (``imgs/``), and the ``fanotify_image`` args.
+    ``many``: 3000 small files (inline tails, directory blocks over many chunks)."""
+    src = make_tree(workdir / "src", small_files=3000 if layout == "many" else 120)
     (src / "big.bin").write_bytes(os.urandom(3 << 20))
     root = workdir / "origin"
     blobs = root / "imgs"
@@ -44,13 +47,17 @@ def build(workdir: Path, layout: str) -> tuple[Path, Path, str]:
     if layout == "plain":
         mkfs_erofs(blobs / "app.erofs", src, "-E", "noinline_data")
         return src, root, "imgs/app.erofs"
+    if layout == "many":
+        mkfs_erofs(blobs / "app.erofs", src)
+        return src, root, "imgs/app.erofs"
     mkfs_erofs(blobs / "app.erofs", src, "--chunksize=65536", f"--blobdev={blobs / 'data.blob'}")
     return src, root, "imgs/app.erofs"
 
 
 @pytest.mark.timeout(900)  # two fresh daemon interpreters in a loaded TCG guest
 @pytest.mark.parametrize(
-    ("layout", "kind"), [("plain", "http"), ("plain", "file"), ("blobdev", "http")]
+    ("layout", "kind"),
+    [("plain", "http"), ("plain", "file"), ("blobdev", "http"), ("many", "http")],
 )
 def test_serves_image_identical_and_restart_fetches_nothing(
     workdir: Path,
@@ -132,3 +139,102 @@ def test_origin_failure_gives_eio_never_zeros(
     assert not os.path.ismount(mnt)
     stats = stats_of(d)
     assert stats["fill_failed"] >= 1 and stats["responses_failed"] == 0, stats
+
+
+@pytest.mark.timeout(900)
+def test_blob_larger_than_1gib_fetches_only_what_is_read(
+    workdir: Path,
+    loop_fs: Callable[..., Path],
+    daemon: Callable[[str], Daemon],
+) -> None:
+    """A 1.2 GiB image (sparse at the origin) on a 256 MB cache: regions on both sides
+    of the 1 GiB mark read back identical, only about what was read is fetched, and a
+    restart reads them again with nothing fetched (bits above chunk 16384 of 64 KiB
+    were saved and trusted)."""
+    src = workdir / "src"
+    src.mkdir()
+    huge = src / "huge.bin"
+    regions = [(0, 2 << 20), (600 << 20, 1 << 20), (1100 << 20, 2 << 20)]
+    with open(huge, "wb") as f:
+        f.truncate(1200 << 20)
+        for off, n in regions:
+            f.seek(off)
+            f.write(os.urandom(n))
+    root = workdir / "origin"
+    (root / "imgs").mkdir(parents=True)
+    image = mkfs_erofs(root / "imgs" / "huge.erofs", src, "-Enoinline_data")
+    subprocess.run(["fallocate", "--dig-holes", str(image)], check=True)
+    assert image.stat().st_size > 1 << 30
+    cache = loop_fs(256)
+    mnt = workdir / "mnt"
+    conf = config(
+        cache, f"file://{root}/{{volume}}/{{cookie}}", f"fanotify_image imgs/huge.erofs {mnt}\n"
+    )
+
+    def read_regions() -> None:
+        with open(mnt / "huge.bin", "rb") as got, open(huge, "rb") as want:
+            for off, n in regions:
+                got.seek(off)
+                want.seek(off)
+                assert got.read(n) == want.read(n), f"region at {off}"
+
+    d1 = daemon(conf)
+    d1.start(timeout=300)
+    read_regions()
+    assert d1.stop() == 0
+    first = stats_of(d1)
+    assert 5 << 20 <= int(first["bytes_fetched"]) < 64 << 20, first  # type: ignore[call-overload]
+    assert first["fill_failed"] == 0 and d1.count("fanotify.denied") == 0, first
+
+    d2 = daemon(conf)
+    d2.start(timeout=300)
+    read_regions()
+    assert d2.stop() == 0
+    second = stats_of(d2)
+    assert second["bytes_fetched"] == 0 and second["fills"] == 0, second
+    assert d2.count("presence.distrusted") == 0
+
+
+@pytest.mark.timeout(900)
+def test_a_cache_over_its_cap_is_culled_and_trimmed_while_read(
+    workdir: Path,
+    loop_fs: Callable[..., Path],
+    daemon: Callable[[str], Daemon],
+) -> None:
+    """``cache_max_bytes`` below the image's size: the stale cache file of an image no
+    longer served is culled whole (file and sidecar), the mounted image is trimmed
+    live while it is read, every read meanwhile is right (never zeros), and after
+    dropping the page caches everything reads right again, trimmed chunks refetched."""
+    src, root, image = build(workdir, "plain")
+    cache = loop_fs(256)
+    stale = cache / "fanotify" / "imgs" / "old.erofs"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(os.urandom(2 << 20))
+    os.utime(stale, (1, 1))
+    mnt = workdir / "mnt"
+    conf = config(
+        cache,
+        f"file://{root}/{{volume}}/{{cookie}}",
+        f"fanotify_image {image} {mnt}\n",
+        "cache_max_bytes 3M\n",
+    )
+    expected = tree_digests(src)
+    image_size = (root / image).stat().st_size
+    assert image_size > 5 << 20
+    d = daemon(conf)
+    d.start(timeout=300)
+    assert tree_digests(mnt) == expected  # read while the space thread trims
+    deadline = time.monotonic() + 60
+    while not d.count("fanotify.trimmed") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not stale.exists(), "the stale cache file was not culled"
+    assert d.count("fanotify.trimmed") >= 1
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    assert tree_digests(mnt) == expected  # refetched, never zeros
+    assert d.stop() == 0
+    stats = stats_of(d)
+    assert int(stats["bytes_fetched"]) > image_size, stats  # type: ignore[call-overload]
+    assert int(stats["cull_trimmed"]) >= 1 and int(stats["cull_culled"]) >= 1, stats  # type: ignore[call-overload]
+    assert stats["fill_failed"] == 0 and stats["responses_failed"] == 0, stats
+    assert d.count("fanotify.denied") == 0
+    assert d.count("fanotify.trim_failed") == 0

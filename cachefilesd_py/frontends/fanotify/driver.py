@@ -20,6 +20,8 @@ lets a read through), and
   reader either way). Never allowed unfilled.
 - a blob whose every chunk is present gets an ignore mark (``images.silence``): the
   kernel stops asking for it;
+- a fill of a blob being trimmed is parked, not run, and resubmitted when the trim
+  ends (``trim.py``); the trim's own punch raises an event that is allowed at once;
 - each answer is written, then the event's fd closed (``OwnedFd``), in that order: the
   kernel matches answers by fd number, and a number closed first could be handed to
   the next event.
@@ -42,18 +44,20 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from cachefilesd_py.engine.latency import LatencyHistogram
-from cachefilesd_py.engine.schedule import LaneScheduler
+from cachefilesd_py.engine.schedule import LaneScheduler, SchedulerClosed
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import CachefilesdError
 from cachefilesd_py.frontends.fanotify import session as sess
 from cachefilesd_py.frontends.fanotify import wire
 from cachefilesd_py.frontends.fanotify.images import ServedBlob, silence
+from cachefilesd_py.frontends.fanotify.trim import TrimGuard
 from cachefilesd_py.kernel import fanotify
 from cachefilesd_py.kernel.dio import AlignedBuffer
 from cachefilesd_py.kernel.fd import OwnedFd
@@ -132,7 +136,11 @@ class FanotifyDriver:
         self.engine = engine
         self.fetch_timeout = fetch_timeout
         self.deny_errno = deny_errno_of(group.fileno())
-        self.session: sess.Session[ServedBlob] = sess.Session(_present, deny_errno=self.deny_errno)
+        self.session: sess.Session[ServedBlob] = sess.Session(
+            self._present_now, deny_errno=self.deny_errno, own_punch=_own_punch
+        )
+        #: answers from the bitmap decided in this batch, not yet written (trim.py)
+        self._allowing: list[tuple[TrimGuard, int]] = []
         self.fills = LaneScheduler("fanotify-fill", workers=workers, capacity=capacity)
         self.stats = DriverStats()
         self._stats_lock = threading.Lock()
@@ -144,6 +152,8 @@ class FanotifyDriver:
         self._fds_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        #: told of every miss (the cull policy's "touch"), from the reader thread
+        self.on_miss: Callable[[ServedBlob], None] = lambda _served: None
 
     # -- the loop --------------------------------------------------------------------
 
@@ -179,8 +189,24 @@ class FanotifyDriver:
                 return handled
             received = time.monotonic()
             handled += 1
-            self.run(self.session.receive(raw, _identify), received)
+            try:
+                self.run(self.session.receive(raw, _identify), received)
+            finally:  # every answer from the bitmap of this batch is written now
+                for guard, epoch in self._allowing:
+                    guard.end_allow(epoch)
+                self._allowing.clear()
         return handled
+
+    def _present_now(self, served: ServedBlob, offset: int, length: int) -> bool:
+        """The bitmap lookup of the reader thread, registered with the blob's trim
+        guard until the batch's answers are written (a trim waits for it)."""
+        guard = served.guard
+        epoch = guard.begin_allow()
+        if _present(served, offset, length):
+            self._allowing.append((guard, epoch))
+            return True
+        guard.end_allow(epoch)
+        return False
 
     def stop(self) -> None:
         """Stop reading, then finish every fill in flight (each gets its answer)."""
@@ -240,13 +266,29 @@ class FanotifyDriver:
         owned = OwnedFd(fill.fd)
         with self._fds_lock:
             self._fill_fds[fill.fd] = owned
-        self.engine_missed(fill.image)
+        self.on_miss(fill.image)
         self.fills.submit(fill.image.origin, lambda: self._fill(fill, owned, received))
 
-    def engine_missed(self, served: ServedBlob) -> None:
-        """Hook for the space policy (a miss touches the blob); nothing yet."""
-
     def _fill(self, fill: sess.Fill[ServedBlob], owned: OwnedFd, received: float) -> None:
+        guard = fill.image.guard
+        if not guard.enter_fill(lambda: self._resume_fill(fill, owned, received)):
+            return  # a trim of this blob runs: resubmitted when it ends (trim.py)
+        try:
+            ok = self._fill_range(fill, owned, received)
+            if ok:
+                self.maybe_silence(fill.image)
+        finally:
+            guard.exit_fill()
+
+    def _resume_fill(self, fill: sess.Fill[ServedBlob], owned: OwnedFd, received: float) -> None:
+        """A fill parked during a trim goes back to the scheduler (its event still
+        waits); after shutdown it is denied."""
+        try:
+            self.fills.submit(fill.image.origin, lambda: self._fill(fill, owned, received))
+        except SchedulerClosed:
+            self.run(self.session.filled(fill.ticket, False), received)
+
+    def _fill_range(self, fill: sess.Fill[ServedBlob], owned: OwnedFd, received: float) -> bool:
         ok = False
         try:
             blob = fill.image.blob
@@ -277,8 +319,7 @@ class FanotifyDriver:
             # whatever happened, the event gets its answer (deny unless filled)
             self.run(self.session.filled(fill.ticket, ok), received)
             self.fill_times.record(time.monotonic() - received)
-        if ok:
-            self.maybe_silence(fill.image)
+        return ok
 
     def maybe_silence(self, served: ServedBlob) -> None:
         """An ignore mark for a blob whose every chunk is present (counted)."""
@@ -315,6 +356,11 @@ def _identify(fd: int) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _own_punch(served: ServedBlob, pid: int, offset: int, length: int) -> bool:
+    """The event of the daemon's own hole punch in a range it is trimming (trim.py)."""
+    return pid == os.getpid() and served.guard.own_punch(offset, length)
 
 
 def _present(served: ServedBlob, offset: int, length: int) -> bool:

@@ -32,15 +32,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.config.model import FanotifyImage
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import CachefilesdError
 from cachefilesd_py.frontends.fanotify import images as img
 from cachefilesd_py.frontends.fanotify.driver import FanotifyDriver
+from cachefilesd_py.frontends.fanotify.space import FanotifyCuller, SpaceThread
 from cachefilesd_py.kernel import fanotify
 from cachefilesd_py.kernel.fd import OwnedFd
 from cachefilesd_py.sources.policy import Deadline
@@ -61,8 +65,13 @@ class FanotifyFrontend:
         workers: int = 8,
         fetch_timeout: float = 30.0,
         silence_complete: bool = True,
+        culler: Callable[[FanotifyFrontend], FanotifyCuller] | None = None,
     ) -> None:
         self.silence_complete = silence_complete
+        #: builds the culler once the group exists (None: no culling, ``nocull``)
+        self.make_culler = culler
+        self.culler: FanotifyCuller | None = None
+        self.space: SpaceThread | None = None
         self.engine = engine
         self.cache_dir = cache_dir
         self.specs = specs
@@ -98,7 +107,32 @@ class FanotifyFrontend:
                     config=f"{spec.file}:{spec.line}",
                 )
                 failed.append((spec, str(exc)))
+        if self.make_culler is not None:
+            self.culler = self.make_culler(self)
+            culler = self.culler
+            self.driver.on_miss = lambda served: culler.missed(served.key)
+            for image in self.images:
+                for served in image.blobs:
+                    culler.opened(served.key, served.size)
+            self.space = SpaceThread(culler).start()
         return failed
+
+    def served(self) -> dict[BlobKey, img.ServedBlob]:
+        """The blobs mounts read now, by key (the culler may only trim them)."""
+        return {b.key: b for image in self.images for b in image.blobs}
+
+    def unsilence(self, served: img.ServedBlob) -> None:
+        """Remove a blob's ignore mark (before a trim punches it)."""
+        assert self.group is not None
+        img.unsilence(self.group.fileno(), served)
+
+    def stats_fields(self) -> dict[str, Any]:
+        """The driver's counters and the culler's totals."""
+        fields: dict[str, Any] = self.driver.stats_fields() if self.driver is not None else {}
+        if self.culler is not None:
+            fields.update({f"cull_{k}": v for k, v in self.culler.totals.as_fields().items()})
+            fields["cull_freed_bytes"] = self.culler.totals.freed_bytes
+        return fields
 
     def _serve_image(self, spec: FanotifyImage) -> img.ServedImage:
         assert self.group is not None and self.driver is not None
@@ -159,6 +193,9 @@ class FanotifyFrontend:
         ``abort`` was set while a mount was still busy."""
         if self.driver is None or self.group is None:
             return True
+        if self.space is not None:  # no trim may run once images go down
+            self.space.stop()
+            self.space = None
         waited_since = time.monotonic()
         last_log = 0.0
         while True:
