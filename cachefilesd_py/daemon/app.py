@@ -74,6 +74,11 @@ def import_mode(config: Config) -> None:
     The control server and metrics of classic mode are imported by the serving
     worker while it already culls (:meth:`Daemon._serve_classic`)."""
     if config.ondemand:
+        # the codec socket.getaddrinfo() imports at a process's first connection: a
+        # new worker's first HTTP request, on the path of the first READ after a
+        # failover (docs/benchmarks.md, "Failover")
+        import encodings.idna  # noqa: F401
+
         from cachefilesd_py.daemon import control  # noqa: F401
         from cachefilesd_py.engine import service  # noqa: F401
         from cachefilesd_py.frontends.ondemand import driver, space  # noqa: F401
@@ -261,6 +266,11 @@ class Daemon:
         state_dir = self.cache_dir / STATE_DIR_NAME
         presence = PresenceStore(state_dir / "presence")
         self._factory = SourceFactory(source_settings(self.config))
+        if any(
+            rule.url_template.lower().startswith(("http:", "https:"))
+            for rule in self.config.sources
+        ):
+            self._factory.prepare_http()  # not in the reader's first OPEN after a failover
         engine = Engine(
             resolve=SourceResolver(self.config.sources).resolve,
             open_source=self._factory.open,
