@@ -39,6 +39,7 @@ from cachefilesd_py.config.load import load_config
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.daemon import host
 from cachefilesd_py.daemon.control import serve_control
+from cachefilesd_py.daemon.fanotify_keeper import FanotifyHold
 from cachefilesd_py.daemon.stats import Collect, StatsReporter
 from cachefilesd_py.engine.cull import BlobCuller
 from cachefilesd_py.engine.service import Engine, EngineSettings
@@ -225,11 +226,17 @@ class Daemon:
     _culler: BlobCuller | None = None
     _reporter: StatsReporter | None = None
 
-    def prepare(self, device: Device) -> None:
-        """Build what serving needs, without reading from or writing to the device."""
+    _fanotify: FanotifyHold | None = None
+
+    def prepare(self, device: Device | None, fanotify: FanotifyHold | None = None) -> None:
+        """Build what serving needs, without reading from or writing to the device
+        (fanotify mode: keep the supervisor's group; the stack is built in
+        :meth:`serve`, it needs no imports)."""
         self._device = device
+        self._fanotify = fanotify
         if not self.config.ondemand:
             return
+        assert device is not None
         state_dir = self.cache_dir / STATE_DIR_NAME
         presence = PresenceStore(state_dir / "presence")
         self._factory = SourceFactory(source_settings(self.config))
@@ -262,6 +269,8 @@ class Daemon:
     def serve(self, on_serving: Callable[[], object] = lambda: None) -> int:
         """Serve the bound device until :attr:`stop` is set; ``on_serving`` is called
         once the worker reads requests."""
+        if self._fanotify is not None:
+            return self.run_fanotify(0, hold=self._fanotify, on_ready=on_serving)
         assert self._device is not None, "prepare() first"
         if self.config.ondemand:
             return self._serve_ondemand(on_serving)
@@ -314,8 +323,15 @@ class Daemon:
             log.info("stats", final=True, **collect())
         return 0
 
-    def run_fanotify(self, nofile: int) -> int:
-        """fanotify mode: one process, no /dev/cachefiles (daemon/fanotify_mode.py)."""
+    def run_fanotify(
+        self,
+        nofile: int,
+        *,
+        hold: FanotifyHold | None = None,
+        on_ready: Callable[[], object] | None = None,
+    ) -> int:
+        """fanotify mode (daemon/fanotify_mode.py): in a worker, over the group the
+        supervisor holds (``hold``); without one, this process makes and owns it."""
         from cachefilesd_py.daemon.fanotify_mode import run_fanotify
 
         def keep_reporter(reporter: StatsReporter) -> None:
@@ -335,6 +351,8 @@ class Daemon:
                 nofile=nofile,
                 on_engine=keep_engine,
                 on_reporter=keep_reporter,
+                hold=hold,
+                on_ready=on_ready,
             )
         finally:
             log.info("terminated")

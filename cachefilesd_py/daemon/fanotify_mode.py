@@ -22,8 +22,10 @@ import structlog
 
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.daemon import host, systemd
+from cachefilesd_py.daemon.fanotify_keeper import FanotifyHold
 from cachefilesd_py.daemon.stats import StatsReporter
 from cachefilesd_py.engine.service import Engine, EngineSettings
+from cachefilesd_py.frontends.fanotify.inflight import InflightJournal
 from cachefilesd_py.frontends.fanotify.service import FanotifyFrontend
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory, SourceSettings
@@ -43,6 +45,8 @@ def run_fanotify(
     nofile: int,
     on_engine: Callable[[Engine], None] = lambda _e: None,
     on_reporter: Callable[[StatsReporter], None] = lambda _r: None,
+    hold: FanotifyHold | None = None,
+    on_ready: Callable[[], object] | None = None,
 ) -> int:
     presence = PresenceStore(state_dir / "presence")
     factory = SourceFactory(source_settings)
@@ -59,12 +63,16 @@ def run_fanotify(
         log.warning(
             "fanotify.no_culling", note="cache limits are not enforced in fanotify mode yet"
         )
+    journal = InflightJournal.attach(hold.journal_fd) if hold is not None else None
     frontend = FanotifyFrontend(
         engine,
         cache_dir,
         config.fanotify_images,
         workers=config.fetch_concurrency,
         fetch_timeout=config.fetch_timeout,
+        group=hold.group if hold is not None else None,
+        journal=journal,
+        silent=hold.silent if hold is not None else None,
     )
     engine.start()
     try:
@@ -72,7 +80,10 @@ def run_fanotify(
         if len(failed) == len(config.fanotify_images):
             log.error("fanotify.no_image_served")
             return 1
-        systemd.ready()
+        if on_ready is not None:
+            on_ready()
+        else:
+            systemd.ready()
         log.info("cache.device", **host.cache_device(str(cache_dir)))
         log.info(
             "ready",
@@ -82,6 +93,7 @@ def run_fanotify(
             images=len(frontend.images),
             failed=len(failed),
             chunk_size=config.chunk_size,
+            takeover=vars(frontend.takeover) if frontend.takeover is not None else None,
         )
 
         def collect() -> dict[str, object]:
@@ -107,4 +119,6 @@ def run_fanotify(
         frontend.stop()
         engine.close()
         factory.close()
+        if journal is not None:
+            journal.close()
     return 0

@@ -27,8 +27,10 @@ from pathlib import Path
 import structlog
 
 from cachefilesd_py.config.model import Config
+from cachefilesd_py.daemon import fanotify_mode as _fanotify_mode  # noqa: F401 - same
 from cachefilesd_py.daemon import host, limits, privileges, systemd
 from cachefilesd_py.daemon import worker as _worker  # noqa: F401 - imported for the forks
+from cachefilesd_py.daemon.fanotify_keeper import FanotifyKeeper
 from cachefilesd_py.daemon.keeper import DeviceKeeper
 from cachefilesd_py.daemon.logging import set_process
 from cachefilesd_py.daemon.supervisor import Supervisor
@@ -91,22 +93,15 @@ def run(config: Config, options: object) -> int:
                     note="raise LimitNOFILE= / ulimit -n for more concurrently open blobs")
     if not Path(config.dir).is_dir():
         raise OSError(errno.ENOENT, f"Can't confirm cache location: {config.dir}")
-    if config.fanotify:
-        # no /dev/cachefiles: one process serves the fanotify group (no supervisor or
-        # fd store for it yet, README "fanotify mode")
-        from cachefilesd_py.daemon.app import Daemon
-
-        daemon = Daemon(
-            config,
-            getattr(options, "config_path", "/etc/cachefilesd.conf"),
-            bool(getattr(options, "nocull", False)),
-        )
-        daemon.install_signals()
-        return daemon.run_fanotify(nofile)
-    keeper = DeviceKeeper(config)
+    # fanotify mode: no /dev/cachefiles, the supervisor holds the group instead and
+    # keeps CAP_SYS_ADMIN (workers mount and unmount the images)
+    keeper: DeviceKeeper | FanotifyKeeper = (
+        FanotifyKeeper(config) if config.fanotify else DeviceKeeper(config)
+    )
     keeper.acquire(systemd.listen_fds())
     try:
-        privileges.drop_after_bind(config.dir)
+        if isinstance(keeper, DeviceKeeper):
+            privileges.drop_after_bind(config.dir)
         log.info("cache.device", nofile=nofile, **host.cache_device(config.dir))
         if not getattr(options, "foreground", True):
             daemonize(getattr(options, "pidfile", "/var/run/cachefilesd.pid"))
