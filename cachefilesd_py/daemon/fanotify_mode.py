@@ -7,6 +7,11 @@ Start-up: raise RLIMIT_NOFILE (every event in flight holds an fd) → presence s
 engine → frontend (group, images, mounts) → READY=1. An image that cannot be served is
 logged; if none can, the daemon exits with an error.
 
+Run in a worker, the group, the in-flight journal and the silent fds are the
+supervisor's (``daemon/fanotify_keeper.py``): a worker's death never closes the group,
+and the next worker adopts the mounts and answers what the dead one had read
+(``frontends/fanotify/service.py``, docs/failover.md "fanotify mode").
+
 SIGTERM: every mount is unmounted first, and the group stays open and served while a
 mount is busy (``frontends/fanotify/service.py``): the daemon never leaves a mount it
 can no longer serve. Culling is not done in this mode yet (README, "fanotify mode").

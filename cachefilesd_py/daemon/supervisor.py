@@ -23,6 +23,12 @@ workers (the serving one finishes its READs) and then the supervisor, exit 0. SI
 checks the configuration file and, if it is valid, forwards SIGHUP to the serving
 worker (new ``source`` rules) and replaces the spare. SIGUSR1 is forwarded.
 
+fanotify mode (``daemon/fanotify_keeper.py``): the supervisor holds the fanotify group
+instead of the device, plus the in-flight journal and silent fds; nothing is written
+at a worker's death (the successor answers the dead worker's events itself), and a
+serving worker is never killed at the stop deadline, nor the supervisor gone, while
+one of its mounts lives.
+
 If the supervisor itself dies, its workers die with it (parent-death signal); systemd
 restarts it with the device from the fd store and it writes ``restore`` before the
 first worker reads. Without systemd there is no store: the cache unbinds.
