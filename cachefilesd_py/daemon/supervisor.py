@@ -121,6 +121,12 @@ class Supervisor:
         self.keeper = keeper
         self._worker_main = worker_main
         self.limits = limits or Limits.for_fetch_timeout(config.fetch_timeout)
+        if config.fanotify and limits is None:
+            # a fanotify worker serves only after opening its blobs, answering a dead
+            # worker's events and mounting: fetches, bounded like a READ
+            self.limits = dataclasses.replace(
+                self.limits, start=max(self.limits.start, self.limits.read)
+            )
         self.budget = budget or CrashBudget()
         self.use_spare = use_spare
         self._clock = clock
