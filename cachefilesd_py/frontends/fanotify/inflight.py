@@ -59,6 +59,7 @@ DEFAULT_SLOTS = 1100
 _EVENT_HEAD = struct.Struct("<I4xQi")  # event_len, mask, fd
 _IDENTIFIED = 16
 _DONE = 17
+_ZEROS = bytes(SLOT_SIZE - 1)
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ class InflightJournal:
                 return None
             slot = self._free.pop()
         base = self._base(slot)
-        self._mm[base + 1 : base + SLOT_SIZE] = bytes(SLOT_SIZE - 1)
+        self._mm[base + 1 : base + SLOT_SIZE] = _ZEROS
         self._mm[base] = 1
         area = memoryview(self._mm)[base + SLOT_HEADER : base + SLOT_HEADER + EVENTS_SIZE]
         try:
