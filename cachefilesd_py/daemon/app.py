@@ -227,13 +227,23 @@ class Daemon:
     _reporter: StatsReporter | None = None
 
     _fanotify: FanotifyHold | None = None
+    _fanotify_built: tuple[Engine, SourceFactory] | None = None
 
     def prepare(self, device: Device | None, fanotify: FanotifyHold | None = None) -> None:
         """Build what serving needs, without reading from or writing to the device
-        (fanotify mode: keep the supervisor's group; the stack is built in
-        :meth:`serve`, it needs no imports)."""
+        (fanotify mode: keep the supervisor's group, build the engine)."""
         self._device = device
         self._fanotify = fanotify
+        if fanotify is not None:
+            from cachefilesd_py.daemon.fanotify_mode import build_engine
+
+            self._fanotify_built = build_engine(
+                self.config,
+                self.cache_dir / STATE_DIR_NAME,
+                engine_settings=engine_settings(self.config),
+                source_settings=source_settings(self.config),
+            )
+            return
         if not self.config.ondemand:
             return
         assert device is not None
@@ -353,6 +363,7 @@ class Daemon:
                 on_reporter=keep_reporter,
                 hold=hold,
                 on_ready=on_ready,
+                built=self._fanotify_built if hold is not None else None,
             )
         finally:
             log.info("terminated")

@@ -39,6 +39,24 @@ from cachefilesd_py.sources.resolve import SourceResolver
 log = structlog.get_logger("daemon")
 
 
+def build_engine(
+    config: Config,
+    state_dir: Path,
+    *,
+    engine_settings: EngineSettings,
+    source_settings: SourceSettings,
+) -> tuple[Engine, SourceFactory]:
+    """The engine and its source factory, not started: a spare builds them ahead."""
+    factory = SourceFactory(source_settings)
+    engine = Engine(
+        resolve=SourceResolver(config.sources).resolve,
+        open_source=factory.open,
+        presence=PresenceStore(state_dir / "presence"),
+        settings=engine_settings,
+    )
+    return engine, factory
+
+
 def run_fanotify(
     config: Config,
     cache_dir: Path,
@@ -52,14 +70,10 @@ def run_fanotify(
     on_reporter: Callable[[StatsReporter], None] = lambda _r: None,
     hold: FanotifyHold | None = None,
     on_ready: Callable[[], object] | None = None,
+    built: tuple[Engine, SourceFactory] | None = None,
 ) -> int:
-    presence = PresenceStore(state_dir / "presence")
-    factory = SourceFactory(source_settings)
-    engine = Engine(
-        resolve=SourceResolver(config.sources).resolve,
-        open_source=factory.open,
-        presence=presence,
-        settings=engine_settings,
+    engine, factory = built or build_engine(
+        config, state_dir, engine_settings=engine_settings, source_settings=source_settings
     )
     on_engine(engine)
     if not config.nocull and (

@@ -83,6 +83,8 @@ def test_worker_killed_under_reads_never_fails_open(
     print(f"\nkill -> next worker serving ({KILLS} kills): {fr.summary(takeovers)}")
     print("orphans answered by each successor: "
           + str([(e.get("orphans"), e.get("allowed"), e.get("gone")) for e in answered]))
+    print("per takeover, s after the death was noticed (frontend start, orphans answered, "
+          f"serving): {_breakdown(events)}")
     after = [round(t - kills_done, 1) for t in readers.first_pass_done]
     print(f"reads: {len(results)}; first passes done {after} s after the last kill")
     bad = [r for r in results if not r.ok]
@@ -99,3 +101,20 @@ def test_worker_killed_under_reads_never_fails_open(
     assert sum(int(e.get("orphans") or 0) for e in answered) >= 1, answered
     assert d.stop() == 0
     assert not os.path.ismount(mnt), "a stop unmounts before the group closes"
+
+
+def _breakdown(events: list[dict[str, object]]) -> list[tuple[float | None, ...]]:
+    """For each worker death: seconds to the successor's ``fanotify.group`` (its
+    frontend starts), ``fanotify.orphans_answered`` and the supervisor's
+    ``worker.serving``."""
+    out = []
+    deaths = [i for i, e in enumerate(events) if e.get("event") == "worker.died"]
+    for n, i in enumerate(deaths):
+        end = deaths[n + 1] if n + 1 < len(deaths) else len(events)
+        t0 = fr.event_time(events[i])
+        marks: list[float | None] = []
+        for name in ("fanotify.group", "fanotify.orphans_answered", "worker.serving"):
+            ev = next((e for e in events[i:end] if e.get("event") == name), None)
+            marks.append(None if ev is None else round(fr.event_time(ev) - t0, 2))
+        out.append(tuple(marks))
+    return out
