@@ -322,11 +322,17 @@ def importtime(env: dict[str, str]) -> None:
     t = time.monotonic()
     subprocess.run([sys.executable, "-c", "pass"], check=True, env=full, cwd="/")
     bare = time.monotonic() - t
+    # what ``cachefilesd-py -n -s -f CONF`` imports in classic mode: structlog as the
+    # command line imports it (daemon/lean_imports.py), the modules up to ``bind``
+    # (daemon.start), then what a classic worker needs (daemon.app.import_mode)
     mods = (
-        "cachefilesd_py.daemon.cli, cachefilesd_py.daemon.app, "
+        "cachefilesd_py.daemon.cli, cachefilesd_py.daemon.start, "
         "cachefilesd_py.frontends.classic.driver"
     )
-    code = f"import {mods}; import cachefilesd_py; print(cachefilesd_py.__file__)"
+    code = (
+        "from cachefilesd_py.daemon.lean_imports import import_structlog; import_structlog(); "
+        f"import {mods}; import cachefilesd_py; print(cachefilesd_py.__file__)"
+    )
     t = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code],

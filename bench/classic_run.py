@@ -211,13 +211,31 @@ def daemon_argv(daemon: str, conf: Path) -> list[str]:
     return [*prog, "-n", "-s", "--log-format", "json", "-f", str(conf)]
 
 
-def daemon_pid(proc: subprocess.Popen[bytes]) -> int:
-    """The daemon's pid: ``proc`` itself, or the descendant a wrapper started."""
+def daemon_pid(proc: subprocess.Popen[bytes], wrapped: bool) -> int:
+    """The daemon's main pid: ``proc`` itself, or the process a wrapper (strace,
+    py-spy) started, its direct child. Not "the last descendant": cachefilesd-py's main
+    process is a supervisor with worker processes (docs/failover.md), and a SIGTERM
+    sent to its spare worker only makes it fork another — the daemon then ran on until
+    killed, exit -9, which failed the guest smoke test whenever the spare was listed
+    last."""
+    if not wrapped:
+        return proc.pid
     try:
-        children = psutil.Process(proc.pid).children(recursive=True)
+        children = psutil.Process(proc.pid).children()
     except psutil.Error:
         return proc.pid
-    return children[-1].pid if children else proc.pid
+    return min(children, key=lambda c: c.pid).pid if children else proc.pid
+
+
+def peak_rss_kib(pid: int) -> int | None:
+    """The largest VmHWM among ``pid`` and its descendants (cachefilesd-py's supervisor
+    and its workers; the serving worker, a fork of the supervisor, counts the pages it
+    shares with it too)."""
+    pids = [pid]
+    with contextlib.suppress(psutil.Error):
+        pids += [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    peaks = [p for p in map(vmhwm_kib, pids) if p is not None]
+    return max(peaks) if peaks else None
 
 
 BOUND_MARKS = {"c": "Bound cache", "py": '"event": "bound"'}
@@ -282,11 +300,11 @@ class Watcher:
         reader.start()
         try:
             self._watch(proc, r)
-            r.vmhwm_kib = vmhwm_kib(daemon_pid(proc))
+            r.vmhwm_kib = peak_rss_kib(daemon_pid(proc, bool(r.wrapped)))
         finally:
             if proc.poll() is None:
                 # a wrapper (strace, py-spy) writes its report when the daemon exits
-                os.kill(daemon_pid(proc), signal.SIGTERM)
+                os.kill(daemon_pid(proc, bool(r.wrapped)), signal.SIGTERM)
                 try:
                     proc.wait(120)
                 except subprocess.TimeoutExpired:

@@ -39,7 +39,6 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -87,6 +86,8 @@ class BlobKey:
     @property
     def digest(self) -> bytes:
         """sha256 of ``volume_key NUL name``: names the presence sidecar."""
+        import hashlib  # on-demand only: OpenSSL's libcrypto is slow to load in a guest
+
         return hashlib.sha256(self.volume_key + b"\0" + self.name).digest()
 
     def __str__(self) -> str:

@@ -31,26 +31,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from cachefilesd_py.config.load import load_config
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.daemon import host
-from cachefilesd_py.daemon.control import serve_control
-from cachefilesd_py.daemon.fanotify_keeper import FanotifyHold
 from cachefilesd_py.daemon.stats import Collect, StatsReporter
-from cachefilesd_py.engine.cull import BlobCuller
-from cachefilesd_py.engine.service import Engine, EngineSettings
 from cachefilesd_py.frontends.bind import kernel_commands
-from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
-from cachefilesd_py.frontends.ondemand.space import make_culler
 from cachefilesd_py.kernel.device import Device
-from cachefilesd_py.presence.store import PresenceStore
-from cachefilesd_py.sources.open import SourceFactory, SourceSettings
-from cachefilesd_py.sources.resolve import SourceResolver
 from cachefilesd_py.space.caps import CullRules
+
+if TYPE_CHECKING:  # on-demand mode's stack: imported by the mode that uses it
+    from cachefilesd_py.daemon.fanotify_keeper import FanotifyHold
+    from cachefilesd_py.engine.cull import BlobCuller
+    from cachefilesd_py.engine.service import Engine, EngineSettings
+    from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
+    from cachefilesd_py.sources.open import SourceFactory, SourceSettings
 
 log = structlog.get_logger("daemon")
 
@@ -66,7 +64,30 @@ def raise_nofile_limit() -> int:
     return hard
 
 
+def import_mode(config: Config) -> None:
+    """Import what a worker of ``config``'s mode serves with, and nothing else.
+
+    The supervisor calls this once the cache is bound, before it forks the first
+    worker, so that workers (forks of it) start with everything imported. Classic mode
+    needs none of the on-demand stack (engine, sources and their HTTP client,
+    presence store, control server): not importing it is most of classic mode's
+    start-up in a slow guest (docs/benchmarks.md, "Classic mode vs cachefilesd C").
+    The control server and metrics of classic mode are imported by the serving
+    worker while it already culls (:meth:`Daemon._serve_classic`)."""
+    if config.fanotify:
+        from cachefilesd_py.daemon import fanotify_mode  # noqa: F401
+    elif config.ondemand:
+        from cachefilesd_py.daemon import control  # noqa: F401
+        from cachefilesd_py.engine import service  # noqa: F401
+        from cachefilesd_py.frontends.ondemand import driver, space  # noqa: F401
+        from cachefilesd_py.sources import open as _open  # noqa: F401
+    else:
+        from cachefilesd_py.frontends.classic import driver as _classic  # noqa: F401
+
+
 def engine_settings(config: Config) -> EngineSettings:
+    from cachefilesd_py.engine.service import EngineSettings
+
     return EngineSettings(
         chunk_size=config.chunk_size,
         chunk_size_rules=tuple((r.pattern, r.size) for r in config.source_chunk_sizes),
@@ -80,6 +101,7 @@ def engine_settings(config: Config) -> EngineSettings:
 
 def source_settings(config: Config) -> SourceSettings:
     from cachefilesd_py.config.load import headers_for
+    from cachefilesd_py.sources.open import SourceSettings
 
     return SourceSettings(
         ca_file=config.ca_file,
@@ -196,6 +218,7 @@ class Daemon:
         from dataclasses import replace
 
         from cachefilesd_py.config.load import headers_for
+        from cachefilesd_py.sources.resolve import SourceResolver
 
         live = {"sources", "source_headers", "fetch_retries", "readahead"}
         engine.resolve = SourceResolver(new.sources).resolve
@@ -247,6 +270,13 @@ class Daemon:
         if not self.config.ondemand:
             return
         assert device is not None
+        from cachefilesd_py.engine.service import Engine
+        from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
+        from cachefilesd_py.frontends.ondemand.space import make_culler
+        from cachefilesd_py.presence.store import PresenceStore
+        from cachefilesd_py.sources.open import SourceFactory
+        from cachefilesd_py.sources.resolve import SourceResolver
+
         state_dir = self.cache_dir / STATE_DIR_NAME
         presence = PresenceStore(state_dir / "presence")
         self._factory = SourceFactory(source_settings(self.config))
@@ -320,6 +350,8 @@ class Daemon:
                 **host.footprint(),
             }
 
+        from cachefilesd_py.daemon.control import serve_control
+
         self._reporter = StatsReporter(collect).start()
         control = serve_control(self, "ondemand", collect, engine, driver)
         on_serving()
@@ -374,6 +406,10 @@ class Daemon:
         control = []
 
         def report(collect: Collect) -> None:
+            # called after the first pass: the control server and its metrics
+            # (prometheus-client, http.server) take seconds to import in a slow guest
+            from cachefilesd_py.daemon.control import serve_control
+
             self._reporter = StatsReporter(lambda: {**collect(), **host.footprint()}).start()
             control.append(serve_control(self, "classic", collect, None, None))
 

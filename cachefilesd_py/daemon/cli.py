@@ -69,9 +69,11 @@ def parse_args(argv: list[str] | None) -> Options:
     return Options(a.d, a.s, a.n, a.N, a.f, a.p, a.log_format, a.check_config)
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
+    # first: before anything imports structlog (daemon/lean_imports.py says why)
+    from cachefilesd_py.daemon.lean_imports import import_structlog
+
+    import_structlog()
     opts = parse_args(argv)
     if opts.check_config:
         from cachefilesd_py.config.check import check_config_main

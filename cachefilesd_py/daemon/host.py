@@ -16,7 +16,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import psutil
 import structlog
 
 log = structlog.get_logger("daemon.host")
@@ -25,12 +24,21 @@ log = structlog.get_logger("daemon.host")
 _logged = threading.Event()
 
 
-def cache_device(path: str) -> dict[str, Any]:
-    """The block device under ``path``: name, model, rotational, read-only, size."""
+def cache_device(path: str, *, udev: bool = True) -> dict[str, Any]:
+    """The block device under ``path``: name, model, rotational, read-only, size.
+
+    ``udev=False`` reads sysfs only: classic mode logs this between ``bind`` and its
+    first cull, and importing pyudev (``ctypes.util`` and its search for libudev)
+    takes seconds in a slow guest."""
     try:
         dev = os.stat(path).st_dev
     except OSError as exc:
         return {"device": "unknown", "why": str(exc)}
+    if not udev:
+        try:
+            return _from_sysfs(dev)
+        except Exception as exc:
+            return {"device": "unknown", "why": repr(exc)}
     try:
         return _from_udev(dev)
     except ImportError as exc:  # no libudev.so.1
@@ -103,6 +111,8 @@ def _from_sysfs(dev: int, sys_root: str = "/sys") -> dict[str, Any]:
 
 def footprint() -> dict[str, Any]:
     """Resident memory, open fds and CPU seconds of this process."""
+    import psutil  # not before the first stats line: start-up in a slow guest
+
     proc = psutil.Process()
     with proc.oneshot():
         cpu = proc.cpu_times()

@@ -11,8 +11,10 @@
 6. run the supervisor, which forks the workers and tells systemd READY=1 once one
    serves (``daemon/supervisor.py``).
 
-Importing this module imports every module a worker needs, so that workers, forked
-from the supervisor, start with nothing left to import.
+Importing this module imports what every mode needs to bind; what a worker of the
+configured mode needs is imported once the cache is bound, before the first fork
+(``daemon/app.py``'s ``import_mode``), so that workers, forked from the supervisor,
+start with nothing left to import, and classic mode never imports on-demand's stack.
 """
 
 from __future__ import annotations
@@ -23,19 +25,20 @@ import errno
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from cachefilesd_py.config.model import Config
-from cachefilesd_py.daemon import fanotify_mode as _fanotify_mode  # noqa: F401 - same
 from cachefilesd_py.daemon import host, limits, privileges, systemd
-from cachefilesd_py.daemon import worker as _worker  # noqa: F401 - imported for the forks
-from cachefilesd_py.daemon.fanotify_keeper import FanotifyKeeper
+from cachefilesd_py.daemon.app import import_mode
 from cachefilesd_py.daemon.keeper import DeviceKeeper
 from cachefilesd_py.daemon.logging import set_process
 from cachefilesd_py.daemon.supervisor import Supervisor
-from cachefilesd_py.frontends.classic import driver as _classic  # noqa: F401 - same
 from cachefilesd_py.kernel import _sys
+
+if TYPE_CHECKING:
+    from cachefilesd_py.daemon.fanotify_keeper import FanotifyKeeper
 
 log = structlog.get_logger("daemon")
 
@@ -95,14 +98,21 @@ def run(config: Config, options: object) -> int:
         raise OSError(errno.ENOENT, f"Can't confirm cache location: {config.dir}")
     # fanotify mode: no /dev/cachefiles, the supervisor holds the group instead and
     # keeps CAP_SYS_ADMIN (workers mount and unmount the images)
-    keeper: DeviceKeeper | FanotifyKeeper = (
-        FanotifyKeeper(config) if config.fanotify else DeviceKeeper(config)
-    )
+    keeper: DeviceKeeper | FanotifyKeeper
+    if config.fanotify:
+        from cachefilesd_py.daemon.fanotify_keeper import FanotifyKeeper
+
+        keeper = FanotifyKeeper(config)
+    else:
+        keeper = DeviceKeeper(config)
     keeper.acquire(systemd.listen_fds())
     try:
         if isinstance(keeper, DeviceKeeper):
             privileges.drop_after_bind(config.dir)
-        log.info("cache.device", nofile=nofile, **host.cache_device(config.dir))
+        import_mode(config)
+        log.info(
+            "cache.device", nofile=nofile, **host.cache_device(config.dir, udev=config.ondemand)
+        )
         if not getattr(options, "foreground", True):
             daemonize(getattr(options, "pidfile", "/var/run/cachefilesd.pid"))
         supervisor = Supervisor(

@@ -45,7 +45,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -54,11 +54,13 @@ from cachefilesd_py.config.model import Config
 from cachefilesd_py.daemon import systemd
 from cachefilesd_py.daemon import worker as worker_mod
 from cachefilesd_py.daemon.channel import KINDS_FROM_WORKER, Channel, Message
-from cachefilesd_py.daemon.fanotify_keeper import FanotifyKeeper
 from cachefilesd_py.daemon.health import Beat, CrashBudget, Limits, verdict
 from cachefilesd_py.daemon.keeper import DeviceKeeper
 from cachefilesd_py.daemon.worker import WorkerSpec
 from cachefilesd_py.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cachefilesd_py.daemon.fanotify_keeper import FanotifyKeeper
 
 log = structlog.get_logger("daemon")
 
@@ -187,7 +189,7 @@ class Supervisor:
 
     def _fork(self, role: str) -> Child | None:
         keeper = self.keeper
-        hold = keeper.hold if isinstance(keeper, FanotifyKeeper) else None
+        hold = getattr(keeper, "hold", None)  # fanotify mode: the group, not a device
         assert keeper.device is not None or hold is not None
         sup_sock, worker_sock = Channel.pair()
         spec = WorkerSpec(

@@ -31,6 +31,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -38,10 +39,12 @@ from cachefilesd_py.config.model import Config
 from cachefilesd_py.daemon import systemd
 from cachefilesd_py.daemon.app import Daemon
 from cachefilesd_py.daemon.channel import KINDS_FROM_SUPERVISOR, Channel
-from cachefilesd_py.daemon.fanotify_keeper import FanotifyHold
 from cachefilesd_py.daemon.logging import set_process
 from cachefilesd_py.kernel import _sys
 from cachefilesd_py.kernel.device import Device
+
+if TYPE_CHECKING:
+    from cachefilesd_py.daemon.fanotify_keeper import FanotifyHold
 
 log = structlog.get_logger("daemon")
 

@@ -35,13 +35,15 @@ call, before any other C code can overwrite it).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
 import stat
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+#: the C library the interpreter itself is linked with (``dlopen(NULL)``: the process's
+#: global symbols). Not ``ctypes.util.find_library("c")``: that imports subprocess and
+#: tempfile and runs ``ldconfig -p`` at every start, seconds in a slow guest.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _libc.ioctl.restype = ctypes.c_int

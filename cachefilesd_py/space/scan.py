@@ -46,33 +46,47 @@ class ScanResult:
 
 
 def walk_objects(cache_dir: str, result: ScanResult) -> Iterator[Candidate]:
+    """Every object under ``cache_dir``, with its ``stat``.
+
+    Each directory is opened once and listed through its fd, so every ``stat`` is an
+    ``fstatat`` relative to that fd (as cachefilesd C does): no walk of the object's
+    whole path from ``/`` per object, which is the dominant cost of a pass when the
+    path crosses a slow or revalidating filesystem (the test guest's root is 9p;
+    docs/benchmarks.md, "Classic mode vs cachefilesd C")."""
     stack: list[tuple[str, str]] = [(cache_dir, "")]
     while stack:
         directory, volume = stack.pop()
         entries = 0
         try:
-            it = os.scandir(directory)
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             continue
-        with it:
-            for entry in it:
-                entries += 1
-                name = entry.name
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        if name.startswith(INDEX_PREFIXES):
-                            stack.append((entry.path, volume or name))
-                        else:
-                            result.strays.append(entry.path)
+        try:
+            with os.scandir(dir_fd) as it:
+                for entry in it:
+                    entries += 1
+                    name = entry.name
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            if name.startswith(INDEX_PREFIXES):
+                                stack.append((os.path.join(directory, name), volume or name))
+                            else:
+                                result.strays.append(os.path.join(directory, name))
+                            continue
+                        if not name.startswith(OBJECT_PREFIXES) or directory == cache_dir:
+                            result.strays.append(os.path.join(directory, name))
+                            continue
+                        st = entry.stat(follow_symlinks=False)  # fstatat(dir_fd, name)
+                    except OSError:
                         continue
-                    if not name.startswith(OBJECT_PREFIXES) or directory == cache_dir:
-                        result.strays.append(entry.path)
-                        continue
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                result.volume_blocks[volume] = result.volume_blocks.get(volume, 0) + st.st_blocks
-                yield Candidate(st.st_atime_ns, st.st_blocks, directory, name)
+                    result.volume_blocks[volume] = (
+                        result.volume_blocks.get(volume, 0) + st.st_blocks
+                    )
+                    yield Candidate(st.st_atime_ns, st.st_blocks, directory, name)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
         if entries == 0 and os.path.basename(directory).startswith("@"):
             result.empty_dirs.append(directory)
 

@@ -199,3 +199,27 @@ def test_an_object_removed_behind_the_index_is_forgotten_by_the_next_scan(
         assert index.known_objects() == 19
     finally:
         index.close()
+
+
+def test_stats_and_control_start_after_the_first_pass_when_the_kernel_asks_at_start(
+    tmp_path: Path,
+) -> None:
+    """The stats line and the control server (seconds of imports in a slow guest) must
+    not delay the pass the kernel is waiting for: ``report_stats`` comes after it."""
+    from cachefilesd_py.config.model import Config
+    from cachefilesd_py.frontends.classic.driver import run_classic
+
+    make_tree(tmp_path, 120)
+    dev = FakeClassic(tmp_path, cull_above=100, run_at=60)  # asks from the start
+    dev.write_command(b"bind")
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def report(collect: object) -> None:
+        seen.append(dev.objects())
+        stop.set()
+
+    config = Config(dir=str(tmp_path))
+    run_classic(dev, config, stop, nocull=False, setup=None, report_stats=report)
+    dev.close()
+    assert seen == [60]  # the first pass had culled to run when stats started

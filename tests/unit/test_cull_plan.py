@@ -186,6 +186,25 @@ def test_outcome_of_the_kernels_answer(err: int, outcome: Outcome) -> None:
 # -- the loop ----------------------------------------------------------------------------
 
 
+def test_run_plan_builds_no_decision_event_when_debug_is_off() -> None:
+    """A pass may cull tens of thousands of objects: at the daemon's usual level
+    (info, a filtering logger) no per-object event is built, not even its fields."""
+    described: list[str] = []
+
+    def describe(c: Candidate) -> str:
+        described.append(c.name)
+        return c.name
+
+    plan = CullPlan(Needs(bytes=2 * MB), volume_of=volume_of, pinned=lambda c: False)
+    at_info = structlog.wrap_logger(
+        structlog.testing.LogCapture(),
+        wrapper_class=structlog.make_filtering_bound_logger(20),  # logging.INFO
+    )
+    tally = run_plan(plan, [cand("a", 1), cand("b", 1)], Remover(), describe=describe,
+                     logger=at_info)
+    assert tally.culled == 2 and described == []
+
+
 def test_run_plan_logs_one_decision_per_candidate() -> None:
     plan = CullPlan(Needs(bytes=2 * MB), volume_of=volume_of, pinned=lambda c: c.name == "p")
     cands = [cand("a", 1), cand("p", 1), cand("b", 1), cand("c", 1)]

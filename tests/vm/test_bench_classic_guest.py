@@ -12,9 +12,12 @@ import pytest
 
 from bench.bench_classic import main
 
-#: a benchmark, not a test of the daemon: it runs cachefilesd C and cachefilesd-py on
-#: copies of a cache (≈ 12 minutes under TCG), so scripts/test leaves it out; run it with
-#: ``scripts/vmtest -- python -m pytest -m bench -p no:cacheprovider tests/vm``
+#: a benchmark, not a test of the daemon: it builds a cache and runs cachefilesd C and
+#: cachefilesd-py on copies of it (≈ 5 minutes under TCG with the guest's boot, more than
+#: a smoke test may cost scripts/test), so scripts/test leaves it out; run it with
+#: ``scripts/vmtest -- python -m pytest -m bench -p no:cacheprovider tests/vm``.
+#: Its one failure before (cachefilesd-py exit -9) was the instrument's: it sent SIGTERM
+#: to the daemon's last descendant, the spare worker, not to its main process.
 pytestmark = [pytest.mark.guest, pytest.mark.bench]
 
 

@@ -352,15 +352,23 @@ class ClassicDriver:
         )
         return done.culled
 
-    def serve(self, stop: threading.Event, poll_interval: float = 1.0) -> None:
+    def serve(
+        self,
+        stop: threading.Event,
+        poll_interval: float = 1.0,
+        started: Callable[[], object] = lambda: None,
+    ) -> None:
+        """Cull while the kernel asks, until ``stop``. ``started`` is called once the
+        first pass is done, when the kernel asks already at start (before, otherwise)."""
         graveyard = os.path.join(self.cache_dir, "graveyard")
         self.stats.reaped += reap(graveyard)
         watch = GraveyardWatch(graveyard)
+        if not self.nocull and self.read_state():
+            # the kernel asks already: the first pass walks the tree itself (a walk
+            # with stat is what the pass costs anyway); the index comes after
+            self.cull_pass()
+        started()
         if not self.nocull:
-            if self.read_state():
-                # the kernel asks already: the first pass walks the tree itself (a
-                # walk with stat is what the pass costs anyway); the index comes after
-                self.cull_pass()
             self.open_index()
         poller = select.poll()
         poller.register(self.device.fileno(), select.POLLIN)
@@ -408,7 +416,9 @@ def run_classic(
 ) -> int:
     """Bind (unless ``commands`` is None: the device is bound already) and serve until
     ``stop``; ``report_stats`` is handed a function returning the driver's counters,
-    for periodic and on-demand stats lines."""
+    for periodic and on-demand stats lines, once the start-up work is done (a first
+    pass when the kernel asks at start: it runs alone, it is what the kernel waits for;
+    the stats line and the control server take seconds to import in a slow guest)."""
     assert config.dir is not None
     driver = ClassicDriver(
         device,
@@ -420,9 +430,8 @@ def run_classic(
     if setup is not None:
         driver.bind(setup)
     on_ready()
-    report_stats(lambda: dict(vars(driver.stats)))
     try:
-        driver.serve(stop)
+        driver.serve(stop, started=lambda: report_stats(lambda: dict(vars(driver.stats))))
     finally:
         log.info("stats", final=True, **vars(driver.stats))
     return 0
