@@ -19,6 +19,12 @@ READ the daemon must serve. Reported per trial:
 - **no kill**: the same probe against a healthy daemon: what a READ costs by itself.
 
 The table gives min / median / max of each. Target (issue 9): worker death ≤ 1 s.
+
+A supervisor death costs a fresh interpreter. ``--import-trials N`` times what most of
+that is, a fresh ``python`` importing what an on-demand supervisor imports before it
+forks, alternately with structlog imported plainly (with ``rich``, which this
+checkout's environment has, and ``asyncio``) and as ``cachefilesd-py`` imports it
+(``daemon/lean_imports.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import argparse
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -70,6 +78,34 @@ def wait_spare_prepared(supervisor: int, log: Path, timeout: float = 300) -> Non
     fr.wait_for_event(log, "worker.prepared", 0, lambda e: e.get("worker") == spare, timeout)
 
 
+#: what the supervisor of an on-demand cache imports before it forks a worker
+#: (``daemon/start.py``, then ``daemon/app.py`` ``import_mode``)
+_DAEMON = (
+    "import cachefilesd_py.daemon.start; "
+    "from cachefilesd_py.config.model import Config; "
+    "from cachefilesd_py.daemon.app import import_mode; import_mode(Config(ondemand=True))"
+)
+#: a fresh interpreter importing it, structlog as such or as the daemon imports it
+IMPORTS = {
+    "structlog plain": f"import structlog; {_DAEMON}",
+    "structlog lean": (
+        "from cachefilesd_py.daemon.lean_imports import import_structlog; "
+        f"import_structlog(); {_DAEMON}"
+    ),
+}
+
+
+def time_imports(trials: int) -> dict[str, list[float]]:
+    """Seconds a fresh ``python -c`` takes to import the daemon, each way, alternately."""
+    out: dict[str, list[float]] = {name: [] for name in IMPORTS}
+    for _ in range(trials):
+        for name, code in IMPORTS.items():
+            started = time.monotonic()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            out[name].append(time.monotonic() - started)
+    return out
+
+
 def row(label: str, values: list[float]) -> str:
     if not values:
         return f"| {label:<44} |   – |      – |      – |      – |"
@@ -83,6 +119,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--worker-kills", type=int, default=10)
     ap.add_argument("--supervisor-kills", type=int, default=3)
+    ap.add_argument("--import-trials", type=int, default=3)
     args = ap.parse_args()
     log = Path(os.environ["CACHEFILESD_VM_RESULTS"]) / "cachefilesd-py.log"
     work = Path("/tmp/bench-failover")
@@ -119,6 +156,8 @@ def main() -> int:
             ev = fr.wait_for_event(log, "worker.serving", seen,
                                    lambda e, v=victim: e.get("worker") != v, 120)
             serving["worker"].append(fr.event_time(ev) - killed_at)
+            print(f"worker kill at {killed_at:.3f}: READ served after {took:.3f} s, "
+                  f"next worker serving after {serving['worker'][-1]:.3f} s", flush=True)
         for _ in range(args.worker_kills):
             time.sleep(0.5)
             took, _at = probe_after(lambda: None, next(files))
@@ -147,6 +186,9 @@ def main() -> int:
     print(row("supervisor killed: kill → READ served", served["supervisor"]))
     print(row("supervisor killed: kill → worker serving", serving["supervisor"]))
     print(row("no kill: the probe READ alone", served["none"]))
+    if args.import_trials:
+        for name, times in time_imports(args.import_trials).items():
+            print(row(f"fresh python, import daemon: {name}", times))
     return 0
 
 

@@ -44,6 +44,7 @@ from cachefilesd_py.kernel.device import Device
 from cachefilesd_py.space.caps import CullRules
 
 if TYPE_CHECKING:  # on-demand mode's stack: imported by the mode that uses it
+    from cachefilesd_py.daemon.fanotify_keeper import FanotifyHold
     from cachefilesd_py.engine.cull import BlobCuller
     from cachefilesd_py.engine.service import Engine, EngineSettings
     from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
@@ -73,7 +74,15 @@ def import_mode(config: Config) -> None:
     start-up in a slow guest (docs/benchmarks.md, "Classic mode vs cachefilesd C").
     The control server and metrics of classic mode are imported by the serving
     worker while it already culls (:meth:`Daemon._serve_classic`)."""
-    if config.ondemand:
+    if config.ondemand or config.fanotify:
+        # the codec socket.getaddrinfo() imports at a process's first connection: a
+        # new worker's first HTTP request, on the path of the first READ after a
+        # failover (docs/benchmarks.md, "Failover")
+        import encodings.idna  # noqa: F401
+
+    if config.fanotify:
+        from cachefilesd_py.daemon import fanotify_mode  # noqa: F401
+    elif config.ondemand:
         from cachefilesd_py.daemon import control  # noqa: F401
         from cachefilesd_py.engine import service  # noqa: F401
         from cachefilesd_py.frontends.ondemand import driver, space  # noqa: F401
@@ -265,11 +274,27 @@ class Daemon:
     _culler: BlobCuller | None = None
     _reporter: StatsReporter | None = None
 
-    def prepare(self, device: Device) -> None:
-        """Build what serving needs, without reading from or writing to the device."""
+    _fanotify: FanotifyHold | None = None
+    _fanotify_built: tuple[Engine, SourceFactory] | None = None
+
+    def prepare(self, device: Device | None, fanotify: FanotifyHold | None = None) -> None:
+        """Build what serving needs, without reading from or writing to the device
+        (fanotify mode: keep the supervisor's group, build the engine)."""
         self._device = device
+        self._fanotify = fanotify
+        if fanotify is not None:
+            from cachefilesd_py.daemon.fanotify_mode import build_engine
+
+            self._fanotify_built = build_engine(
+                self.config,
+                self.cache_dir / STATE_DIR_NAME,
+                engine_settings=engine_settings(self.config),
+                source_settings=source_settings(self.config),
+            )
+            return
         if not self.config.ondemand:
             return
+        assert device is not None
         from cachefilesd_py.engine.service import Engine
         from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
         from cachefilesd_py.frontends.ondemand.space import make_culler
@@ -280,6 +305,11 @@ class Daemon:
         state_dir = self.cache_dir / STATE_DIR_NAME
         presence = PresenceStore(state_dir / "presence")
         self._factory = SourceFactory(source_settings(self.config))
+        if any(
+            rule.url_template.lower().startswith(("http:", "https:"))
+            for rule in self.config.sources
+        ):
+            self._factory.prepare_http()  # not in the reader's first OPEN after a failover
         engine = Engine(
             resolve=SourceResolver(self.config.sources).resolve,
             open_source=self._factory.open,
@@ -309,6 +339,8 @@ class Daemon:
     def serve(self, on_serving: Callable[[], object] = lambda: None) -> int:
         """Serve the bound device until :attr:`stop` is set; ``on_serving`` is called
         once the worker reads requests."""
+        if self._fanotify is not None:
+            return self.run_fanotify(0, hold=self._fanotify, on_ready=on_serving)
         assert self._device is not None, "prepare() first"
         if self.config.ondemand:
             return self._serve_ondemand(on_serving)
@@ -350,8 +382,15 @@ class Daemon:
             log.info("stats", final=True, **collect())
         return 0
 
-    def run_fanotify(self, nofile: int) -> int:
-        """fanotify mode: one process, no /dev/cachefiles (daemon/fanotify_mode.py)."""
+    def run_fanotify(
+        self,
+        nofile: int,
+        *,
+        hold: FanotifyHold | None = None,
+        on_ready: Callable[[], object] | None = None,
+    ) -> int:
+        """fanotify mode (daemon/fanotify_mode.py): in a worker, over the group the
+        supervisor holds (``hold``); without one, this process makes and owns it."""
         from cachefilesd_py.daemon.fanotify_mode import run_fanotify
 
         def keep_reporter(reporter: StatsReporter) -> None:
@@ -371,6 +410,9 @@ class Daemon:
                 nofile=nofile,
                 on_engine=keep_engine,
                 on_reporter=keep_reporter,
+                hold=hold,
+                on_ready=on_ready,
+                built=self._fanotify_built if hold is not None else None,
             )
         finally:
             log.info("terminated")

@@ -7,6 +7,11 @@ Start-up: raise RLIMIT_NOFILE (every event in flight holds an fd) → presence s
 engine → frontend (group, images, mounts) → READY=1. An image that cannot be served is
 logged; if none can, the daemon exits with an error.
 
+Run in a worker, the group, the in-flight journal and the silent fds are the
+supervisor's (``daemon/fanotify_keeper.py``): a worker's death never closes the group,
+and the next worker adopts the mounts and answers what the dead one had read
+(``frontends/fanotify/service.py``, docs/failover.md "fanotify mode").
+
 SIGTERM: every mount is unmounted first, and the group stays open and served while a
 mount is busy (``frontends/fanotify/service.py``): the daemon never leaves a mount it
 can no longer serve. Culling and trimming follow the same limits, caps, pins and
@@ -23,8 +28,10 @@ import structlog
 
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.daemon import host, systemd
+from cachefilesd_py.daemon.fanotify_keeper import FanotifyHold
 from cachefilesd_py.daemon.stats import StatsReporter
 from cachefilesd_py.engine.service import Engine, EngineSettings
+from cachefilesd_py.frontends.fanotify.inflight import InflightJournal
 from cachefilesd_py.frontends.fanotify.service import FanotifyFrontend
 from cachefilesd_py.frontends.fanotify.space import make_culler
 from cachefilesd_py.presence.store import PresenceStore
@@ -32,6 +39,24 @@ from cachefilesd_py.sources.open import SourceFactory, SourceSettings
 from cachefilesd_py.sources.resolve import SourceResolver
 
 log = structlog.get_logger("daemon")
+
+
+def build_engine(
+    config: Config,
+    state_dir: Path,
+    *,
+    engine_settings: EngineSettings,
+    source_settings: SourceSettings,
+) -> tuple[Engine, SourceFactory]:
+    """The engine and its source factory, not started: a spare builds them ahead."""
+    factory = SourceFactory(source_settings)
+    engine = Engine(
+        resolve=SourceResolver(config.sources).resolve,
+        open_source=factory.open,
+        presence=PresenceStore(state_dir / "presence"),
+        settings=engine_settings,
+    )
+    return engine, factory
 
 
 def run_fanotify(
@@ -45,16 +70,15 @@ def run_fanotify(
     nofile: int,
     on_engine: Callable[[Engine], None] = lambda _e: None,
     on_reporter: Callable[[StatsReporter], None] = lambda _r: None,
+    hold: FanotifyHold | None = None,
+    on_ready: Callable[[], object] | None = None,
+    built: tuple[Engine, SourceFactory] | None = None,
 ) -> int:
-    presence = PresenceStore(state_dir / "presence")
-    factory = SourceFactory(source_settings)
-    engine = Engine(
-        resolve=SourceResolver(config.sources).resolve,
-        open_source=factory.open,
-        presence=presence,
-        settings=engine_settings,
+    engine, factory = built or build_engine(
+        config, state_dir, engine_settings=engine_settings, source_settings=source_settings
     )
     on_engine(engine)
+    journal = InflightJournal.attach(hold.journal_fd) if hold is not None else None
     frontend = FanotifyFrontend(
         engine,
         cache_dir,
@@ -64,8 +88,11 @@ def run_fanotify(
         culler=None
         if config.nocull
         else lambda fe: make_culler(
-            config, cache_dir, presence, engine.leases, fe.served, fe.unsilence
+            config, cache_dir, engine.presence, engine.leases, fe.served, fe.unsilence
         ),
+        group=hold.group if hold is not None else None,
+        journal=journal,
+        silent=hold.silent if hold is not None else None,
     )
     engine.start()
     try:
@@ -73,7 +100,10 @@ def run_fanotify(
         if len(failed) == len(config.fanotify_images):
             log.error("fanotify.no_image_served")
             return 1
-        systemd.ready()
+        if on_ready is not None:
+            on_ready()
+        else:
+            systemd.ready()
         log.info("cache.device", **host.cache_device(str(cache_dir)))
         log.info(
             "ready",
@@ -83,6 +113,7 @@ def run_fanotify(
             images=len(frontend.images),
             failed=len(failed),
             chunk_size=config.chunk_size,
+            takeover=vars(frontend.takeover) if frontend.takeover is not None else None,
         )
 
         def collect() -> dict[str, object]:
@@ -107,4 +138,6 @@ def run_fanotify(
         frontend.stop()
         engine.close()
         factory.close()
+        if journal is not None:
+            journal.close()
     return 0

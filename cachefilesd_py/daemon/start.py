@@ -25,6 +25,7 @@ import errno
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -35,6 +36,9 @@ from cachefilesd_py.daemon.keeper import DeviceKeeper
 from cachefilesd_py.daemon.logging import set_process
 from cachefilesd_py.daemon.supervisor import Supervisor
 from cachefilesd_py.kernel import _sys
+
+if TYPE_CHECKING:
+    from cachefilesd_py.daemon.fanotify_keeper import FanotifyKeeper
 
 log = structlog.get_logger("daemon")
 
@@ -92,22 +96,19 @@ def run(config: Config, options: object) -> int:
                     note="raise LimitNOFILE= / ulimit -n for more concurrently open blobs")
     if not Path(config.dir).is_dir():
         raise OSError(errno.ENOENT, f"Can't confirm cache location: {config.dir}")
+    # fanotify mode: no /dev/cachefiles, the supervisor holds the group instead and
+    # keeps CAP_SYS_ADMIN (workers mount and unmount the images)
+    keeper: DeviceKeeper | FanotifyKeeper
     if config.fanotify:
-        # no /dev/cachefiles: one process serves the fanotify group (no supervisor or
-        # fd store for it yet, README "fanotify mode")
-        from cachefilesd_py.daemon.app import Daemon
+        from cachefilesd_py.daemon.fanotify_keeper import FanotifyKeeper
 
-        daemon = Daemon(
-            config,
-            getattr(options, "config_path", "/etc/cachefilesd.conf"),
-            bool(getattr(options, "nocull", False)),
-        )
-        daemon.install_signals()
-        return daemon.run_fanotify(nofile)
-    keeper = DeviceKeeper(config)
+        keeper = FanotifyKeeper(config)
+    else:
+        keeper = DeviceKeeper(config)
     keeper.acquire(systemd.listen_fds())
     try:
-        privileges.drop_after_bind(config.dir)
+        if isinstance(keeper, DeviceKeeper):
+            privileges.drop_after_bind(config.dir)
         import_mode(config)
         log.info(
             "cache.device", nofile=nofile, **host.cache_device(config.dir, udev=config.ondemand)

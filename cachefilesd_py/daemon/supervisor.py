@@ -23,6 +23,12 @@ workers (the serving one finishes its READs) and then the supervisor, exit 0. SI
 checks the configuration file and, if it is valid, forwards SIGHUP to the serving
 worker (new ``source`` rules) and replaces the spare. SIGUSR1 is forwarded.
 
+fanotify mode (``daemon/fanotify_keeper.py``): the supervisor holds the fanotify group
+instead of the device, plus the in-flight journal and silent fds; nothing is written
+at a worker's death (the successor answers the dead worker's events itself), and a
+serving worker is never killed at the stop deadline, nor the supervisor gone, while
+one of its mounts lives.
+
 If the supervisor itself dies, its workers die with it (parent-death signal); systemd
 restarts it with the device from the fd store and it writes ``restore`` before the
 first worker reads. Without systemd there is no store: the cache unbinds.
@@ -39,7 +45,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -52,6 +58,9 @@ from cachefilesd_py.daemon.health import Beat, CrashBudget, Limits, verdict
 from cachefilesd_py.daemon.keeper import DeviceKeeper
 from cachefilesd_py.daemon.worker import WorkerSpec
 from cachefilesd_py.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cachefilesd_py.daemon.fanotify_keeper import FanotifyKeeper
 
 log = structlog.get_logger("daemon")
 
@@ -100,7 +109,7 @@ class Supervisor:
         config: Config,
         config_path: str,
         nocull: bool,
-        keeper: DeviceKeeper,
+        keeper: DeviceKeeper | FanotifyKeeper,
         *,
         worker_main: WorkerMain = worker_mod.run,
         limits: Limits | None = None,
@@ -114,6 +123,12 @@ class Supervisor:
         self.keeper = keeper
         self._worker_main = worker_main
         self.limits = limits or Limits.for_fetch_timeout(config.fetch_timeout)
+        if config.fanotify and limits is None:
+            # a fanotify worker serves only after opening its blobs, answering a dead
+            # worker's events and mounting: fetches, bounded like a READ
+            self.limits = dataclasses.replace(
+                self.limits, start=max(self.limits.start, self.limits.read)
+            )
         self.budget = budget or CrashBudget()
         self.use_spare = use_spare
         self._clock = clock
@@ -173,10 +188,12 @@ class Supervisor:
     # -- workers ---------------------------------------------------------------------
 
     def _fork(self, role: str) -> Child | None:
-        assert self.keeper.device is not None
+        keeper = self.keeper
+        hold = getattr(keeper, "hold", None)  # fanotify mode: the group, not a device
+        assert keeper.device is not None or hold is not None
         sup_sock, worker_sock = Channel.pair()
         spec = WorkerSpec(
-            self.config, self.config_path, self.nocull, self.keeper.device, self._pid
+            self.config, self.config_path, self.nocull, keeper.device, self._pid, hold
         )
         own = self._own_fds()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MANAGED_SIGNALS)
@@ -255,12 +272,14 @@ class Supervisor:
                 fields |= {"takeover_s": round(took, 3), "after": self._recovering_why}
                 self._recovering_since = None
             log.info("worker.serving", **fields)
+            if self._stopping:  # forked to take down fanotify mounts a dead one left
+                self._signal(child, signal.SIGTERM)
             if not self._ready_sent:
                 self._ready_sent = True
                 systemd.ready(self._status_text())
                 log.info(
                     "ready",
-                    mode="ondemand" if self.config.ondemand else "classic",
+                    mode=self._mode(),
                     cache_dir=self.config.dir,
                     device_from=self.keeper.origin,
                     failover=self.keeper.can_restore,
@@ -293,6 +312,13 @@ class Supervisor:
         served = None if child.serving_since is None else round(now - child.serving_since, 1)
         if self._stopping:
             log.info("worker.stopped", worker=child.pid, how=how)
+            live = self._live_fanotify_mounts()
+            if live and not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                # closing the group now would let those mounts read zeros: a worker
+                # adopts them and is told to stop (it unmounts, then exits)
+                log.warning("fanotify.mounts_left", mountpoints=live, how=how)
+                self._spare = None  # told to exit already
+                self._serve_next()
             return
         self.deaths += 1
         log.warning("worker.died", worker=child.pid, how=how, served_s=served,
@@ -300,8 +326,11 @@ class Supervisor:
         if not self.budget.spend(now):
             self._fail(f"{self.budget.recent} worker deaths within {self.budget.window:.0f} s")
             return
-        if self.config.ondemand:
+        if self.config.fanotify:
+            pass  # the successor answers what the dead worker read (its journal)
+        elif self.config.ondemand:
             # classic mode keeps no request state in the kernel: nothing to restore
+            assert isinstance(self.keeper, DeviceKeeper)
             if not self.keeper.can_restore:
                 self._fail("the kernel has no 'restore' (Linux 6.8 or later): a new "
                            "worker could not pick up the requests the dead one had read")
@@ -394,6 +423,8 @@ class Supervisor:
         if self._stopping:
             systemd.watchdog()
             for child in self._children.values():
+                if self.config.fanotify and child is serving:
+                    continue  # it keeps serving busy mounts; killing it would fail open
                 if now > self._stop_deadline and child.killed is None:
                     child.killed = "did not stop in time"
                     log.error("worker.stop_timeout", worker=child.pid)
@@ -416,6 +447,17 @@ class Supervisor:
             log.error("worker.wedged", worker=serving.pid, reason=v.reason)
             self._signal(serving, signal.SIGKILL)
 
+    def _mode(self) -> str:
+        if self.config.fanotify:
+            return "fanotify"
+        return "ondemand" if self.config.ondemand else "classic"
+
+    def _live_fanotify_mounts(self) -> list[str]:
+        if not self.config.fanotify:
+            return []
+        return [s.mountpoint for s in self.config.fanotify_images
+                if os.path.ismount(s.mountpoint)]
+
     def _status_text(self) -> str:
         if self._stopping:
             return "stopping"
@@ -428,7 +470,9 @@ class Supervisor:
             return "starting"
         h = serving.health
         parts = []
-        if self.config.ondemand:
+        if self.config.fanotify:
+            parts.append(f"serving {len(self.config.fanotify_images)} fanotify images")
+        elif self.config.ondemand:
             parts.append(f"serving {h.get('objects') or 0} objects")
         else:
             parts.append("culling as needed")

@@ -31,6 +31,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -42,6 +43,9 @@ from cachefilesd_py.daemon.logging import set_process
 from cachefilesd_py.kernel import _sys
 from cachefilesd_py.kernel.device import Device
 
+if TYPE_CHECKING:
+    from cachefilesd_py.daemon.fanotify_keeper import FanotifyHold
+
 log = structlog.get_logger("daemon")
 
 HEARTBEAT_INTERVAL = 1.0
@@ -52,8 +56,11 @@ class WorkerSpec:
     config: Config
     config_path: str
     nocull: bool
-    device: Device
+    #: the bound device (on-demand and classic mode), None in fanotify mode
+    device: Device | None
     supervisor_pid: int
+    #: the group, journal and silent fds (fanotify mode)
+    fanotify: FanotifyHold | None = None
 
 
 def become_child(supervisor_pid: int, supervisor_fds: list[int], comm: str) -> None:
@@ -109,7 +116,7 @@ def run(spec: WorkerSpec, sock: socket.socket) -> int:
     """The worker's whole life, in the forked child; returns its exit status."""
     chan = Channel(sock, KINDS_FROM_SUPERVISOR)
     daemon = Daemon(spec.config, spec.config_path, spec.nocull)
-    daemon.prepare(spec.device)
+    daemon.prepare(spec.device, spec.fanotify)
     chan.send("prepared")
     msg = chan.receive()
     if msg is None or msg.kind != "serve":

@@ -199,6 +199,19 @@ def read_events(group_fd: int, size: int = READ_BUFFER_SIZE) -> bytes:
         return b""
 
 
+def read_events_into(group_fd: int, buffer: memoryview) -> int:
+    """One ``read()`` of the group straight into ``buffer`` (e.g. a slice of a shared
+    mapping); the number of bytes the kernel wrote, 0 when a non-blocking group has
+    nothing. The kernel copies each event to ``buffer`` before ``read()`` returns and a
+    SIGKILL takes effect only on the way back to user space, so whatever the caller's
+    fate, every event the kernel handed over is in ``buffer`` (``frontends/fanotify/
+    inflight.py`` relies on it: docs/protocol-fanotify.md, "Failover")."""
+    try:
+        return os.readv(group_fd, [buffer])
+    except BlockingIOError:
+        return 0
+
+
 def accepts_response(group_fd: int, record: bytes) -> bool:
     """Whether the group accepts ``record``, a response that names no event (fd
     ``FAN_NOFD`` with an info record, e.g. ``wire.deny_errno_probe``): True if the

@@ -201,3 +201,104 @@ def test_lintian_finds_no_error(deb: Path) -> None:
     )
     tags = [line for line in res.stdout.splitlines() if re.match(r"[EW]: ", line)]
     assert res.returncode == 0 and not tags, res.stdout + res.stderr
+
+
+def run_maintainer_scripts(
+    deb: Path, tmp_path: Path, steps: list[tuple[str, ...]], *, installed: bool
+) -> list[list[str]]:
+    """Run the package's maintainer scripts in the order dpkg would (``steps``: script
+    name and arguments) with systemd "running" and every command that would touch the
+    unit replaced by a stub that records its arguments; returns those records.
+    ``installed``: deb-systemd-helper's answer to ``debian-installed`` and
+    ``was-enabled`` (an earlier version was installed and its unit enabled).
+
+    The scripts come from the built package, as dpkg runs them. Only two paths are
+    moved into ``tmp_path``: ``/run/systemd/system`` (whose presence tells a script
+    that systemd runs) and the package's environment, which prerm cleans."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    control = tmp_path / "control"
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(control)], check=True)
+    running = tmp_path / "run-systemd-system"
+    running.mkdir()
+    venv = tmp_path / "venv"
+    (venv / "lib" / "__pycache__").mkdir(parents=True)
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    record = tmp_path / "calls"
+    for tool in ("deb-systemd-invoke", "deb-systemd-helper", "systemctl", "systemd-tmpfiles",
+                 "invoke-rc.d", "service"):
+        stub = stubs / tool
+        answer = 0 if installed or tool != "deb-systemd-helper" else 1
+        stub.write_text(
+            f'#!/bin/sh\necho "{tool} $*" >>"{record}"\n'
+            f'case " $* " in *" debian-installed "*|*" was-enabled "*) exit {answer};; esac\n'
+            "exit 0\n"
+        )
+        stub.chmod(0o755)
+    for name, *args in steps:
+        script = control / name
+        if not script.exists():
+            continue
+        text = script.read_text()
+        text = text.replace("/run/systemd/system", str(running))
+        text = text.replace("/usr/lib/cachefilesd-py", str(venv))
+        text = text.replace("/usr/bin/deb-systemd-helper", str(stubs / "deb-systemd-helper"))
+        moved = tmp_path / f"{name}.sh"
+        moved.write_text(text)
+        res = subprocess.run(
+            ["/bin/sh", str(moved), *args], capture_output=True, text=True,
+            env={"PATH": f"{stubs}:/usr/bin:/bin", "DPKG_MAINTSCRIPT_NAME": name},
+        )
+        assert res.returncode == 0, (name, args, res.stderr)
+    return [line.split() for line in record.read_text().splitlines()] if record.exists() else []
+
+
+def unit_actions(calls: list[list[str]]) -> list[str]:
+    """What the scripts asked systemd to do with the unit: "restart", "stop", ..."""
+    out = []
+    for call in calls:
+        if call[-1] != "cachefilesd-py.service":
+            continue
+        if call[0] in ("deb-systemd-invoke", "invoke-rc.d", "service"):
+            out.append(call[1] if call[0] == "deb-systemd-invoke" else call[-2])
+        elif call[0] == "systemctl":
+            out.append(next(a for a in call[1:] if not a.startswith("-")))
+    return out
+
+
+def test_an_upgrade_restarts_the_unit_and_never_stops_it(deb: Path, tmp_path: Path) -> None:
+    """An upgrade must keep an on-demand cache bound (docs/failover.md, "Upgrades"):
+    ``systemctl restart`` keeps systemd's fd store, so the new version takes the
+    device back; a ``stop`` (in the old prerm or the new preinst, as
+    ``dh_installsystemd --no-restart-after-upgrade`` would generate) closes the store,
+    unbinds the cache and fails every read on the mounts it served. dpkg's order for
+    an upgrade (Debian Policy 6.6): old prerm, new preinst, unpack, old postrm, new
+    postinst. Here old and new are this package."""
+    old, new = "0.0.9", field(deb, "Version")
+    upgrade = run_maintainer_scripts(deb, tmp_path, [
+        ("prerm", "upgrade", new),
+        ("preinst", "upgrade", old),
+        ("postrm", "upgrade", new),
+        ("postinst", "configure", old),
+    ], installed=True)
+    assert unit_actions(upgrade) == ["restart"], upgrade
+    # after the daemon-reload that loads the new unit file
+    reload = upgrade.index(["systemctl", "--system", "daemon-reload"])
+    assert reload < upgrade.index(["deb-systemd-invoke", "restart", "cachefilesd-py.service"])
+
+
+def test_install_does_not_start_and_remove_stops(deb: Path, tmp_path: Path) -> None:
+    """A first install asks for a start, which deb-systemd-invoke skips for a unit that
+    is not enabled (the package does not enable it: configure first); a removal stops
+    the daemon (and so unbinds the cache: unmount first)."""
+    install = run_maintainer_scripts(deb, tmp_path / "install", [
+        ("preinst", "install"),
+        ("postinst", "configure"),
+    ], installed=False)
+    assert unit_actions(install) == ["start"], install
+    assert not [c for c in install if c[:2] == ["deb-systemd-helper", "enable"]], install
+    remove = run_maintainer_scripts(deb, tmp_path / "remove", [
+        ("prerm", "remove"),
+        ("postrm", "remove"),
+    ], installed=True)
+    assert unit_actions(remove) == ["stop"], remove

@@ -366,3 +366,27 @@ def test_a_trim_leaves_alone_a_blob_opened_by_the_previous_worker(
         daemon.stop.set()
         t.join(10)
         fake.close()
+
+
+def test_a_prepared_worker_has_built_its_http_pools(setup: tuple[Config, Path]) -> None:
+    """A spare builds its HTTP(S) pools, whose TLS context loads the CA bundle (seconds
+    under TCG), while it prepares: not in the reader thread answering the first OPEN,
+    which after a failover is the re-sent OPEN of every live blob. A configuration
+    with ``file://`` sources only builds none."""
+    config, conf = setup
+    fake = FakeCachefiles()
+    bound(config, fake)
+    files_only = Daemon(config, str(conf), nocull=True)
+    files_only.prepare(fake)
+    assert files_only._factory is not None and files_only._factory._pools is None
+    http = load_config_with_sources(config, "source * http://127.0.0.1:9/{cookie}\n")
+    daemon = Daemon(http, str(conf), nocull=True)
+    daemon.prepare(fake)
+    assert daemon._factory is not None and daemon._factory._pools is not None
+
+
+def load_config_with_sources(config: Config, rule: str) -> Config:
+    assert config.dir is not None
+    conf = Path(config.dir).parent / "http.conf"
+    conf.write_text(f"dir {config.dir}\ntag t\nondemand\n{rule}chunk_size 64K\nreadahead 0\n")
+    return load_config(str(conf))

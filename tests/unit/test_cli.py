@@ -65,3 +65,4 @@ def test_console_script_reports_errors_with_exit_2(tmp_path: Path) -> None:
 
 def test_missing_config_file_is_an_os_error(tmp_path: Path) -> None:
     assert main(["--check-config", "-f", str(tmp_path / "absent.conf")]) == 1
+

@@ -87,6 +87,9 @@ def capabilities(pid: int) -> dict[str, int]:
 
 
 def log_events(path: Path) -> list[dict[str, object]]:
+    """The JSON lines of the daemon's log (none before the unit's first start)."""
+    if not path.exists():
+        return []
     out = []
     for line in path.read_text(errors="replace").splitlines():
         with contextlib.suppress(ValueError):

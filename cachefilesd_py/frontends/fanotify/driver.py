@@ -57,6 +57,7 @@ from cachefilesd_py.errors import CachefilesdError
 from cachefilesd_py.frontends.fanotify import session as sess
 from cachefilesd_py.frontends.fanotify import wire
 from cachefilesd_py.frontends.fanotify.images import ServedBlob, silence
+from cachefilesd_py.frontends.fanotify.inflight import InflightJournal
 from cachefilesd_py.frontends.fanotify.trim import TrimGuard
 from cachefilesd_py.kernel import fanotify
 from cachefilesd_py.kernel.dio import AlignedBuffer
@@ -128,8 +129,12 @@ class FanotifyDriver:
         fetch_timeout: float = 30.0,
         capacity: int = 1024,
         silence_complete: bool = True,
+        journal: InflightJournal | None = None,
     ) -> None:
         self.group = group
+        #: where events are read into, so a successor can answer what this process
+        #: read and did not answer (``inflight.py``); None: plain reads
+        self.journal = journal
         #: give a blob whose every chunk is present an ignore mark (off: benchmarks of
         #: the event path)
         self.silence_complete = silence_complete
@@ -171,15 +176,28 @@ class FanotifyDriver:
                     self.stats.read_pauses += 1
                 self.fills.wait_room(poll_interval)
                 continue
+            if self.journal is not None and not self.journal.has_room():
+                with self._stats_lock:
+                    self.stats.read_pauses += 1
+                self._stop.wait(0.01)
+                continue
             if poller.poll(int(poll_interval * 1000)):
                 self.drain()
 
     def drain(self) -> int:
         """Read and answer events until the group has none or the fill scheduler is full."""
         handled = 0
+        journal = self.journal
         while self.fills.has_room():
+            slot = None
             try:
-                raw = fanotify.read_events(self.group.fileno())
+                if journal is None:
+                    raw = fanotify.read_events(self.group.fileno())
+                else:
+                    got = journal.read(self.group.fileno())
+                    if got is None:  # every slot holds events being filled
+                        return handled
+                    slot, raw = got
             except OSError as exc:
                 # EMFILE/ENFILE: the kernel could not install the event's fd and has
                 # denied the access itself (docs/protocol-fanotify.md, trap 10)
@@ -195,6 +213,10 @@ class FanotifyDriver:
                 for guard, epoch in self._allowing:
                     guard.end_allow(epoch)
                 self._allowing.clear()
+            if journal is not None and slot is not None:
+                with self._fds_lock:
+                    filling = set(self._fill_fds)
+                journal.settle(slot, filling)
         return handled
 
     def _present_now(self, served: ServedBlob, offset: int, length: int) -> bool:
@@ -226,6 +248,8 @@ class FanotifyDriver:
             elif isinstance(action, sess.Fill):
                 self._submit_fill(action, received)
             elif isinstance(action, sess.CloseFd):
+                if self.journal is not None:
+                    self.journal.done(action.fd)
                 OwnedFd(action.fd).close()
             else:
                 getattr(log, action.level)(action.event, **dict(action.fields))
@@ -256,6 +280,8 @@ class FanotifyDriver:
                 error=str(exc),
             )
         finally:
+            if self.journal is not None:  # answered (or failed for good): not an orphan
+                self.journal.done(answer.fd)
             owned.close()
         if not answer.allow:
             log.warning(

@@ -104,10 +104,18 @@ def blob_keys(spec: FanotifyImage) -> list[BlobKey]:
     return [BlobKey.named(spec.volume, n) for n in (spec.name, *spec.blobs)]
 
 
-def prepare_blob(engine: Engine, cache_dir: Path, key: BlobKey, deadline: Deadline) -> ServedBlob:
+def prepare_blob(
+    engine: Engine, cache_dir: Path, key: BlobKey, deadline: Deadline, *, adopt: bool = False
+) -> ServedBlob:
     """Steps 1-3 of the module docstring; the caller registers the identity with the
     session and then calls :func:`mark`. Raises ``SourceError``/``OSError``; on error
-    the use lease is given back and the blob released."""
+    the use lease is given back and the blob released.
+
+    ``adopt``: the file is marked and mounted already (a worker taking over from a dead
+    one, the group kept alive by the supervisor): it is neither emptied nor resized —
+    a truncate of a marked file raises a pre-content event nobody reads yet — and the
+    blob must be the version the file holds (a trusted sidecar, the same size), else
+    OSError (the image is then not served: its readers get EIO, never zeros)."""
     path = cache_path(cache_dir, key.volume.decode(), key.name.decode())
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not engine.leases.acquire_use(key, timeout=deadline.remaining()):
@@ -118,7 +126,7 @@ def prepare_blob(engine: Engine, cache_dir: Path, key: BlobKey, deadline: Deadli
         engine.leases.release_use(key)
         raise
     try:
-        identity = _ready_file(engine, blob, path)
+        identity = _adopt_file(engine, blob, path) if adopt else _ready_file(engine, blob, path)
         presence = blob.presence
         if presence is not None:
             engine.presence.bind(presence, path)
@@ -145,6 +153,28 @@ def _ready_file(engine: Engine, blob: Blob, path: Path) -> tuple[int, int]:
             os.ftruncate(fd.fileno(), 0)  # another version's bytes, maybe: start empty
         os.ftruncate(fd.fileno(), blob.size)
         st = os.fstat(fd.fileno())
+        return st.st_dev, st.st_ino
+
+
+def _adopt_file(engine: Engine, blob: Blob, path: Path) -> tuple[int, int]:
+    """The marked file as it is: opened read-only (an open raises no pre-content
+    event; only reads and writes do), checked, never written."""
+    presence = blob.presence
+    if presence is None or not presence.trusted:
+        raise OSError(
+            errno.ESTALE, f"{blob.key}: the sidecar does not vouch for the mounted file"
+        )
+    with OwnedFd(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as fd:
+        st = os.fstat(fd.fileno())
+        if st.st_size != blob.size:
+            raise OSError(
+                errno.ESTALE,
+                f"{blob.key}: the mounted file has {st.st_size} bytes, the blob {blob.size}",
+            )
+        why = _contradiction(fd.fileno(), blob, st.st_size)
+        if why is not None:  # bits lost are only refetched: the bytes stay as they are
+            log.warning("presence.contradicted", blob=str(blob.key), file=str(path), why=why)
+            engine.presence.clear_runs(presence, [(0, blob.geometry.nchunks)])
         return st.st_dev, st.st_ino
 
 

@@ -22,14 +22,24 @@ allows every pending and future read of a hole, zeros through EROFS):
 3. marks are removed, the group closed, each blob released (presence checkpointed and
    bound to its file) and its use lease given back.
 
-A crash or SIGKILL of the daemon closes the group with the process: reads of holes in
-mounts it served then get zeros. Keeping the group alive across a crash needs the fd
-store of the failover work (docs/failover.md); until then that is the one way this
-frontend fails open, and README says so.
+Run by the daemon, the group is not this process's: the supervisor made it (or took it
+back from systemd's fd store) and holds it, so a worker's death never closes it
+(``daemon/fanotify_keeper.py``, docs/failover.md). Then ``journal`` records the events
+read and not answered yet, and a worker taking over (``journal.set_up``: a worker
+before it marked and mounted with this group) starts differently:
+
+1. per image whose mount point is mounted: **adopt** it (blobs opened, files checked,
+   never truncated, marks added again: a no-op); other images as above, after their
+   old marks are removed;
+2. answer the dead worker's orphans (``takeover.py``) through the supervisor's silent
+   fds, **before** the reader reads an event of its own;
+3. start the reader, then mount what is not mounted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -44,7 +54,9 @@ from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import CachefilesdError
 from cachefilesd_py.frontends.fanotify import images as img
 from cachefilesd_py.frontends.fanotify.driver import FanotifyDriver
+from cachefilesd_py.frontends.fanotify.inflight import InflightJournal
 from cachefilesd_py.frontends.fanotify.space import FanotifyCuller, SpaceThread
+from cachefilesd_py.frontends.fanotify.takeover import TakeoverReport, answer_orphans
 from cachefilesd_py.kernel import fanotify
 from cachefilesd_py.kernel.fd import OwnedFd
 from cachefilesd_py.sources.policy import Deadline
@@ -66,12 +78,21 @@ class FanotifyFrontend:
         fetch_timeout: float = 30.0,
         silence_complete: bool = True,
         culler: Callable[[FanotifyFrontend], FanotifyCuller] | None = None,
+        group: OwnedFd | None = None,
+        journal: InflightJournal | None = None,
+        silent: dict[tuple[int, int], int] | None = None,
     ) -> None:
         self.silence_complete = silence_complete
         #: builds the culler once the group exists (None: no culling, ``nocull``)
         self.make_culler = culler
         self.culler: FanotifyCuller | None = None
         self.space: SpaceThread | None = None
+        #: the group, when the supervisor holds it (else made by :meth:`start`)
+        self.given_group = group
+        self.journal = journal
+        #: (st_dev, st_ino) -> an fd of that cache file opened before any mark
+        self.silent = silent or {}
+        self.takeover: TakeoverReport | None = None
         self.engine = engine
         self.cache_dir = cache_dir
         self.specs = specs
@@ -84,36 +105,57 @@ class FanotifyFrontend:
     def start(self) -> list[tuple[FanotifyImage, str]]:
         """Make the group, serve it, prepare and mount every image; returns the images
         that could not be served, with why."""
-        self.group = fanotify.pre_content_group()
+        self.group = self.given_group or fanotify.pre_content_group()
+        journal = self.journal
         self.driver = FanotifyDriver(
             self.group,
             self.engine,
             workers=self.workers,
             fetch_timeout=self.fetch_timeout,
             silence_complete=self.silence_complete,
+            journal=journal,
         )
-        self.driver.start()
-        log.info("fanotify.group", deny_errno=self.driver.deny_errno)
+        adopt = journal is not None and journal.set_up
+        if journal is not None:
+            journal.set_up = True
+        log.info("fanotify.group", deny_errno=self.driver.deny_errno, takeover=adopt)
         failed: list[tuple[FanotifyImage, str]] = []
+        ready: list[img.ServedImage] = []
         for spec in self.specs:
             try:
-                self.images.append(self._serve_image(spec))
+                ready.append(self._prepare_image(spec, adopt))
             except (CachefilesdError, OSError, ValueError) as exc:
-                log.error(
-                    "fanotify.image_failed",
-                    image=f"{spec.volume}/{spec.name}",
-                    mountpoint=spec.mountpoint,
-                    error=str(exc),
-                    config=f"{spec.file}:{spec.line}",
-                )
-                failed.append((spec, str(exc)))
+                self._image_failed(spec, exc, failed)
+        if journal is not None:
+            served = [b for image in ready for b in image.blobs]
+            self.takeover = answer_orphans(
+                self.group.fileno(),
+                self.engine,
+                journal.orphans(),
+                served,
+                self.silent,
+                deny_errno=self.driver.deny_errno,
+                fetch_timeout=self.fetch_timeout,
+                workers=self.workers,
+            )
+            journal.clear()
+        self.driver.start()
+        for image in ready:
+            try:
+                if not image.mounted:
+                    img.mount_image(image)
+                    self._log_mounted(image)
+                self.images.append(image)
+            except (CachefilesdError, OSError, ValueError) as exc:
+                self._release_image(image)
+                self._image_failed(image.spec, exc, failed)
         if self.make_culler is not None:
             self.culler = self.make_culler(self)
             culler = self.culler
             self.driver.on_miss = lambda served: culler.missed(served.key)
             for image in self.images:
-                for served in image.blobs:
-                    culler.opened(served.key, served.size)
+                for served_blob in image.blobs:
+                    culler.opened(served_blob.key, served_blob.size)
             self.space = SpaceThread(culler).start()
         return failed
 
@@ -134,26 +176,59 @@ class FanotifyFrontend:
             fields["cull_freed_bytes"] = self.culler.totals.freed_bytes
         return fields
 
-    def _serve_image(self, spec: FanotifyImage) -> img.ServedImage:
+    def _image_failed(
+        self, spec: FanotifyImage, exc: BaseException, failed: list[tuple[FanotifyImage, str]]
+    ) -> None:
+        log.error(
+            "fanotify.image_failed",
+            image=f"{spec.volume}/{spec.name}",
+            mountpoint=spec.mountpoint,
+            error=str(exc),
+            config=f"{spec.file}:{spec.line}",
+        )
+        failed.append((spec, str(exc)))
+
+    def _prepare_image(self, spec: FanotifyImage, adopt: bool) -> img.ServedImage:
+        """Blobs ready and marked; mounted already if adopted."""
         assert self.group is not None and self.driver is not None
         image = img.ServedImage(spec)
+        mounted = adopt and os.path.ismount(image.mountpoint)
         try:
-            img.clear_stale_mount(image.mountpoint)
+            if adopt and not mounted:  # a dead worker may have marked it: start clean
+                for key in img.blob_keys(spec):
+                    path = img.cache_path(self.cache_dir, key.volume.decode(), key.name.decode())
+                    with contextlib.suppress(OSError):
+                        fanotify.unmark_pre_access(self.group.fileno(), path)
+            if not mounted:
+                img.clear_stale_mount(image.mountpoint)
             for key in img.blob_keys(spec):
                 served = img.prepare_blob(
                     self.engine,
                     self.cache_dir,
                     key,
                     Deadline.after(self.fetch_timeout),
+                    adopt=mounted,
                 )
                 image.blobs.append(served)
                 self.driver.session.add_image(served.identity, served, served.size)
                 img.mark(self.group.fileno(), served)
                 self.driver.maybe_silence(served)
-            img.mount_image(image)
         except BaseException:
+            if mounted:  # the mark stays: its reads are denied (EIO), never zeros
+                for served in image.blobs:
+                    served.marked = False
             self._release_image(image)
+            if mounted:  # never left behind: stop() unmounts it
+                image.mounted = True
+                self.images.append(image)
             raise
+        if mounted:
+            image.mounted = True
+            log.info("fanotify.adopted", mountpoint=str(image.mountpoint))
+        return image
+
+    def _log_mounted(self, image: img.ServedImage) -> None:
+        spec = image.spec
         presence = [b.blob.presence for b in image.blobs]
         log.info(
             "fanotify.mounted",
@@ -163,7 +238,6 @@ class FanotifyFrontend:
             size=image.blobs[0].size,
             present=[p.bitmap.count() if p is not None else 0 for p in presence],
         )
-        return image
 
     def _release_image(self, image: img.ServedImage) -> None:
         """Give back everything of an image that is not mounted."""

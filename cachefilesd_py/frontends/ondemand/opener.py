@@ -22,6 +22,7 @@ The lease is given back when the object is released, or at once if the OPEN fail
 from __future__ import annotations
 
 import errno
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,18 +56,22 @@ class Opener:
         except SourceError as exc:
             self._refused(action, exc)
             return
-        self.driver.opens.submit(source.origin, lambda: self.open(action, source))
+        queued = time.monotonic()
+        self.driver.opens.submit(source.origin, lambda: self.open(action, source, queued))
 
-    def open(self, action: OpenAction, source: Source) -> None:
+    def open(self, action: OpenAction, source: Source, queued: float | None = None) -> None:
         driver = self.driver
         leases = driver.engine.leases
+        started = time.monotonic()
         if not driver.wait_released(action.key, timeout=driver.fetch_timeout):
             log.warning("open.release_pending", msg_id=action.msg_id, blob=str(action.key))
+        released = time.monotonic()
         if not leases.acquire_use(action.key, timeout=driver.fetch_timeout):
             log.warning("open.lease_timeout", msg_id=action.msg_id, blob=str(action.key))
             driver.count("opens_refused")
             driver.run(driver.session.opened(action.ticket, None, -errno.EIO))
             return
+        leased = time.monotonic()
         obj: OnDemandObject | None = None
         try:
             obj = self._open_object(action, source)
@@ -75,7 +80,18 @@ class Opener:
                 leases.release_use(action.key)
         if obj is None:
             return
+        opened = time.monotonic()
         driver.run(driver.session.opened(action.ticket, obj, obj.blob.size))
+        # where an OPEN's time goes (a failover re-opens every live object at once)
+        log.debug(
+            "open.timing",
+            object_id=action.object_id,
+            queued_s=round(started - (queued if queued is not None else started), 4),
+            release_wait_s=round(released - started, 4),
+            lease_s=round(leased - released, 4),
+            blob_s=round(opened - leased, 4),
+            copen_s=round(time.monotonic() - opened, 4),
+        )
         presence = obj.blob.presence
         log.info(
             "open",
