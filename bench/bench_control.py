@@ -16,13 +16,36 @@ Printed: the median wall time per arm, the ratio, and the daemon's own READ serv
 p50/p99 per arm. Also the cost of one ``LatencyHistogram.record`` (the only change on
 the READ path: it now keeps the sum of the durations too) against the same method
 without the sum, in the same process.
+
+Before/after a change of the serving code, side by side in one session:
+
+    .venv/bin/python -m bench.bench_control --against /tmp/base [--rounds 8]
+
+where ``/tmp/base`` is a checkout of the code before (``git archive BASE | tar -x -C
+/tmp/base``). Each round runs this bench once (``--rounds 1``, a fresh process) in
+this tree and once in the other, alternating which goes first, and prints the median
+of each arm per tree and the ratios after/before.
+
+In the 6.12 guest (real kernel, real daemon processes, the same before/after
+alternation; the control socket and metrics on in both, as shipped):
+
+    /work/helpers/bin/guest-run --memory 2G -- python -m bench.bench_control \
+        --guest --against /tmp/base [--size-mb 32] [--rounds 4]
+
+Each run is a fresh cache filesystem and daemon (started from the tree's code), an
+EROFS image mounted over fscache, a cold sequential read of a ``--size-mb`` file in
+1 MiB ``read()`` calls, then the daemon's own READ service p50/p99 from its final
+``stats`` line.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -32,6 +55,7 @@ from typing import Any
 
 from cachefilesd_py.config.load import load_config
 from cachefilesd_py.control.client import call
+from cachefilesd_py.counters import LabelledCounts
 from cachefilesd_py.daemon.app import Daemon, engine_settings
 from cachefilesd_py.daemon.control import serve_control
 from cachefilesd_py.engine.latency import BOUNDS, LatencyHistogram
@@ -113,12 +137,91 @@ class _RecordWithoutSum(LatencyHistogram):
             self._total += 1
 
 
+_ROW = re.compile(r"^(off|scraped)\s+([\d.]+)\s+[\d.]+\s+([\d.]+)\s+([\d.]+)")
+
+
+def _tree_round(tree: Path, a: argparse.Namespace) -> dict[str, tuple[float, float, float]]:
+    """One round of this bench run by ``tree``'s own code, in a fresh process:
+    ``{arm: (seconds, READ p50 ms, READ p99 ms)}``."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            *("-m", "bench.bench_control", "--rounds", "1", "--size-mb", str(a.size_mb)),
+            *("--scrape-every", str(a.scrape_every)),
+        ],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    out = {}
+    for line in proc.stdout.splitlines():
+        m = _ROW.match(line)
+        if m:
+            out[m[1]] = (float(m[2]), float(m[3]), float(m[4]))
+    return out
+
+
+def _print_before_after(
+    title: str, runs: dict[str, dict[str, list[tuple[float, ...]]]], arms: tuple[str, ...]
+) -> None:
+    print(title)
+    print(
+        "{:<8} {:<7} {:>9} {:>12} {:>12}".format(
+            "arm", "tree", "median s", "READ p50 ms", "READ p99 ms"
+        )
+    )
+    med: dict[tuple[str, str], float] = {}
+    for arm in arms:
+        for tree in ("before", "after"):
+            rows = runs[tree][arm]
+            med[arm, tree] = statistics.median(r[0] for r in rows)
+            print(
+                f"{arm:<8} {tree:<7} {med[arm, tree]:>9.3f} "
+                f"{statistics.median(r[1] for r in rows):>12.3f} "
+                f"{statistics.median(r[2] for r in rows):>12.3f}"
+            )
+    for arm in arms:
+        print(f"ratio after/before ({arm}): {med[arm, 'after'] / med[arm, 'before']:.3f}")
+
+
+def against(a: argparse.Namespace) -> None:
+    here = Path(__file__).resolve().parent.parent
+    trees = {"before": Path(a.against).resolve(), "after": here}
+    runs: dict[str, dict[str, list[tuple[float, ...]]]] = {
+        t: {"off": [], "scraped": []} for t in trees
+    }
+    for r in range(a.rounds):
+        order = ("before", "after") if r % 2 == 0 else ("after", "before")
+        for tree in order:
+            for arm, row in _tree_round(trees[tree], a).items():
+                runs[tree][arm].append(row)
+    _print_before_after(
+        f"before ({trees['before']}) / after ({here}): cold read of {a.size_mb} MiB in "
+        f"{READ // 1024} KiB reads, fake kernel, file://, {a.rounds} rounds of one run "
+        "per arm and tree, alternated",
+        runs,
+        ("off", "scraped"),
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--scrape-every", type=float, default=0.1)
+    ap.add_argument("--against", metavar="TREE", help="before/after against another checkout")
+    ap.add_argument("--guest", action="store_true", help="in the guest: real kernel and daemon")
     a = ap.parse_args()
+    if a.guest:
+        from bench.bench_control_guest import guest_against
+
+        guest_against(a)
+        return
+    if a.against:
+        against(a)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         blobs = root / "blobs"
@@ -155,6 +258,20 @@ def main() -> None:
     print(
         f"LatencyHistogram.record: {t_new * 1e9:.0f} ns with sum, {t_old * 1e9:.0f} ns without "
         f"(ratio {t_new / t_old:.3f})"
+    )
+    # what the per-source counters and the last use add: one LabelledCounts.add per
+    # fetched run, one time.time() per READ that reaches the engine
+    counts = LabelledCounts()
+    t_add = min(
+        timeit.timeit(lambda: counts.add("file:///srv/blobs/{cookie}", 262144), number=n) / n
+        for _ in range(5)
+    )
+    t_clock = min(timeit.timeit(time.time, number=n) / n for _ in range(5))
+    p50 = statistics.median(x["p50"] for x in results["off"])
+    print(
+        "added per READ (one fetched run): "
+        f"LabelledCounts.add {t_add * 1e9:.0f} ns + time.time() "
+        f"{t_clock * 1e9:.0f} ns = {(t_add + t_clock) / p50 * 100:.3f} % of the READ p50"
     )
 
 

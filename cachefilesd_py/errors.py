@@ -104,3 +104,74 @@ class PresenceCorrupt(CachefilesdError):
     cache file it claims. Never fatal: the caller treats the blob as absent (a miss)."""
 
     exit_code = 3
+
+
+#: the kinds :func:`error_kind` sorts failures into: a small fixed set, so that
+#: "errors by kind" stays a handful of metric series whatever origins answer
+ERROR_KINDS = (
+    "timeout",
+    "connection",
+    "http_3xx",
+    "http_4xx",
+    "http_5xx",
+    "not_found",
+    "validator_mismatch",
+    "short_body",
+    "protocol",
+    "source_io",
+    "cache_io",
+    "refused",
+    "other",
+)
+
+_KIND_OF_REASON = {
+    # the deadline passed, or no slot/connection came free before it
+    "deadline": "timeout",
+    "pool-wait": "timeout",
+    "busy": "timeout",
+    # the connection failed or broke mid-body
+    "connect": "connection",
+    "body": "connection",
+    "redirect": "http_3xx",
+    "not-found": "not_found",
+    # the origin's validators no longer match the pinned identity (412, another ETag)
+    "identity-changed": "validator_mismatch",
+    # fewer bytes than asked (HTTP body, or a file that shrank)
+    "short-body": "short_body",
+    "short-read": "short_body",
+    # the origin broke the range protocol
+    "long-body": "protocol",
+    "bad-length": "protocol",
+    "bad-content-range": "protocol",
+    "bad-range": "protocol",
+    "not-partial": "protocol",
+    "no-range": "protocol",
+    "encoded": "protocol",
+    "no-validator": "protocol",
+    "bad-header": "protocol",
+    # a file source could not be opened or read
+    "open": "source_io",
+    "read": "source_io",
+    "not-a-file": "source_io",
+    # refused by our own rules before or instead of asking
+    "outside-source": "refused",
+    "scheme": "refused",
+    "too-large": "refused",
+    "range": "refused",
+    "bad-request": "refused",
+}
+
+
+def error_kind(exc: BaseException) -> str:
+    """The kind (one of :data:`ERROR_KINDS`) of a failure of a fetch or an OPEN: a
+    :class:`SourceError` by its ``reason`` (``http-NNN`` by status class), an
+    ``OSError`` that is not one as ``cache_io`` (the sources turn their own ``OSError``
+    into ``SourceError``, so a bare one came from writing the cache file)."""
+    if isinstance(exc, SourceError):
+        reason = exc.reason
+        if reason.startswith("http-") and reason[5:6] in ("3", "4", "5"):
+            return f"http_{reason[5]}xx"
+        return _KIND_OF_REASON.get(reason, "other")
+    if isinstance(exc, OSError):
+        return "cache_io"
+    return "other"

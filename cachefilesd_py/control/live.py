@@ -95,6 +95,16 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
+def human_age(seconds: float | None) -> str:
+    """``"12 s ago"``, ``"3 min ago"``, ``"5 h ago"``, ``"2 d ago"`` (``-``: never)."""
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{int(seconds)} s ago"
+
+
 # -- status ----------------------------------------------------------------------------
 
 
@@ -142,7 +152,7 @@ def _blobs(args: argparse.Namespace) -> int:
     reply = ask(args, "blobs", limit=args.limit)
     if args.json:
         return _print_json(reply)
-    rows = [("BLOB", "SIZE", "PRESENT", "CHUNK", "USERS", "PINNED", "SOURCE")]
+    rows = [("BLOB", "SIZE", "PRESENT", "CHUNK", "USERS", "LAST USE", "PINNED", "SOURCE")]
     for b in reply["blobs"]:
         rows.append(
             (
@@ -151,6 +161,7 @@ def _blobs(args: argparse.Namespace) -> int:
                 f"{b['present_pct']:.1f}%",
                 human_bytes(b["chunk_size"]),
                 str(b["users"]),
+                human_age(b.get("last_use_age_s")),
                 "yes" if b["pinned"] else "no",
                 b["source"],
             )
@@ -239,6 +250,10 @@ def _stats(args: argparse.Namespace) -> int:
         print(f"{section}:")
         for k, v in sorted(reply[section].items()):
             print(f"  {k:<28} {v}")
+    for name, values in sorted(reply.get("by_label", {}).items()):
+        print(f"{name}:")
+        for label, v in sorted(values.items()):
+            print(f"  {label:<28} {v}")
     return 0
 
 

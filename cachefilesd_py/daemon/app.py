@@ -118,6 +118,25 @@ def source_settings(config: Config) -> SourceSettings:
     )
 
 
+def ondemand_figures(driver: OnDemandDriver, engine: Engine) -> dict[str, object]:
+    """The on-demand stack's counters and latency percentiles, flat: the ``stats``
+    line, ``cachefilesctl stats`` and the metrics' plain counters read these."""
+    space = {}
+    if driver.culler is not None:
+        t = driver.culler.totals
+        space = {"culled": t.culled, "trimmed": t.trimmed, "cull_freed": t.freed_bytes}
+    return {
+        **driver.stats_fields(),
+        **vars(engine.filler.stats),
+        **driver.read_times.summary_ms("read"),
+        **engine.filler.fetch_times.summary_ms("fetch"),
+        **engine.filler.write_times.summary_ms("write"),
+        **engine.checkpoint_times.summary_ms("checkpoint"),
+        **engine.checkpoint_fields(),
+        **space,
+    }
+
+
 class Daemon:
     """One worker's serving stack (see the module docstring)."""
 
@@ -346,20 +365,7 @@ class Daemon:
         engine.start()
 
         def collect() -> dict[str, object]:
-            space = {}
-            if driver.culler is not None:
-                t = driver.culler.totals
-                space = {"culled": t.culled, "trimmed": t.trimmed, "cull_freed": t.freed_bytes}
-            return {
-                **driver.stats_fields(),
-                **vars(engine.filler.stats),
-                **driver.read_times.summary_ms("read"),
-                **engine.filler.fetch_times.summary_ms("fetch"),
-                **engine.filler.write_times.summary_ms("write"),
-                **engine.checkpoint_times.summary_ms("checkpoint"),
-                **space,
-                **host.footprint(),
-            }
+            return {**ondemand_figures(driver, engine), **host.footprint()}
 
         from cachefilesd_py.daemon.control import serve_control
 

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,10 @@ class ServingState:
     sink_for: Callable[[Blob], Sink | None] | None = None
     histograms: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
-    #: unix time of each blob's last READ, by ``str(key)`` (the driver notes it)
-    last_use: Callable[[str], float | None] = lambda _k: None
+    #: the core's labelled counts (``daemon/metrics.py`` LABELLED keys)
+    counts: Callable[[], Mapping[str, Mapping[str, int]]] = dict
+    #: the cache tree as the culler's last scan found it: (unix time, objects, bytes)
+    last_scan: Callable[[], tuple[float, int, int] | None] = lambda: None
 
 
 class ControlHandlers:
@@ -146,7 +149,7 @@ class ControlHandlers:
         }
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"counters": {}, "latency_ms": {}}
+        out: dict[str, Any] = {"counters": {}, "latency_ms": {}, "by_label": self.state.counts()}
         for k, v in self.state.collect().items():
             if k.endswith("_ms") or k.endswith("_n"):
                 out["latency_ms"][k] = v
@@ -187,7 +190,7 @@ class ControlHandlers:
             "source": blob.identity.url,
             "users": blob.users,
             "in_flight": len(blob.inflight),
-            "last_use": self.state.last_use(key),
+            **_last_use(blob.last_use),
             "pinned": any(fnmatch.fnmatchcase(match_name, p) for p in cfg.pins),
         }
 
@@ -313,6 +316,17 @@ class ControlHandlers:
         }
 
 
+def _last_use(at: float | None) -> dict[str, Any]:
+    """A blob's last use (the kernel's last OPEN or READ of it that reached the
+    daemon) as ISO 8601 in UTC, and its age in seconds by the daemon's clock."""
+    if at is None:
+        return {"last_use": None, "last_use_age_s": None}
+    return {
+        "last_use": datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds"),
+        "last_use_age_s": round(max(0.0, time.time() - at), 1),
+    }
+
+
 def _parse_key(name: str) -> BlobKey:
     """The key ``blobs`` prints as ``<volume key>/<cookie key>`` (split at the first
     ``/``: EROFS volume keys hold none)."""
@@ -374,6 +388,14 @@ def start_control(state: ServingState, config: Config) -> ControlService:
             out["cache_max_bytes"] = (float(cfg.cache_max_bytes), "configured cache_max_bytes")
         if cfg.cache_max_objects is not None:
             out["cache_max_objects"] = (float(cfg.cache_max_objects), "cache_max_objects")
+        scanned = state.last_scan()
+        if scanned is not None:
+            at, objects, nbytes = scanned
+            out |= {
+                "cache_tree_objects": (float(objects), "cache files, at the last cull scan"),
+                "cache_tree_bytes": (float(nbytes), "cache bytes allocated, at the last scan"),
+                "cache_tree_scan_timestamp_seconds": (at, "unix time of that scan"),
+            }
         if state.engine is not None:
             blobs = state.engine.blobs()
             out["open_blobs"] = (float(len(blobs)), "blobs the kernel has open")
@@ -384,7 +406,11 @@ def start_control(state: ServingState, config: Config) -> ControlService:
         return out
 
     figures = Figures(
-        counters=state.collect, histograms=state.histograms, gauges=gauges, labelled=labelled
+        counters=state.collect,
+        histograms=state.histograms,
+        gauges=gauges,
+        labelled=labelled,
+        counts=state.counts,
     )
     metrics = Metrics(figures)
     server = None
@@ -448,6 +474,17 @@ def serve_control(
         return None
 
     culler: Any = getattr(driver, "culler", None) if driver is not None else None
+    factory: Any = getattr(daemon, "_factory", None)
+
+    def counts() -> dict[str, Mapping[str, int]]:
+        out: dict[str, Mapping[str, int]] = {}
+        if engine is not None:
+            out["fetched_by_source"] = engine.filler.fetched_by_source.snapshot()
+            out["fetch_errors"] = engine.filler.errors.snapshot()
+            out["open_errors"] = engine.open_errors.snapshot()
+        if factory is not None:
+            out["retries"] = factory.retries.snapshot()
+        return out
 
     def cull_plan() -> dict[str, Any]:
         return pass_report(culler.cull_pass(dry_run=True))
@@ -467,6 +504,8 @@ def serve_control(
         reload=reload,
         sink_for=sink_for if driver is not None else None,
         histograms=histograms,
+        counts=counts,
+        last_scan=lambda: getattr(culler, "last_scan", None),
     )
     try:
         return start_control(state, daemon.config)

@@ -1,10 +1,12 @@
 """The daemon's figures in the Prometheus text format (``prometheus_client``).
 
 Nothing here runs on the READ path. The daemon already counts what it does (driver
-and fill counters, log-scale latency histograms, cull totals) for its ``stats`` line;
+and fill counters, log-scale latency histograms, cull totals, checkpoint counts) for
+its ``stats`` line, and the core keeps its labelled counts where the events happen
+(``counters.py``: bytes fetched and retries per source rule, failures by error kind);
 :class:`DaemonCollector` reads those at scrape time and turns them into metric
 families, so a scrape costs the scraper's thread a few microseconds per metric and a
-READ nothing at all (no second set of counters to keep in step).
+READ nothing more (no second set of counters to keep in step).
 
 The same text is served on the control socket (``metrics`` operation, read-only) and,
 when ``metrics_listen`` names a loopback address, over HTTP by ``prometheus_client``'s
@@ -64,7 +66,31 @@ COUNTERS = (
     CounterSpec("culled", "culled_blobs", "blobs culled"),
     CounterSpec("trimmed", "trimmed_blobs", "blobs trimmed (tail chunks given back)"),
     CounterSpec("cull_freed", "cull_freed_bytes", "bytes freed by culls and trims"),
+    CounterSpec(
+        "checkpoints", "sidecar_checkpoints", "presence checkpoints that saved sidecars"
+    ),
+    CounterSpec("sidecars_saved", "sidecars_saved", "presence sidecars saved by checkpoints"),
+    CounterSpec(
+        "checkpoint_failures",
+        "sidecar_checkpoint_failures",
+        "presence checkpoints that failed (syncfs, or a bind's sidecar not saved)",
+    ),
+    CounterSpec(
+        "sidecar_save_failures", "sidecar_save_failures", "sidecars that could not be saved"
+    ),
 )
+
+#: labelled counters the core keeps (``counters.py``): metric name, label, help
+LABELLED = {
+    "fetched_by_source": (
+        "source_fetched_bytes",
+        "source",
+        "bytes fetched, by source rule (its URL template, or the origin)",
+    ),
+    "retries": ("source_retries", "source", "fetch attempts retried, by source rule"),
+    "fetch_errors": ("fetch_errors", "kind", "fills that failed, by error kind"),
+    "open_errors": ("open_errors", "kind", "OPENs whose source identity failed, by kind"),
+}
 
 
 @dataclass
@@ -75,6 +101,8 @@ class Figures:
     histograms: Mapping[str, tuple[LatencyHistogram, str]] = field(default_factory=dict)
     gauges: Callable[[], Mapping[str, tuple[float, str]]] = dict
     labelled: Callable[[], Mapping[str, tuple[str, str, Mapping[str, float]]]] = dict
+    #: the core's labelled counts by :data:`LABELLED` key (``LabelledCounts.snapshot``)
+    counts: Callable[[], Mapping[str, Mapping[str, int]]] = dict
 
 
 def _histogram(name: str, help_text: str, hist: LatencyHistogram) -> HistogramMetricFamily:
@@ -105,6 +133,13 @@ class DaemonCollector:
                 yield CounterMetricFamily(PREFIX + spec.name, spec.help, value=value)
         for name, (value, help_text) in self.figures.gauges().items():
             yield GaugeMetricFamily(PREFIX + name, help_text, value=value)
+        counts = self.figures.counts()
+        for key, (name, label, help_text) in LABELLED.items():
+            if key in counts:
+                counter = CounterMetricFamily(PREFIX + name, help_text, labels=[label])
+                for value_label, value in sorted(counts[key].items()):
+                    counter.add_metric([value_label], value)
+                yield counter
         for name, (label, help_text, values) in self.figures.labelled().items():
             family = (
                 CounterMetricFamily(PREFIX + name, help_text, labels=[label])

@@ -59,6 +59,11 @@ class Blob:
     users: int = 0
     #: read-ahead stream cursors (None: read-ahead off); guarded by ``lock``
     readahead: StreamReadahead | None = None
+    #: how metrics name its source (``sources/base.py`` ``source_label``): bounded
+    source_label: str = ""
+    #: wall-clock time (``time.time()``) of the last OPEN or READ the kernel sent for
+    #: it; written without a lock (one float store), read by ``cachefilesctl blobs``
+    last_use: float | None = None
 
     @property
     def size(self) -> int:

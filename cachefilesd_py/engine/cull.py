@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -50,7 +52,6 @@ from cachefilesd_py.space.chunks import KEEP_HEAD_BYTES, chunks_to_trim, keep_he
 from cachefilesd_py.space.culler import (
     DecisionRecord,
     PassResult,
-    Remover,
     run_plan,
     volume_dir_of,
 )
@@ -102,6 +103,8 @@ class BlobCuller:
         self.keep_head_bytes = keep_head_bytes
         #: totals since start, for the daemon's stats
         self.totals = Tally()
+        #: the tree as the last pass's scan found it: (unix time, objects, bytes)
+        self.last_scan: tuple[float, int, int] | None = None
         self._lock = threading.Lock()
         self._pass_lock = threading.Lock()
 
@@ -178,6 +181,7 @@ class BlobCuller:
                 return out
         result = self.scan_tree(str(self.tree), self.scan_limit)
         out.scanned = result.objects
+        self.last_scan = (time.time(), result.objects, result.blocks * 512)
         cap_needs = caps.needs(
             result.blocks * 512,
             result.objects,
@@ -201,7 +205,7 @@ class BlobCuller:
             trim_only=lambda c: self.trim_only(key_by_id[id(c)]),
             trim=True,
         )
-        remover: Remover = _DryRemover() if dry_run else _BlobRemover(self, key_by_id)
+        remover = _DryRemover() if dry_run else _BlobRemover(self, key_by_id)
         ordered = [c for c, _k in self.order(keyed)]
 
         def keep(cand: Candidate, decision: Decision, outcome: Outcome, freed: int) -> None:
@@ -215,6 +219,8 @@ class BlobCuller:
             remover,
             describe=lambda c: str(key_by_id[id(c)]),
             on_decision=keep if record else None,
+            detail=remover.detail,
+            info=not dry_run,  # a plan shown to the operator is no decision carried out
         )
         if dry_run:
             log.info("cull.plan", need_bytes=need_bytes, decisions=len(out.decisions))
@@ -241,20 +247,23 @@ class BlobCuller:
                 self.policy.remove(key)
         return outcome
 
-    def trim(self, cand: Candidate, key: BlobKey, need_bytes: int) -> tuple[Outcome, int]:
+    def trim(
+        self, cand: Candidate, key: BlobKey, need_bytes: int
+    ) -> tuple[Outcome, int, list[tuple[int, int]]]:
         """Give back about ``need_bytes`` of an idle blob's chunks: ``(TRIMMED, bytes
-        freed)``, ``(BUSY, 0)`` when the blob is in use, ``(UNTRIMMABLE, 0)`` when it
-        has no trusted sidecar or nothing to trim (cull it whole instead)."""
+        freed, [(offset, length) punched])``, ``(BUSY, 0, [])`` when the blob is in
+        use, ``(UNTRIMMABLE, 0, [])`` when it has no trusted sidecar or nothing to trim
+        (cull it whole instead)."""
         path = Path(cand.directory) / cand.name
         with self.leases.trim(key) as granted:
             if not granted:
-                return Outcome.BUSY, 0
+                return Outcome.BUSY, 0, []
             # The leases know the objects this process opened; the kernel knows them
             # all (after a failover, objects the dead worker opened stay open in the
             # kernel until a READ re-opens them). With the lease held no new OPEN is
             # answered, so the kernel's "not in use" holds until the punch is done.
             if self.in_kernel_use(cand):
-                return Outcome.BUSY, 0
+                return Outcome.BUSY, 0, []
             return trim_idle_file(self.presence, key, path, need_bytes, self.keep_head_bytes)
 
     def remove_orphan_sidecars(self) -> int:
@@ -273,14 +282,15 @@ def trim_idle_file(
     path: Path,
     need_bytes: int,
     keep_head_bytes: int = KEEP_HEAD_BYTES,
-) -> tuple[Outcome, int]:
+) -> tuple[Outcome, int, list[tuple[int, int]]]:
     """Give back about ``need_bytes`` of the tail chunks of a cache file nothing reads
     now (the caller holds its trim lease and knows no kernel object uses it): bits
-    cleared durably first, then holes punched. ``(UNTRIMMABLE, 0)`` without a trusted
-    sidecar bound to ``path`` or with nothing to trim."""
+    cleared durably first, then holes punched. ``(TRIMMED, bytes freed, [(offset,
+    length) punched])``; ``(UNTRIMMABLE, 0, [])`` without a trusted sidecar bound to
+    ``path`` or with nothing to trim."""
     bp = presence.load_bound(key, path)
     if bp is None:
-        return Outcome.UNTRIMMABLE, 0
+        return Outcome.UNTRIMMABLE, 0, []
     geo = bp.geometry
     runs = chunks_to_trim(
         bp.bitmap.present_runs(0, geo.nchunks),
@@ -290,23 +300,30 @@ def trim_idle_file(
         keep_head_chunks(geo.chunk_size, keep_head_bytes),
     )
     if not runs:
-        return Outcome.UNTRIMMABLE, 0
+        return Outcome.UNTRIMMABLE, 0, []
     presence.clear_runs(bp, runs)  # the bits go durably before the bytes
     try:
         freed = punch_runs(path, runs, geo.chunk_size)
     except OSError as exc:
         # the bits are already gone: at worst a refetch, never wrong bytes
         log.warning("cull.trim_failed", blob=str(key), file=str(path), error=str(exc))
-        return Outcome.UNTRIMMABLE, 0
+        return Outcome.UNTRIMMABLE, 0, []
+    chunk = geo.chunk_size
+    ranges = [
+        (first * chunk, min(count * chunk, geo.blob_size - first * chunk)) for first, count in runs
+    ]
     log.info(
         "cull.trimmed",
         blob=str(key),
         file=str(path),
         chunks=sum(c for _f, c in runs),
+        ranges=ranges,
         freed=freed,
         present=bp.bitmap.count(),
     )
-    return (Outcome.TRIMMED, freed) if freed > 0 else (Outcome.UNTRIMMABLE, 0)
+    if freed <= 0:
+        return Outcome.UNTRIMMABLE, 0, []
+    return Outcome.TRIMMED, freed, ranges
 
 
 def punch_runs(path: Path, runs: list[tuple[int, int]], chunk_size: int) -> int:
@@ -329,16 +346,28 @@ class _DryRemover:
     def trim(self, cand: Candidate, nbytes: int) -> tuple[Outcome, int]:
         return Outcome.TRIMMED, nbytes
 
+    def detail(self, cand: Candidate) -> dict[str, Any]:
+        return {"dry_run": True}
+
 
 class _BlobRemover:
-    """The :class:`Remover` of one :meth:`BlobCuller.cull_pass`."""
+    """The :class:`Remover` of one :meth:`BlobCuller.cull_pass`; remembers the byte
+    ranges of its trims for their decision events."""
 
     def __init__(self, culler: BlobCuller, keys: dict[int, BlobKey]) -> None:
         self._culler = culler
         self._keys = keys
+        self._trimmed: dict[int, list[tuple[int, int]]] = {}
 
     def cull(self, cand: Candidate) -> Outcome:
         return self._culler.cull(cand, self._keys[id(cand)])
 
     def trim(self, cand: Candidate, nbytes: int) -> tuple[Outcome, int]:
-        return self._culler.trim(cand, self._keys[id(cand)], nbytes)
+        outcome, freed, ranges = self._culler.trim(cand, self._keys[id(cand)], nbytes)
+        if ranges:
+            self._trimmed[id(cand)] = ranges
+        return outcome, freed
+
+    def detail(self, cand: Candidate) -> dict[str, Any]:
+        ranges = self._trimmed.get(id(cand))
+        return {"ranges": [list(r) for r in ranges]} if ranges else {}

@@ -27,10 +27,15 @@ Errors: :class:`SourceError` from the source (after its own retries) and ``OSErr
 from the sink propagate to the caller, which fails the kernel request (the reader sees
 EIO). Nothing is marked present for a run whose fetch or write failed.
 
+Counters (read by the daemon for its metrics, never pushed anywhere): ``stats``,
+the fetch and write histograms, bytes fetched per source label and failed fills by
+error kind (``errors.py`` ``error_kind``), each bumped once per run or failure, where
+it happens.
+
 Lock order: ``Blob.lock`` before ``BlobPresence.lock`` (a claim asks the bitmap while
-holding the blob's lock); ``Filler._stats_lock`` is a leaf. No lock is held while
-fetching, writing or waiting for another worker's chunk, and buffers are borrowed
-from the pool with no lock held.
+holding the blob's lock); ``Filler._stats_lock`` and the counters' locks are leaves.
+No lock is held while fetching, writing or waiting for another worker's chunk, and
+buffers are borrowed from the pool with no lock held.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ from typing import Protocol
 
 import structlog
 
+from cachefilesd_py.counters import LabelledCounts
 from cachefilesd_py.engine.blob import Blob, InFlight
 from cachefilesd_py.engine.latency import LatencyHistogram
-from cachefilesd_py.errors import SourceError
+from cachefilesd_py.errors import SourceError, error_kind
 from cachefilesd_py.kernel.dio import AlignedBuffer, BufferPool
 from cachefilesd_py.sources.policy import Deadline
 
@@ -88,6 +94,10 @@ class Filler:
         #: seconds per write of a fetched run into the cache file (retries for room
         #: after ENOBUFS included)
         self.write_times = LatencyHistogram()
+        #: bytes fetched (and written), by the blob's source label
+        self.fetched_by_source = LabelledCounts()
+        #: fills that failed, by error kind (``errors.py`` ERROR_KINDS)
+        self.errors = LabelledCounts()
         self._stats_lock = threading.Lock()
 
     def ensure(self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline) -> None:
@@ -96,6 +106,7 @@ class Filler:
         if length <= 0 or offset >= blob.size:
             return
         first, last = geom.chunks_for(offset, min(length, blob.size - offset))
+        blob.last_use = time.time()
         with self._stats_lock:
             self.stats.requests += 1
         force = self._all_marked(blob, first, last)
@@ -115,11 +126,13 @@ class Filler:
                 return
             if deadline.expired():
                 break
-        raise SourceError(
+        late = SourceError(
             f"{blob.key}: chunks {first}..{last - 1} still missing at the deadline",
             transient=True,
             reason="deadline",
         )
+        self.errors.add(error_kind(late))
+        raise late
 
     def prefetch(
         self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline
@@ -214,6 +227,7 @@ class Filler:
         if failure is not None:
             with self._stats_lock:
                 self.stats.failures += 1
+            self.errors.add(error_kind(failure))
             raise failure
 
     def _fetch_run(
@@ -237,3 +251,4 @@ class Filler:
             self.stats.runs += 1
             self.stats.chunks_fetched += len(run)
             self.stats.bytes_fetched += length
+        self.fetched_by_source.add(blob.source_label, length)

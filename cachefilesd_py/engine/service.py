@@ -13,6 +13,12 @@ A background thread checkpoints dirty presence bitmaps every ``checkpoint_interv
 seconds: one ``syncfs`` of the cache filesystem, then the sidecars (see
 ``presence/store.py``), so a bit reaches the disk only after its data did.
 
+Counters the daemon reads for its metrics (``daemon/control.py``), each kept where
+its event happens: the filler's (``engine/fill.py``), OPENs whose source identity
+failed by error kind (:attr:`Engine.open_errors`), and :attr:`Engine.checkpoints`
+(checkpoints that saved sidecars, sidecars saved, failures) with their durations in
+:attr:`Engine.checkpoint_times`.
+
 Lock order: ``Engine._lock`` guards the table of blobs only and is a leaf: sources,
 presence loads, checkpoints and binds all run without it. The locks taken below it
 (``Blob.lock`` in fills, the presence store's I/O lock, ``BlobPresence.lock``) are
@@ -30,16 +36,17 @@ from pathlib import Path
 
 import structlog
 
+from cachefilesd_py.counters import LabelledCounts
 from cachefilesd_py.engine.blob import Blob, BlobKey
 from cachefilesd_py.engine.fill import Filler, Sink
 from cachefilesd_py.engine.latency import LatencyHistogram
 from cachefilesd_py.engine.leases import BlobLeases
 from cachefilesd_py.engine.readahead import Prefetch, StreamReadahead
-from cachefilesd_py.errors import SourceError, SourceNotFound
+from cachefilesd_py.errors import SourceError, SourceNotFound, error_kind
 from cachefilesd_py.kernel.dio import PAGE_SIZE, BufferPool
 from cachefilesd_py.presence.bitmap import ChunkGeometry
 from cachefilesd_py.presence.store import BlobPresence, PresenceStore
-from cachefilesd_py.sources.base import BlobIdentity, Source
+from cachefilesd_py.sources.base import BlobIdentity, Source, source_label
 from cachefilesd_py.sources.policy import Deadline
 
 log = structlog.get_logger("engine")
@@ -61,6 +68,20 @@ class EngineSettings:
 
 
 @dataclass
+class CheckpointStats:
+    """Presence checkpoints since start: the periodic ones, and each blob's at its
+    release (a plain save, or the bind of its sidecar to the committed cache file)."""
+
+    #: checkpoints that saved at least one sidecar
+    checkpoints: int = 0
+    #: sidecars saved by them
+    sidecars_saved: int = 0
+    #: checkpoints that failed: ``syncfs`` failed (nothing saved, the bitmaps stay
+    #: dirty for the next one) or a bind's sidecar could not be saved
+    checkpoint_failures: int = 0
+
+
+@dataclass
 class Engine:
     resolve: Callable[[bytes, bytes], str | None]
     open_source: Callable[[str], Source]
@@ -75,6 +96,10 @@ class Engine:
         self.filler = Filler(BufferPool(self.settings.max_run, self.settings.buffers))
         #: seconds per checkpoint that saved something (syncfs + sidecar writes)
         self.checkpoint_times = LatencyHistogram()
+        self.checkpoints = CheckpointStats()
+        self._checkpoints_lock = threading.Lock()  # a leaf: the counters only
+        #: OPENs whose source identity could not be learnt, by error kind
+        self.open_errors = LabelledCounts()
         self._stop = threading.Event()
         self._checkpointer: threading.Thread | None = None
 
@@ -126,17 +151,24 @@ class Engine:
             blob = self._blobs.get(key)
             if blob is not None:
                 blob.users += 1
+                blob.last_use = time.time()
                 return blob
         if source is None:
             source = self.source_for(key)
-        identity = source.identity(deadline)
+        try:
+            identity = source.identity(deadline)
+        except SourceError as exc:
+            self.open_errors.add(error_kind(exc))
+            raise
         blob = self._new_blob(key, source, identity, cache_file)
         with self._lock:
             existing = self._blobs.get(key)
             if existing is not None:  # another worker opened it meanwhile
                 existing.users += 1
+                existing.last_use = time.time()
                 return existing
             blob.users = 1
+            blob.last_use = time.time()
             self._blobs[key] = blob
         return blob
 
@@ -161,6 +193,7 @@ class Engine:
             geometry=ChunkGeometry(identity.size, chunk),
             presence=presence,
             readahead=self._stream_readahead(chunk),
+            source_label=source_label(source),
         )
 
     def chunk_size_fits(self, chunk: int) -> bool:
@@ -214,8 +247,10 @@ class Engine:
             return
         path = committed() if committed is not None else None
         if path is not None:
+            began = time.monotonic()
             try:
                 self.presence.bind(blob.presence, path)
+                self._count_checkpoint(began, 1)
                 log.info(
                     "presence.bound",
                     blob=str(blob.key),
@@ -224,9 +259,11 @@ class Engine:
                     chunks=blob.geometry.nchunks,
                 )
             except OSError as exc:
+                with self._checkpoints_lock:
+                    self.checkpoints.checkpoint_failures += 1
                 log.warning("presence.bind_failed", blob=str(blob.key), error=str(exc))
         else:
-            self.presence.checkpoint([blob.presence])
+            self._checkpoint([blob.presence])
 
     def blobs(self) -> list[Blob]:
         with self._lock:
@@ -237,12 +274,35 @@ class Engine:
     def checkpoint(self) -> None:
         presences = [b.presence for b in self.blobs() if b.presence is not None]
         if presences:
-            began = time.monotonic()
-            try:
-                if self.presence.checkpoint(presences):
-                    self.checkpoint_times.record(time.monotonic() - began)
-            except OSError as exc:
-                log.warning("presence.checkpoint_failed", error=str(exc))
+            self._checkpoint(presences)
+
+    def _checkpoint(self, presences: list[BlobPresence]) -> None:
+        """Save the dirty ones of ``presences`` (``PresenceStore.checkpoint``), counted
+        and timed when something was saved; a failed ``syncfs`` is logged, counted and
+        left for the next checkpoint (the bitmaps stay dirty)."""
+        began = time.monotonic()
+        try:
+            saved = self.presence.checkpoint(presences)
+        except OSError as exc:
+            with self._checkpoints_lock:
+                self.checkpoints.checkpoint_failures += 1
+            log.warning("presence.checkpoint_failed", error=str(exc))
+            return
+        if saved:
+            self._count_checkpoint(began, saved)
+
+    def _count_checkpoint(self, began: float, saved: int) -> None:
+        self.checkpoint_times.record(time.monotonic() - began)
+        with self._checkpoints_lock:
+            self.checkpoints.checkpoints += 1
+            self.checkpoints.sidecars_saved += saved
+
+    def checkpoint_fields(self) -> dict[str, int]:
+        """The checkpoint counters, and sidecars that could not be saved."""
+        with self._checkpoints_lock:
+            out = dict(vars(self.checkpoints))
+        out["sidecar_save_failures"] = self.presence.save_failures
+        return out
 
     def _checkpoint_loop(self) -> None:
         while not self._stop.wait(self.settings.checkpoint_interval):

@@ -37,6 +37,7 @@ __all__ = [
     "SourceNotFound",
     "admitted",
     "check_blob_size",
+    "source_label",
 ]
 
 #: The largest blob a source accepts: 16 TiB. EROFS (Linux ≤ 6.14) addresses blocks
@@ -99,6 +100,14 @@ class Source(Protocol):
     def fetch_into(self, offset: int, buf: memoryview, deadline: Deadline) -> None: ...
 
     def close(self) -> None: ...
+
+
+def source_label(source: Source) -> str:
+    """How metrics name where ``source`` fetches from: its ``source`` rule's label
+    (``sources/resolve.py`` ``rule_label``) when it has one, else its origin. Never
+    the blob's key: the label set stays as small as the configuration."""
+    label = getattr(source, "label", None)
+    return label if isinstance(label, str) and label else source.origin
 
 
 @contextmanager

@@ -184,6 +184,8 @@ class FileSource:
         self.gate = gate
         self.url = url or f"file://{path}"
         self.beneath = beneath if beneath is not None else (os.path.dirname(path) or "/")
+        #: the ``source`` rule's label for metrics (``sources/resolve.py``)
+        self.label: str = getattr(url, "label", None) or f"file://{self.beneath}"
         self.max_size = max_size
         self._owns_fds = fds is None
         self._fds = fds if fds is not None else SourceFds(capacity=1)

@@ -43,6 +43,7 @@ import urllib3
 from urllib3.exceptions import EmptyPoolError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from cachefilesd_py.counters import LabelledCounts
 from cachefilesd_py.errors import IdentityChanged, SourceError, SourceNotFound
 from cachefilesd_py.sources import validators as v
 from cachefilesd_py.sources.base import BlobIdentity, admitted, check_blob_size
@@ -120,9 +121,12 @@ class HttpSource:
         timeout: float = 30.0,
         max_size: int | None = None,
         gate: threading.BoundedSemaphore | None = None,
+        retries: LabelledCounts | None = None,
     ) -> None:
         self.url = url
         self.gate = gate
+        #: retries taken, by source label (the factory's counter, read by the daemon)
+        self.retries = retries
         self.pool = pool
         self.identity_pool = identity_pool or pool
         self.headers = dict(headers or {})
@@ -130,6 +134,8 @@ class HttpSource:
         self.timeout = timeout
         self.max_size = max_size
         self.origin = origin_of(url)
+        #: the ``source`` rule's label for metrics (``sources/resolve.py``)
+        self.label: str = getattr(url, "label", None) or self.origin
         self._identity: BlobIdentity | None = None
         self._identity_lock = threading.Lock()
 
@@ -215,6 +221,8 @@ class HttpSource:
                 pause = policy.sleep_for()
                 if deadline.remaining() <= pause:
                     raise
+                if self.retries is not None:
+                    self.retries.add(self.label)
                 log.info(
                     "http.retry",
                     url=self.url,

@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 import urllib3
 
+from cachefilesd_py.counters import LabelledCounts
 from cachefilesd_py.errors import SourceError
 from cachefilesd_py.sources.base import MAX_BLOB_SIZE, Source
 from cachefilesd_py.sources.file import FileSource, SourceFds
@@ -72,6 +73,8 @@ class SourceFactory:
             open_files_budget(self.settings.max_open_files), self.settings.idle_seconds
         )
         self.gate = threading.BoundedSemaphore(max(1, self.settings.max_inflight))
+        #: retries its sources took, by source label (``sources/resolve.py`` rule_label)
+        self.retries = LabelledCounts()
 
     def _http_pools(self) -> tuple[urllib3.PoolManager, urllib3.PoolManager]:
         with self._lock:
@@ -115,6 +118,7 @@ class SourceFactory:
                 timeout=self.settings.timeout,
                 max_size=max_size,
                 gate=self.gate,
+                retries=self.retries,
             )
         raise SourceError(
             f"unsupported URL scheme in {url!r}", transient=False, reason="scheme", url=url

@@ -58,14 +58,28 @@ _KEY = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:+-]*")
 
 class ResolvedUrl(str):
     """A resolved URL that remembers, for ``file://``, the directory the path must be
-    resolved beneath (None for other schemes). It is a ``str`` for everything else."""
+    resolved beneath (None for other schemes), and the label of the rule that made it
+    (:func:`rule_label`, for metrics). It is a ``str`` for everything else."""
 
     beneath: str | None
+    label: str | None
 
-    def __new__(cls, url: str, beneath: str | None = None) -> ResolvedUrl:
+    def __new__(
+        cls, url: str, beneath: str | None = None, label: str | None = None
+    ) -> ResolvedUrl:
         obj = super().__new__(cls, url)
         obj.beneath = beneath
+        obj.label = label
         return obj
+
+
+def rule_label(template: str) -> str:
+    """How metrics name the ``source`` rule of ``template``: the template itself
+    (``https://cdn.example:443/{cookie}``), less any user:password and query, which
+    may hold secrets. Fixed by the configuration, never by a key: bounded."""
+    parts = urlsplit(template)
+    netloc = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 def key_problem(key: bytes) -> str | None:
@@ -111,9 +125,10 @@ class SourceResolver:
                 if problem is not None:
                     log.warning("resolve.refused_url", url=url, reason=problem)
                     return None
+                label = rule_label(rule.url_template)
                 if url.startswith("file:"):
-                    return ResolvedUrl(url, file_base(rule.url_template))
-                return ResolvedUrl(url)
+                    return ResolvedUrl(url, file_base(rule.url_template), label)
+                return ResolvedUrl(url, label=label)
         return None
 
 

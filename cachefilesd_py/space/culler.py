@@ -2,17 +2,29 @@
 
 :func:`run_plan` walks candidates in order, asks the plan (``space/plan.py``) for a
 decision, carries it out through the frontend's :class:`Remover`, records the outcome
-and logs one ``cull.decision`` event per candidate it decided about (blob or object,
-outcome, bytes freed, reason; at debug level: a pass may decide about thousands of
-objects). Classic mode runs it over cache objects (``frontends/classic/driver.py``),
-the blob culler over blobs (``engine/cull.py``).
+and logs one ``cull.decision`` event per candidate it decided about: the blob (or
+object path), what was given back (``whole`` for a cull; for a trim, ``ranges`` of
+``[offset, length]`` bytes), its size, the outcome, the bytes freed and the reason.
+Classic mode runs it over cache objects (``frontends/classic/driver.py``), the blob
+culler over blobs (``engine/cull.py``).
+
+**Volume.** A pass may decide about 100 000 objects (classic mode culls until the
+kernel is satisfied); 100 000 info lines would flood the journal and push out
+everything else. So the decision events are at info level within a budget
+(:class:`EventBudget`, a token bucket shared by every pass of the process: 100 events
+at once, then one a second); past it they are at debug level (built only when debug
+is on), and the pass ends with one info event ``cull.decisions_suppressed`` saying
+how many decisions were not logged at info, by outcome, the bytes they freed and why.
+``cull.pass`` (per pass, info) has the pass's totals either way.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +47,46 @@ class Remover(Protocol):
         ...
 
 
+class EventBudget:
+    """How many info-level events may be logged now: a token bucket of ``burst``
+    tokens refilled at ``per_second`` (see the module docstring). Thread-safe."""
+
+    def __init__(
+        self,
+        burst: int = 100,
+        per_second: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Whether one more event may be logged at info level now (a token taken)."""
+        with self._lock:
+            now = self._clock()
+            tokens = min(float(self.burst), self._tokens + (now - self._at) * self.per_second)
+            self._at = now
+            if tokens < 1.0:
+                self._tokens = tokens
+                return False
+            self._tokens = tokens - 1.0
+            return True
+
+    def describe(self) -> str:
+        return (
+            f"at most {self.burst} cull decisions at info level at once, "
+            f"then {self.per_second:g}/s"
+        )
+
+
+#: the budget of the process's ``cull.decision`` info events, shared by every pass
+DECISION_EVENTS = EventBudget()
+
+
 def run_plan(
     plan: CullPlan,
     candidates: Iterable[Candidate],
@@ -45,12 +97,25 @@ def run_plan(
     check_every: int = 64,
     logger: Any = None,
     on_decision: Callable[[Candidate, Decision, Outcome, int], None] | None = None,
+    detail: Callable[[Candidate], Mapping[str, Any]] | None = None,
+    budget: EventBudget | None = None,
+    info: bool = True,
 ) -> Tally:
     """Decide about ``candidates`` in order until the plan says stop (or, every
-    ``check_every`` candidates, ``keep_going()`` says no). Returns the plan's tally."""
+    ``check_every`` candidates, ``keep_going()`` says no). Returns the plan's tally.
+
+    Each decision is one ``cull.decision`` event, at info level within ``budget``
+    (default: the process's :data:`DECISION_EVENTS`), else at debug level, and the
+    suppressed ones are summed up in one ``cull.decisions_suppressed`` info event.
+    ``detail(cand)`` adds fields to a decision's event (a trim's byte ranges).
+    ``info=False`` (a dry run) logs every decision at debug level only."""
     events = (logger or log).bind()
-    # the events are debug-level: when they are filtered, not even their fields are built
-    logging_on = _debug_enabled(events)
+    budget = budget if budget is not None else DECISION_EVENTS
+    # past the budget the events are debug-level: when they are filtered, not even
+    # their fields are built
+    debug_on = _debug_enabled(events)
+    suppressed: dict[str, int] = {}
+    suppressed_bytes = 0
     stop, skip, trim = Action.STOP, Action.SKIP, Action.TRIM
     culled, untrimmable = Outcome.CULLED, Outcome.UNTRIMMABLE
     for i, cand in enumerate(candidates):
@@ -75,15 +140,34 @@ def run_plan(
         plan.record(cand, outcome, freed)
         if on_decision is not None:
             on_decision(cand, decision, outcome, freed)
-        if logging_on:
-            events.debug(
-                "cull.decision",
-                blob=describe(cand),
-                outcome=outcome.value,
-                bytes=freed,
-                size=cand.blocks * 512,
-                reason=decision.reason,
-            )
+        at_info = info and budget.take()
+        if info and not at_info:
+            suppressed[outcome.value] = suppressed.get(outcome.value, 0) + 1
+            suppressed_bytes += freed
+        if at_info or debug_on:
+            size = cand.blocks * 512
+            fields: dict[str, Any] = {
+                "blob": describe(cand),
+                "outcome": outcome.value,
+                "bytes": freed,
+                "size": size,
+                # what was given back: all of it (a cull), or byte ranges (a trim's
+                # ``detail``); neither for a candidate that was kept
+                "whole": outcome is culled,
+                "ranges": [],
+                "reason": decision.reason,
+            }
+            if detail is not None:
+                fields.update(detail(cand))
+            (events.info if at_info else events.debug)("cull.decision", **fields)
+    if suppressed:
+        events.info(
+            "cull.decisions_suppressed",
+            suppressed=sum(suppressed.values()),
+            by_outcome=suppressed,
+            freed=suppressed_bytes,
+            why=budget.describe() + "; the rest at debug level",
+        )
     return plan.tally
 
 

@@ -5,7 +5,9 @@ test did, prefetch, live verify and reload reports."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,17 +15,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from cachefilesd_py.config.load import load_config
 from cachefilesd_py.control.cli import main as ctl
 from cachefilesd_py.control.client import call
 from cachefilesd_py.control.schema import ControlError, ErrorCode
-from cachefilesd_py.daemon.app import Daemon, engine_settings, source_settings
+from cachefilesd_py.daemon.app import Daemon, engine_settings, ondemand_figures, source_settings
 from cachefilesd_py.daemon.control import ControlService, serve_control
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
@@ -53,7 +58,14 @@ def conf_text(cache: Path, source: str, sock: str, extra: str = "") -> str:
 class Live:
     """The on-demand stack, served by a thread, with its control socket."""
 
-    def __init__(self, root: Path, source: str = "", extra: str = "", cull: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        source: str = "",
+        extra: str = "",
+        cull: bool = False,
+        checkpoint_interval: float | None = None,
+    ) -> None:
         self.blobs = root / "blobs"
         self.blobs.mkdir()
         (self.blobs / "img").write_bytes(DATA)
@@ -68,11 +80,14 @@ class Live:
         self.fake = FakeCachefiles()
         self.factory = SourceFactory(source_settings(config))
         self.daemon._factory = self.factory
+        settings = engine_settings(config)
+        if checkpoint_interval is not None:
+            settings = replace(settings, checkpoint_interval=checkpoint_interval)
         self.engine = Engine(
             resolve=SourceResolver(config.sources).resolve,
             open_source=self.factory.open,
             presence=PresenceStore(self.cache / "cachefilesd-py" / "presence"),
-            settings=engine_settings(config),
+            settings=settings,
         )
         self.daemon._engine = self.engine
         self.driver = OnDemandDriver(self.fake, self.engine, self.cache, workers=4, fetch_timeout=3)
@@ -89,20 +104,12 @@ class Live:
         self.driver.bind([b"dir " + str(self.cache).encode(), b"tag t"])
         self.engine.start()
 
-        def collect() -> dict[str, object]:
-            return {
-                **vars(self.driver.stats),
-                **vars(self.engine.filler.stats),
-                **self.driver.read_times.summary_ms("read"),
-                **(
-                    {"culled": c.totals.culled, "trimmed": c.totals.trimmed}
-                    if (c := self.driver.culler) is not None
-                    else {}
-                ),
-            }
-
         self.control: ControlService = serve_control(
-            self.daemon, "ondemand", collect, self.engine, self.driver
+            self.daemon,
+            "ondemand",
+            lambda: ondemand_figures(self.driver, self.engine),
+            self.engine,
+            self.driver,
         )
         self.last_err = ""
         self.stop = threading.Event()
@@ -335,6 +342,179 @@ def test_cull_dry_run_then_now(capsys: pytest.CaptureFixture[str]) -> None:
         assert not path.exists() or path.stat().st_blocks < blocks
         m = metrics_of(call(d.sock, "metrics")["text"])
         assert m["cachefilesd_culled_blobs_total"] + m["cachefilesd_trimmed_blobs_total"] >= 1
+    finally:
+        d.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- the core's counters in the metrics: each equals what the test did -------------------
+
+
+def wait_idle(d: Live) -> None:
+    for _ in range(100):  # the use lease goes after the release (checkpoint/bind) ran
+        if not d.engine.leases.in_use():
+            return
+        time.sleep(0.05)
+    raise AssertionError("the blob's release did not finish")
+
+
+def test_bytes_per_source_checkpoints_and_last_use(capsys: pytest.CaptureFixture[str]) -> None:
+    root = Path(tempfile.mkdtemp(prefix="ctl-counts-"))
+    d = Live(root, checkpoint_interval=3600.0)  # only the test's checkpoints happen
+    try:
+        label = f"file://{d.blobs}/{{cookie}}"
+        m = metrics_of(call(d.sock, "metrics")["text"])
+        assert m["cachefilesd_sidecar_checkpoints_total"] == 0
+        assert not any(k.startswith("cachefilesd_source_fetched_bytes_total{") for k in m)
+        obj = d.fake.lookup(b"erofs,img", b"img")
+        before_open = time.time()
+        assert obj.read(0, 200_000) == DATA[:200_000]
+        assert obj.read(600_000, 10) == DATA[600_000:600_010]
+        chunks = -(-200_000 // CHUNK) + 1
+        # a second source rule's blob: its bytes are counted under its own label
+        (root / "other").mkdir()
+        (root / "other" / "img2").write_bytes(DATA[:5000])
+        d.conf.write_text(
+            d.conf.read_text().replace(
+                "source * ", f"source img2/* file://{root}/other/{{cookie}}\nsource * "
+            )
+        )
+        assert d.ctl(capsys, "reload")[0] == 0
+        obj2 = d.fake.lookup(b"erofs,img2", b"img2")
+        assert obj2.read(0, 5000) == DATA[:5000]
+
+        # one checkpoint saves both dirty sidecars; a second has nothing to save
+        d.engine.checkpoint()
+        d.engine.checkpoint()
+        m = metrics_of(call(d.sock, "metrics")["text"])
+        assert m[f"cachefilesd_source_fetched_bytes_total{{source={label}}}"] == chunks * CHUNK
+        other = f"file://{root}/other/{{cookie}}"
+        assert m[f"cachefilesd_source_fetched_bytes_total{{source={other}}}"] == 5000
+        assert m["cachefilesd_fetched_bytes_total"] == chunks * CHUNK + 5000
+        assert m["cachefilesd_reads_total"] == d.driver.stats.reads >= 3
+        assert m["cachefilesd_reads_failed_total"] == 0
+        assert m["cachefilesd_sidecar_checkpoints_total"] == 1
+        assert m["cachefilesd_sidecars_saved_total"] == 2
+        assert m["cachefilesd_sidecar_checkpoint_failures_total"] == 0
+        assert m["cachefilesd_checkpoint_seconds_count"] == 1
+        assert not any(k.startswith("cachefilesd_fetch_errors_total{") for k in m)
+        _rc, stats = d.ctl(capsys, "stats")
+        assert stats["by_label"]["fetched_by_source"] == {label: chunks * CHUNK, other: 5000}
+        assert stats["counters"]["checkpoints"] == 1
+
+        # last use: when the kernel last asked for the blob, in ISO 8601 and as an age
+        _rc, listing = d.ctl(capsys, "blobs")
+        [b] = [b for b in listing["blobs"] if b["blob"] == BLOB]
+        used = datetime.fromisoformat(b["last_use"]).timestamp()
+        assert before_open - 1 <= used <= time.time() and b["last_use_age_s"] < 60
+        assert ctl(["blobs", "--socket", d.sock]) == 0
+        table = capsys.readouterr().out
+        assert "LAST USE" in table and " s ago" in table
+
+        # the release of the blob binds its sidecar: one more checkpoint, one sidecar
+        obj2.withdraw()
+        for _ in range(100):  # the release runs after the CLOSE was answered
+            if len(d.engine.leases.in_use()) == 1:
+                break
+            time.sleep(0.05)
+        m = metrics_of(call(d.sock, "metrics")["text"])
+        assert m["cachefilesd_sidecar_checkpoints_total"] == 2
+        assert m["cachefilesd_sidecars_saved_total"] == 3
+    finally:
+        d.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_retries_errors_by_kind_and_read_failure_events() -> None:
+    """An HTTP source with faults: the retries the source took, the failed fill by
+    kind, the failed READ as one event with its blob, range and reason."""
+    root = Path(tempfile.mkdtemp(prefix="ctl-faults-"))
+    with FaultServer({"img": DATA}) as srv:
+        d = Live(root, srv.url + "/{cookie}")
+        try:
+            label = srv.url + "/{cookie}"
+            obj = d.fake.lookup(b"erofs,img", b"img")  # identity learnt: no fault yet
+            srv.fault("img", "500", times=2)  # two attempts fail, the third serves
+            assert obj.read(0, 10) == DATA[:10]
+            srv.fault("img", "503", times=4)  # 1 + fetch_retries (3) attempts: all fail
+            with structlog.testing.capture_logs() as logs, pytest.raises(OSError):
+                obj.read(5 * CHUNK, 100)
+            srv.fault("img", "bad-range", times=4)
+            with pytest.raises(OSError):
+                obj.read(9 * CHUNK, 100)
+            with pytest.raises(OSError):  # no such blob: the OPEN fails
+                d.fake.lookup(b"erofs,nope", b"nope")
+            m = metrics_of(call(d.sock, "metrics")["text"])
+            assert m[f"cachefilesd_source_retries_total{{source={label}}}"] == 2 + 3 + 3
+            assert m["cachefilesd_fetch_errors_total{kind=http_5xx}"] == 1
+            assert m["cachefilesd_fetch_errors_total{kind=protocol}"] == 1
+            assert m["cachefilesd_open_errors_total{kind=not_found}"] == 1
+            assert m[f"cachefilesd_source_fetched_bytes_total{{source={label}}}"] == CHUNK
+            assert m["cachefilesd_reads_failed_total"] == 2
+            assert m["cachefilesd_fetch_failures_total"] == 2
+            failed = [e for e in logs if e["event"] == "read.failed"]
+            assert len(failed) == 1, logs
+            [e] = failed
+            assert e["blob"] == BLOB and e["offset"] == 5 * CHUNK and e["length"] >= 100
+            assert e["reason"] == "http-503" and e["kind"] == "http_5xx"
+            assert e["log_level"] in ("warning", "error")
+        finally:
+            d.close()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def test_cull_decisions_are_info_events() -> None:
+    root = Path(tempfile.mkdtemp(prefix="ctl-cullev-"))
+    d = Live(root, extra="cache_max_bytes 200K\n", cull=True)
+    try:
+        obj = d.fake.lookup(b"erofs,img", b"img")
+        assert obj.read(0, SIZE) == DATA
+        obj.withdraw()
+        wait_idle(d)
+        with structlog.testing.capture_logs() as logs:
+            call(d.sock, "cull_plan")
+        assert not [e for e in logs if e["log_level"] != "debug" and e["event"] == "cull.decision"]
+        with structlog.testing.capture_logs() as logs:
+            done = call(d.sock, "cull")
+        [e] = [e for e in logs if e["event"] == "cull.decision"]
+        assert e["log_level"] == "info" and e["blob"] == BLOB and e["reason"]
+        # smaller than the head a trim keeps (1 MiB): culled whole
+        assert e["outcome"] == "culled" and done["culled"] == 1, (e, done)
+        assert e["whole"] and e["ranges"] == [] and e["bytes"] > 0
+    finally:
+        d.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_trim_decision_names_its_byte_ranges() -> None:
+    """A blob much larger than what the cap asks for is trimmed: its decision event
+    names the byte ranges given back, and they are holes in the cache file now."""
+    root = Path(tempfile.mkdtemp(prefix="ctl-trimev-"))
+    d = Live(root, extra="cache_max_bytes 3M\n", cull=True)
+    try:
+        big = pattern_bytes(5, 0, 4 << 20)
+        (d.blobs / "big").write_bytes(big)
+        obj = d.fake.lookup(b"erofs,big", b"big")
+        assert obj.read(0, len(big)) == big
+        obj.withdraw()
+        wait_idle(d)
+        with structlog.testing.capture_logs() as logs:
+            done = call(d.sock, "cull")
+        [e] = [e for e in logs if e["event"] == "cull.decision"]
+        assert e["log_level"] == "info" and e["blob"] == "erofs,big/big", e
+        assert e["outcome"] == "trimmed" and done["trimmed"] == 1, (e, done)
+        assert not e["whole"] and e["ranges"] and e["reason"]
+        path = object_path(d.cache, b"erofs,big", b"big")
+        with open(path, "rb") as f:
+            for off, n in e["ranges"]:
+                assert off % CHUNK == 0 and off >= 1 << 20, "the head is kept"
+                try:  # a hole: the next data (if any) starts past the range
+                    assert os.lseek(f.fileno(), off, os.SEEK_DATA) >= off + n
+                except OSError as exc:
+                    assert exc.errno == errno.ENXIO  # no data up to the end
+                f.seek(off)
+                assert f.read(n) == bytes(n), "a trimmed range still holds data"
+        assert sum(n for _off, n in e["ranges"]) >= e["bytes"] > 0
     finally:
         d.close()
         shutil.rmtree(root, ignore_errors=True)

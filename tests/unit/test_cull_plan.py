@@ -10,7 +10,7 @@ import structlog
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachefilesd_py.space.culler import run_plan
+from cachefilesd_py.space.culler import EventBudget, run_plan
 from cachefilesd_py.space.plan import Action, CullPlan, Needs, Outcome, Tally
 from cachefilesd_py.space.scan import Candidate
 
@@ -186,23 +186,34 @@ def test_outcome_of_the_kernels_answer(err: int, outcome: Outcome) -> None:
 # -- the loop ----------------------------------------------------------------------------
 
 
-def test_run_plan_builds_no_decision_event_when_debug_is_off() -> None:
+def test_run_plan_builds_no_decision_event_past_its_budget_when_debug_is_off() -> None:
     """A pass may cull tens of thousands of objects: at the daemon's usual level
-    (info, a filtering logger) no per-object event is built, not even its fields."""
+    (info, a filtering logger) only the decisions within the info budget get an
+    event; past it no per-object event is built, not even its fields."""
     described: list[str] = []
 
     def describe(c: Candidate) -> str:
         described.append(c.name)
         return c.name
 
-    plan = CullPlan(Needs(bytes=2 * MB), volume_of=volume_of, pinned=lambda c: False)
+    plan = CullPlan(Needs(bytes=3 * MB), volume_of=volume_of, pinned=lambda c: False)
+    capture = structlog.testing.LogCapture()
     at_info = structlog.wrap_logger(
-        structlog.testing.LogCapture(),
+        structlog.ReturnLogger(),
+        processors=[capture],
         wrapper_class=structlog.make_filtering_bound_logger(20),  # logging.INFO
     )
-    tally = run_plan(plan, [cand("a", 1), cand("b", 1)], Remover(), describe=describe,
-                     logger=at_info)
-    assert tally.culled == 2 and described == []
+    tally = run_plan(
+        plan,
+        [cand("a", 1), cand("b", 1), cand("c", 1)],
+        Remover(),
+        describe=describe,
+        logger=at_info,
+        budget=EventBudget(burst=1, per_second=0.0),
+    )
+    assert tally.culled == 3 and described == ["a"]
+    events = [e["event"] for e in capture.entries]
+    assert events == ["cull.decision", "cull.decisions_suppressed"]
 
 
 def test_run_plan_logs_one_decision_per_candidate() -> None:
@@ -291,6 +302,76 @@ def test_random_plans_free_what_is_needed_and_keep_what_is_kept(
         last = next(c for c in reversed(cands) if c.name in culled)
         short = tally.freed_bytes - last.blocks * 512 < needs.bytes
         assert short or tally.culled - 1 < needs.objects
+
+
+# -- decision events: one per decision, at info within a budget ------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_decisions_past_the_budget_go_to_debug_and_are_summed_up() -> None:
+    """A pass over many objects logs its first decisions at info, the rest at debug,
+    and says in one info event how many it held back, by outcome, and why."""
+    clock = Clock()
+    budget = EventBudget(burst=3, per_second=1.0, clock=clock)
+    plan = CullPlan(Needs(bytes=8 * MB), volume_of=volume_of, pinned=lambda c: c.name == "p")
+    cands = [cand("a", 1), cand("p", 1), *(cand(f"o{i}", 1) for i in range(8))]
+    with structlog.testing.capture_logs() as logs:
+        tally = run_plan(
+            plan, cands, Remover(frozenset({"a"})), describe=lambda c: c.name, budget=budget
+        )
+    decided = [e for e in logs if e["event"] == "cull.decision"]
+    assert len(decided) == 10 == sum(tally.counts.values()), "one event per decision"
+    info = [(e["blob"], e["outcome"]) for e in decided if e["log_level"] == "info"]
+    assert info == [("a", "busy"), ("p", "pinned"), ("o0", "culled")]
+    assert all(e["log_level"] == "debug" for e in decided[3:])
+    culled = [e for e in decided if e["outcome"] == "culled"]
+    assert all(e["whole"] and e["size"] == MB and e["reason"] for e in culled)
+    assert not decided[0]["whole"]  # kept: nothing given back
+    [summary] = [e for e in logs if e["event"] == "cull.decisions_suppressed"]
+    assert summary["log_level"] == "info"
+    assert summary["suppressed"] == 7 and summary["by_outcome"] == {"culled": 7}
+    assert summary["freed"] == 7 * MB and "at most 3" in summary["why"]
+    # the budget refills with time: the next pass starts at info again
+    clock.now += 2.0
+    plan = CullPlan(Needs(bytes=MB), volume_of=volume_of)
+    with structlog.testing.capture_logs() as logs:
+        run_plan(plan, [cand("x", 1)], Remover(), describe=lambda c: c.name, budget=budget)
+    assert [e["log_level"] for e in logs] == ["info"]
+
+
+def test_a_dry_run_logs_its_decisions_at_debug_only() -> None:
+    budget = EventBudget(burst=100)
+    plan = CullPlan(Needs(bytes=2 * MB), volume_of=volume_of)
+    with structlog.testing.capture_logs() as logs:
+        run_plan(
+            plan,
+            [cand("a", 1), cand("b", 1)],
+            Remover(),
+            describe=lambda c: c.name,
+            budget=budget,
+            info=False,
+        )
+    assert [e["log_level"] for e in logs] == ["debug", "debug"]
+    assert budget.take(), "a dry run took from the budget"
+
+
+def test_event_budget_is_a_token_bucket() -> None:
+    clock = Clock()
+    budget = EventBudget(burst=2, per_second=0.5, clock=clock)
+    assert [budget.take() for _ in range(3)] == [True, True, False]
+    clock.now += 1.0  # half a token
+    assert not budget.take()
+    clock.now += 1.0
+    assert budget.take() and not budget.take()
+    clock.now += 100.0  # never more than the burst
+    assert [budget.take() for _ in range(3)] == [True, True, False]
 
 
 def test_a_blob_that_can_only_be_trimmed_is_trimmed_by_what_is_still_needed() -> None:

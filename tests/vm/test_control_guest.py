@@ -123,6 +123,8 @@ def test_every_subcommand_against_a_live_mount(
     rc, listing = ctl_json("blobs")
     [b] = listing["blobs"]
     assert b["blob"] == BLOB and b["size"] == size and 0 < b["present_pct"] < 100
+    # last use: the kernel's OPEN and READs of it, moments ago, by the daemon's clock
+    assert b["last_use"] is not None and 0 <= b["last_use_age_s"] < 600, b
     rc, shown = ctl_json("show", BLOB, "--width", "32")
     assert rc == 0 and sum(p for p, _n in shown["cells"]) == b["present_chunks"]
     picture = Path(os.environ.get("CACHEFILESD_VM_RESULTS", str(workdir))) / "presence-map.png"
@@ -161,9 +163,20 @@ def test_every_subcommand_against_a_live_mount(
     assert tree_digests(mnt) == tree_digests(src)
     after = scrape(f"http://127.0.0.1:{port}/metrics")
     assert after["cachefilesd_fetched_bytes_total"] == before["cachefilesd_fetched_bytes_total"]
-    # every byte of the blob was fetched exactly once, nothing failed
+    # every byte present: the kernel read the whole tree from the cache, no READ came
+    assert after["cachefilesd_reads_total"] == before["cachefilesd_reads_total"] > 0
+    # every byte of the blob was fetched exactly once, from its one source rule
+    label = f"file://{blobs}/{{cookie}}"
     assert after["cachefilesd_fetched_bytes_total"] == size
+    assert after[f"cachefilesd_source_fetched_bytes_total{{source={label}}}"] == size
+    # nothing failed, nothing was retried
     assert after["cachefilesd_reads_failed_total"] == 0
+    assert not [
+        k
+        for k in after
+        if k.startswith(("cachefilesd_fetch_errors_total{", "cachefilesd_open_errors_total{"))
+    ]
+    assert not [k for k in after if k.startswith("cachefilesd_source_retries_total{")]
     assert after["cachefilesd_reads_total"] == after["cachefilesd_read_service_seconds_count"]
     assert after["cachefilesd_control_requests_total{outcome=forbidden}"] == 5
 
@@ -192,6 +205,12 @@ def test_every_subcommand_against_a_live_mount(
     assert rc == 0, out
     [rep] = out["reports"]
     assert rep["ok"] and rep["trusted"] and rep["present"] == rep["chunks"]
+    # the release bound the sidecar: a checkpoint that saved it, none failed
+    m = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert m["cachefilesd_sidecar_checkpoints_total"] >= 1
+    assert m["cachefilesd_sidecars_saved_total"] >= 1
+    assert m["cachefilesd_sidecar_checkpoint_failures_total"] == 0
+    assert m["cachefilesd_checkpoint_seconds_count"] == m["cachefilesd_sidecar_checkpoints_total"]
 
     assert d.stop() == 0
     assert not os.path.exists(sock), "the socket outlived its daemon"

@@ -147,18 +147,22 @@ class FanotifyCuller(BlobCuller):
             self.presence.remove(key)
         return 0
 
-    def trim(self, cand: Candidate, key: BlobKey, need_bytes: int) -> tuple[Outcome, int]:
+    def trim(
+        self, cand: Candidate, key: BlobKey, need_bytes: int
+    ) -> tuple[Outcome, int, list[tuple[int, int]]]:
+        """A served image's file is trimmed in place (``trim_served``; its byte ranges
+        are in that trim's own event, not in the decision's); an idle one as any blob."""
         served = self._serving.get(key)
         if served is None:
             return super().trim(cand, key, need_bytes)
         presence = served.blob.presence
         if presence is None:
-            return Outcome.UNTRIMMABLE, 0
+            return Outcome.UNTRIMMABLE, 0, []
         target = TrimTarget(
             served.path, presence, served.guard, served.size, lambda: self.unsilence(served)
         )
         try:
-            return trim_served(
+            outcome, freed = trim_served(
                 self.presence,
                 target,
                 need_bytes,
@@ -167,7 +171,8 @@ class FanotifyCuller(BlobCuller):
             )
         except OSError as exc:  # the ignore mark could not go, or the sidecar not
             log.warning("fanotify.trim_failed", blob=str(served.key), error=str(exc))
-            return Outcome.FAILED, 0
+            return Outcome.FAILED, 0, []
+        return outcome, freed, []
 
 
 class SpaceThread:

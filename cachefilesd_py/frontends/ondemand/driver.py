@@ -61,7 +61,7 @@ from cachefilesd_py.engine.cull import BlobCuller
 from cachefilesd_py.engine.latency import LatencyHistogram
 from cachefilesd_py.engine.schedule import LaneScheduler
 from cachefilesd_py.engine.service import Engine
-from cachefilesd_py.errors import CachefilesdError
+from cachefilesd_py.errors import CachefilesdError, error_kind
 from cachefilesd_py.frontends.ondemand import session as sess
 from cachefilesd_py.frontends.ondemand.commit import wait_commit
 from cachefilesd_py.frontends.ondemand.objects import AnonFdSink, OnDemandObject
@@ -331,6 +331,9 @@ class OnDemandDriver:
                 self._count("reads_failed")
                 log.warning(
                     "read.not_filled",
+                    blob=str(obj.blob.key) if obj is not None else None,
+                    offset=action.offset,
+                    length=action.length,
                     msg_id=action.msg_id,
                     object_id=action.object_id,
                     reason=action.why_not,
@@ -344,6 +347,7 @@ class OnDemandDriver:
                     offset=action.offset,
                     length=action.length,
                     waited=round(time.monotonic() - received, 1),
+                    reason="waited a whole fetch_timeout in a full queue",
                 )
             else:
                 ok = self._fill(obj, action, Deadline.after(self.fetch_timeout))
@@ -375,7 +379,9 @@ class OnDemandDriver:
                 offset=action.offset,
                 length=action.length,
                 error=str(exc),
-                reason=getattr(exc, "reason", None),
+                reason=getattr(exc, "reason", None)
+                or errno.errorcode.get(getattr(exc, "errno", 0) or 0),
+                kind=error_kind(exc),
             )
             return False
 

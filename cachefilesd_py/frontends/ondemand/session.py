@@ -270,7 +270,15 @@ class Session(Generic[F, H]):
             # only happens if the kernel broke protocol or we lost track of an OPEN.
             self._counts["unknown_reads"] += 1
             return [
-                _report("read.unknown_object", "error", msg_id=req.msg_id, object_id=req.object_id)
+                _report(
+                    "read.unknown_object",
+                    "error",
+                    msg_id=req.msg_id,
+                    object_id=req.object_id,
+                    offset=req.offset,
+                    length=req.length,
+                    reason="no such object (never opened, or closed)",
+                )
             ]
         if obj.state is ObjectState.OPENING and obj.closing is None:
             obj.held.append((req.msg_id, req.offset, req.length))
