@@ -47,6 +47,23 @@ def mkfs_erofs(image: Path, src: Path, *extra: str) -> Path:
     return image
 
 
+#: regions of ``write_huge_tree``'s file, on both sides of the 1 GiB mark
+HUGE_REGIONS = ((0, 2 << 20), (600 << 20, 1 << 20), (1100 << 20, 2 << 20))
+
+
+def write_huge_tree(src: Path) -> Path:
+    """``src/huge.bin``: 1.2 GiB, sparse, random bytes only in :data:`HUGE_REGIONS`
+    (the > 1 GiB blob cases: chunk indexes and byte offsets past 32 bits of 256 KiB)."""
+    src.mkdir()
+    huge = src / "huge.bin"
+    with open(huge, "wb") as f:
+        f.truncate(1200 << 20)
+        for off, n in HUGE_REGIONS:
+            f.seek(off)
+            f.write(os.urandom(n))
+    return huge
+
+
 def mount_erofs(
     mnt: Path,
     fsid: str,

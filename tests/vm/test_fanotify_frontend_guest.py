@@ -18,7 +18,7 @@ import pytest
 
 from cachefilesd_py.testing.erofs_images import make_tree
 from cachefilesd_py.testing.fault_server import FaultServer
-from tests.vm.rig import Daemon, Nginx, mkfs_erofs, tree_digests
+from tests.vm.rig import HUGE_REGIONS, Daemon, Nginx, mkfs_erofs, tree_digests, write_huge_tree
 
 pytestmark = [pytest.mark.guest, pytest.mark.fanotify]
 
@@ -152,14 +152,8 @@ def test_blob_larger_than_1gib_fetches_only_what_is_read(
     restart reads them again with nothing fetched (bits above chunk 16384 of 64 KiB
     were saved and trusted)."""
     src = workdir / "src"
-    src.mkdir()
-    huge = src / "huge.bin"
-    regions = [(0, 2 << 20), (600 << 20, 1 << 20), (1100 << 20, 2 << 20)]
-    with open(huge, "wb") as f:
-        f.truncate(1200 << 20)
-        for off, n in regions:
-            f.seek(off)
-            f.write(os.urandom(n))
+    huge = write_huge_tree(src)
+    regions = HUGE_REGIONS
     root = workdir / "origin"
     (root / "imgs").mkdir(parents=True)
     image = mkfs_erofs(root / "imgs" / "huge.erofs", src, "-Enoinline_data")

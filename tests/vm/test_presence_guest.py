@@ -18,7 +18,15 @@ from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.presence.verify import verify
 from cachefilesd_py.sources.file import FileSource
 from cachefilesd_py.sources.policy import Deadline
-from tests.vm.rig import Daemon, mkfs_erofs, mount_erofs, run, tree_digests
+from tests.vm.rig import (
+    HUGE_REGIONS,
+    Daemon,
+    mkfs_erofs,
+    mount_erofs,
+    run,
+    tree_digests,
+    write_huge_tree,
+)
 from tests.vm.test_ondemand_guest import config, make_tree
 
 pytestmark = [pytest.mark.guest, pytest.mark.ondemand]
@@ -132,14 +140,8 @@ def test_blob_larger_than_1gib(
     """A 1.2 GiB blob (sparse on disk): read regions on both sides of the 1 GiB mark,
     then the bitmap bits above chunk 4096 must be persisted, bound and verified."""
     src = workdir / "src"
-    src.mkdir()
-    huge = src / "huge.bin"
-    regions = [(0, 2 << 20), (600 << 20, 1 << 20), (1100 << 20, 2 << 20)]
-    with open(huge, "wb") as f:
-        f.truncate(1200 << 20)
-        for off, n in regions:
-            f.seek(off)
-            f.write(os.urandom(n))
+    huge = write_huge_tree(src)
+    regions = HUGE_REGIONS
     blobs = workdir / "blobs"
     blobs.mkdir()
     image = mkfs_erofs(blobs / "huge.erofs", src, "-Enoinline_data")
