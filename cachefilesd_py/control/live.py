@@ -352,6 +352,63 @@ def _prefetch(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- pins ------------------------------------------------------------------------------
+
+
+def _pin_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    _blob_arg(p)
+
+
+def _pin(args: argparse.Namespace) -> int:
+    show = None if args.json or not sys.stderr.isatty() else _bar
+    began = time.monotonic()
+    try:
+        reply = ask(args, "pin", blob=args.blob, timeout=3600.0, on_progress=show)
+    finally:
+        if show is not None:
+            sys.stderr.write("\n")
+    if args.json:
+        return _print_json(reply)
+    if not reply["preloaded"]:
+        print(f"{reply['blob']}: pinned ({human_bytes(reply['size'])}); {reply['note']}")
+        return 0
+    print(
+        f"{reply['blob']}: pinned, {human_bytes(reply['size'])} preloaded in "
+        f"{time.monotonic() - began:.1f} s; now {reply['present_pct']:.1f}% present"
+    )
+    return 0
+
+
+def _unpin(args: argparse.Namespace) -> int:
+    reply = ask(args, "unpin", blob=args.blob)
+    if args.json:
+        return _print_json(reply)
+    note = " (a config pin line still matches it)" if reply["config_pin_still_holds"] else ""
+    print(f"{reply['blob']}: unpinned{note}")
+    return 0
+
+
+def _pins(args: argparse.Namespace) -> int:
+    reply = ask(args, "pins")
+    if args.json:
+        return _print_json(reply)
+    rows = [("BLOB", "PIN", "SIZE", "PRESENT")]
+    for p in reply["pins"]:
+        pct = p.get("present_pct")
+        rows.append(
+            (p["blob"], p["source"], human_bytes(p["size"]), "-" if pct is None else f"{pct:.1f}%")
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print(
+        f"pinned by cachefilesctl: {human_bytes(reply['cli_total_bytes'])} "
+        f"(cap: pin_max_share {reply['pin_max_share']}%)"
+    )
+    return 0
+
+
 # -- reload ----------------------------------------------------------------------------
 
 
@@ -407,6 +464,14 @@ register(
     _prefetch_args,
     run_live(_prefetch),
 )
+register(
+    "pin",
+    "pin a blob (never culled, kept across restarts) and preload it, with progress",
+    _pin_args,
+    run_live(_pin),
+)
+register("unpin", "drop a pin made by 'pin'", _pin_args, run_live(_unpin))
+register("pins", "the pins: blob, cli or config, size, present %%", _common, run_live(_pins))
 register("reload", "re-read the configuration; report what changed", _common, run_live(_reload))
 register(
     "completion", "print shell completion code (bash, zsh, fish)", _completion_args, _completion

@@ -10,7 +10,7 @@ stream socket (``docs/control.md``). One connection carries one exchange:
 
 - the daemon answers with **one or more reply lines**, each a JSON object, each at most
   :data:`MAX_REPLY_BYTES`. Zero or more ``{"v": 1, "progress": {...}}`` lines (only
-  ``prefetch`` sends them), then exactly one final line, either
+  ``prefetch``, ``pin`` and ``verify`` send them), then exactly one final line, either
   ``{"v": 1, "ok": true, "result": {...}}`` or
   ``{"v": 1, "ok": false, "error": {"code": "...", "message": "..."}}``;
   then the daemon closes the connection.
@@ -148,6 +148,14 @@ OPERATIONS: dict[str, Operation] = {
             help="fetch a range of an open blob ahead (length 0: to the end)",
         ),
         Operation("reload", True, help="re-read the configuration, report what changed"),
+        Operation(
+            "pin",
+            True,
+            dict(BLOB_ARGS),
+            help="pin a blob (kept across restarts, never culled), then preload it all",
+        ),
+        Operation("unpin", True, dict(BLOB_ARGS), help="drop a pin made by 'pin'"),
+        Operation("pins", False, help="the pins: blob, source (cli/config), size, present %"),
     )
 }
 

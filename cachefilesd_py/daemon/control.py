@@ -35,6 +35,7 @@ from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import SourceError
 from cachefilesd_py.presence.verify import verify
 from cachefilesd_py.sources.policy import Deadline
+from cachefilesd_py.space.pins import PinStore
 from cachefilesd_py.space.stats import SpaceSnapshot
 
 log = structlog.get_logger("control")
@@ -81,6 +82,8 @@ class ServingState:
     counts: Callable[[], Mapping[str, Mapping[str, int]]] = dict
     #: the cache tree as the culler's last scan found it: (unix time, objects, bytes)
     last_scan: Callable[[], tuple[float, int, int] | None] = lambda: None
+    #: the pins made through ``cachefilesctl pin`` (``space/pins.py``); None: no pins
+    pins: PinStore | None = None
 
 
 class ControlHandlers:
@@ -102,6 +105,12 @@ class ControlHandlers:
                 "show": lambda a, p: self.show(a["blob"], a["width"]),
                 "verify": lambda a, p: self.verify(a["blob"], p),
                 "prefetch": lambda a, p: self.prefetch(a["blob"], a["offset"], a["length"], p),
+            }
+        if self.state.engine is not None and self.state.pins is not None:
+            table |= {
+                "pin": lambda a, p: self.pin(a["blob"], p),
+                "unpin": lambda a, p: self.unpin(a["blob"]),
+                "pins": lambda a, p: self.pins(),
             }
         if self.state.reload is not None:
             reload = self.state.reload
@@ -191,7 +200,8 @@ class ControlHandlers:
             "users": blob.users,
             "in_flight": len(blob.inflight),
             **_last_use(blob.last_use),
-            "pinned": any(fnmatch.fnmatchcase(match_name, p) for p in cfg.pins),
+            "pinned": any(fnmatch.fnmatchcase(match_name, p) for p in cfg.pins)
+            or (self.state.pins is not None and self.state.pins.is_pinned(key)),
         }
 
     def blobs(self, limit: int) -> dict[str, Any]:
@@ -273,6 +283,205 @@ class ControlHandlers:
         }
 
     # -- mutating --------------------------------------------------------------------
+
+    def pin(self, name: str, progress: Progress) -> dict[str, Any]:
+        """Pin ``name`` (durably, ``space/pins.py``), then preload it: every missing
+        chunk is fetched through the engine's fill path (``Engine.ensure``: the same
+        presence bits, counters and sources as a READ), one progress line per step.
+
+        Where the bytes go: a blob the kernel has open is written through that
+        object's anonymous fd, as ``prefetch`` does. A blob in the cache tree that no
+        kernel object has open is opened by the engine under a use lease (no trim
+        runs meanwhile) and written into its cache file, whose sidecar is bound to it
+        when done. A blob the kernel never opened has no cache file yet (only the
+        kernel creates one, at its OPEN): it is pinned, and ``preloaded`` is false.
+        A pin whose preload fails stays; ``pin`` again resumes (present chunks cost
+        nothing)."""
+        engine, pins = self.state.engine, self.state.pins
+        assert engine is not None and pins is not None
+        key = _parse_key(name)
+        timeout = self.state.config().fetch_timeout
+        open_blob = next((b for b in engine.blobs() if str(b.key) == name), None)
+        cache_file = _cache_file(self.state.cache_dir, key)
+        if open_blob is not None:
+            size = open_blob.size
+        else:
+            try:
+                size = engine.source_for(key).identity(Deadline.after(timeout)).size
+            except SourceError as exc:
+                raise ControlError(ErrorCode.FAILED, f"{name}: {exc}") from None
+        self._take_pin(name, size)
+        sink_for = self.state.sink_for
+        if open_blob is not None and sink_for is not None and sink_for(open_blob) is not None:
+            done = self._preload(open_blob, lambda: sink_for(open_blob), progress)
+            return self._pin_reply(open_blob, done, "kernel object")
+        if cache_file is None or not cache_file.exists():
+            log.info("control.pinned", blob=name, size=size, preloaded=False)
+            return {
+                "blob": name,
+                "size": size,
+                "preloaded": False,
+                "note": "pinned; no cache file yet (the kernel creates it at its first "
+                "OPEN of the blob): pin it again once it was opened to preload it",
+            }
+        if not engine.leases.acquire_use(key, timeout=timeout):
+            raise ControlError(ErrorCode.BUSY, f"{name}: being trimmed; try again")
+        try:
+            try:
+                blob = engine.open_blob(key, cache_file, Deadline.after(timeout))
+            except SourceError as exc:
+                raise ControlError(ErrorCode.FAILED, f"{name}: {exc}") from None
+            try:
+                from cachefilesd_py.frontends.fanotify.driver import EventFdSink
+                from cachefilesd_py.kernel.fd import OwnedFd
+
+                flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+                with OwnedFd(os.open(cache_file, flags)) as fd:
+                    file_sink = EventFdSink(fd, blob.size)
+                    done = self._preload(blob, lambda: file_sink, progress)
+            finally:
+                engine.release(blob, committed=lambda: cache_file)
+        finally:
+            engine.leases.release_use(key)
+        return self._pin_reply(blob, done, "cache file")
+
+    def _take_pin(self, name: str, size: int) -> None:
+        """Record the pin, or refuse it when the pinned total would pass the cap."""
+        pins = self.state.pins
+        assert pins is not None
+        cfg = self.state.config()
+        if cfg.cache_max_bytes is not None:
+            cache_bytes = cfg.cache_max_bytes
+        else:
+            snap = SpaceSnapshot.of(str(self.state.cache_dir))
+            cache_bytes = snap.blocks * snap.block_size
+        try:
+            verdict = pins.pin(name, size, cache_bytes, cfg.pin_max_share)
+        except OSError as exc:
+            raise ControlError(ErrorCode.FAILED, f"{name}: pin not saved: {exc}") from None
+        if not verdict.allowed:
+            log.warning("pins.refused", blob=name, size=size, reason=verdict.message)
+            raise ControlError(ErrorCode.FAILED, f"{name}: refused: {verdict.message}")
+        if verdict.warn:
+            log.warning("pins.near_cap", blob=name, total=verdict.total_after, cap=verdict.cap)
+
+    def _preload(
+        self, blob: Blob, sink: Callable[[], Sink | None], progress: Progress
+    ) -> dict[str, Any]:
+        """Every missing chunk of ``blob`` through ``Engine.ensure``, a step at a time."""
+        engine = self.state.engine
+        assert engine is not None
+        name = str(blob.key)
+        step = max(PREFETCH_STEP, blob.chunk_size)
+        timeout = self.state.config().fetch_timeout
+        fetched_before = engine.filler.stats.bytes_fetched
+        began = time.monotonic()
+        pos = 0
+        progress({"phase": "preload", "done": 0, "total": blob.size})
+        while pos < blob.size:
+            target = sink()
+            if target is None:
+                raise ControlError(
+                    ErrorCode.FAILED,
+                    f"{name}: pinned, preload stopped at {pos}: the kernel closed the "
+                    "object; pin it again to resume",
+                )
+            n = min(step, blob.size - pos)
+            try:
+                engine.ensure(blob, pos, n, target, Deadline.after(timeout))
+            except (SourceError, OSError) as exc:
+                raise ControlError(
+                    ErrorCode.FAILED,
+                    f"{name}: pinned, preload stopped at {pos}: {exc}; pin it again to resume",
+                ) from None
+            pos += n
+            progress({"phase": "preload", "done": pos, "total": blob.size})
+        return {
+            "seconds": round(time.monotonic() - began, 3),
+            "fetched_bytes_daemon_wide": engine.filler.stats.bytes_fetched - fetched_before,
+        }
+
+    def _pin_reply(self, blob: Blob, done: dict[str, Any], via: str) -> dict[str, Any]:
+        out = {
+            "blob": str(blob.key),
+            "size": blob.size,
+            "preloaded": True,
+            "via": via,
+            **done,
+            **{k: v for k, v in self._describe(blob).items() if k.startswith("present")},
+        }
+        log.info("control.pinned", **out)
+        return out
+
+    def unpin(self, name: str) -> dict[str, Any]:
+        """Drop a pin made by ``pin`` (a config ``pin`` glob stays: edit the file)."""
+        assert self.state.pins is not None
+        try:
+            removed = self.state.pins.unpin(name)
+        except OSError as exc:
+            raise ControlError(ErrorCode.FAILED, f"{name}: unpin not saved: {exc}") from None
+        if not removed:
+            raise ControlError(ErrorCode.NOT_FOUND, f"{name} is not pinned by 'cachefilesctl pin'")
+        log.info("control.unpinned", blob=name)
+        key = _parse_key(name)
+        still = any(fnmatch.fnmatchcase(key.match_name, p) for p in self.state.config().pins)
+        return {"blob": name, "unpinned": True, "config_pin_still_holds": still}
+
+    def pins(self) -> dict[str, Any]:
+        """Every pin: those of ``pin`` (source ``cli``) with their present share, the
+        config's globs (source ``config``) and the open blobs they match."""
+        engine, pins = self.state.engine, self.state.pins
+        assert engine is not None and pins is not None
+        open_blobs = {str(b.key): b for b in engine.blobs()}
+        held = pins.snapshot()
+        out: list[dict[str, Any]] = []
+        for pin in sorted(held.pins, key=lambda p: p.blob):
+            out.append(
+                {
+                    "blob": pin.blob,
+                    "source": "cli",
+                    "size": pin.size,
+                    **self._present(pin.blob, open_blobs.get(pin.blob)),
+                }
+            )
+        globs = self.state.config().pins
+        for glob in globs:
+            out.append({"blob": glob, "source": "config", "size": None, "present_pct": None})
+        for name, blob in sorted(open_blobs.items()):
+            if name not in held.names() and any(
+                fnmatch.fnmatchcase(blob.key.match_name, g) for g in globs
+            ):
+                out.append(
+                    {
+                        "blob": name,
+                        "source": "config",
+                        "size": blob.size,
+                        **self._present(name, blob),
+                    }
+                )
+        cfg = self.state.config()
+        return {"pins": out, "cli_total_bytes": held.total, "pin_max_share": cfg.pin_max_share}
+
+    def _present(self, name: str, blob: Blob | None) -> dict[str, Any]:
+        """A pinned blob's present share: from the open blob's bitmap, else from its
+        sidecar if that is bound to its cache file (None: not known)."""
+        if blob is not None:
+            d = self._describe(blob)
+            return {"present_pct": d["present_pct"], "open": True}
+        assert self.state.engine is not None
+        key = _parse_key(name)
+        path = _cache_file(self.state.cache_dir, key)
+        bp = self.state.engine.presence.load_bound(key, path) if path is not None else None
+        if bp is None:
+            return {
+                "present_pct": 0.0 if path is None or not path.exists() else None,
+                "open": False,
+            }
+        n = bp.geometry.nchunks
+        return {
+            "present_pct": round(100.0 * bp.bitmap.count() / n, 2) if n else 100.0,
+            "open": False,
+        }
 
     def prefetch(self, name: str, offset: int, length: int, progress: Progress) -> dict[str, Any]:
         """Fetch ``[offset, offset+length)`` of an open blob into its cache file, a step
@@ -475,6 +684,13 @@ def serve_control(
 
     culler: Any = getattr(driver, "culler", None) if driver is not None else None
     factory: Any = getattr(daemon, "_factory", None)
+    pins: PinStore | None = None
+    if engine is not None and mode == "ondemand":
+        from cachefilesd_py.daemon.app import STATE_DIR_NAME
+
+        pins = PinStore(daemon.cache_dir / STATE_DIR_NAME)
+        if culler is not None:
+            culler.held_pins = lambda: pins.snapshot().names() if pins is not None else frozenset()
 
     def counts() -> dict[str, Mapping[str, int]]:
         out: dict[str, Mapping[str, int]] = {}
@@ -506,6 +722,7 @@ def serve_control(
         histograms=histograms,
         counts=counts,
         last_scan=lambda: getattr(culler, "last_scan", None),
+        pins=pins,
     )
     try:
         return start_control(state, daemon.config)
