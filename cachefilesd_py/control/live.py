@@ -322,27 +322,24 @@ def _bar(fields: Mapping[str, Any]) -> None:
     sys.stderr.flush()
 
 
+def ask_with_bar(args: argparse.Namespace, op: str, **kwargs: Any) -> Any:
+    """``op``, long-running: its progress lines drawn as a bar on a terminal."""
+    show = None if args.json or not sys.stderr.isatty() else _bar
+    try:
+        return ask(args, op, timeout=3600.0, on_progress=show, **kwargs)
+    finally:
+        if show is not None:
+            sys.stderr.write("\n")
+
+
 def _prefetch(args: argparse.Namespace) -> int:
     try:
         offset, length = parse_range(args.range)
     except ValueError as exc:
         print(f"cachefilesctl: {exc}", file=sys.stderr)
         return 2
-    show = None if args.json or not sys.stderr.isatty() else _bar
     began = time.monotonic()
-    try:
-        reply = ask(
-            args,
-            "prefetch",
-            blob=args.blob,
-            offset=offset,
-            length=length,
-            timeout=3600.0,
-            on_progress=show,
-        )
-    finally:
-        if show is not None:
-            sys.stderr.write("\n")
+    reply = ask_with_bar(args, "prefetch", blob=args.blob, offset=offset, length=length)
     if args.json:
         return _print_json(reply)
     print(
@@ -361,13 +358,8 @@ def _pin_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pin(args: argparse.Namespace) -> int:
-    show = None if args.json or not sys.stderr.isatty() else _bar
     began = time.monotonic()
-    try:
-        reply = ask(args, "pin", blob=args.blob, timeout=3600.0, on_progress=show)
-    finally:
-        if show is not None:
-            sys.stderr.write("\n")
+    reply = ask_with_bar(args, "pin", blob=args.blob)
     if args.json:
         return _print_json(reply)
     if not reply["preloaded"]:

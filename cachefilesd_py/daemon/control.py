@@ -11,11 +11,12 @@ draws them, ``--json`` prints them as they are.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import grp
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -233,9 +234,20 @@ class ControlHandlers:
         cache_file = _cache_file(self.state.cache_dir, key)
         if cache_file is None or not cache_file.exists():
             raise ControlError(ErrorCode.NOT_FOUND, f"{name}: no such blob in the cache tree")
-        lease = _lease_key(key)
+        with self._idle_blob(key, cache_file, bind=False) as blob:
+            return self._verify_blob(blob, progress)
+
+    @contextlib.contextmanager
+    def _idle_blob(self, key: BlobKey, cache_file: Path, *, bind: bool) -> Iterator[Blob]:
+        """A blob of the cache tree no kernel object has open, opened by the engine
+        under a use lease (no trim runs meanwhile, ``engine/leases.py``) and released
+        after; ``bind``: its sidecar is bound to ``cache_file`` then, as the kernel's
+        release of an object does."""
+        engine = self.state.engine
+        assert engine is not None
+        name = str(key)
         timeout = self.state.config().fetch_timeout
-        if not engine.leases.acquire_use(lease, timeout=timeout):
+        if not engine.leases.acquire_use(key, timeout=timeout):
             raise ControlError(ErrorCode.BUSY, f"{name}: being trimmed; try again")
         try:
             try:
@@ -243,11 +255,11 @@ class ControlHandlers:
             except SourceError as exc:
                 raise ControlError(ErrorCode.FAILED, f"{name}: {exc}") from None
             try:
-                return self._verify_blob(blob, progress)
+                yield blob
             finally:
-                engine.release(blob)
+                engine.release(blob, committed=(lambda: cache_file) if bind else None)
         finally:
-            engine.leases.release_use(lease)
+            engine.leases.release_use(key)
 
     def _verify_blob(self, blob: Blob, progress: Progress) -> dict[str, Any]:
         name = str(blob.key)
@@ -324,25 +336,14 @@ class ControlHandlers:
                 "note": "pinned; no cache file yet (the kernel creates it at its first "
                 "OPEN of the blob): pin it again once it was opened to preload it",
             }
-        if not engine.leases.acquire_use(key, timeout=timeout):
-            raise ControlError(ErrorCode.BUSY, f"{name}: being trimmed; try again")
-        try:
-            try:
-                blob = engine.open_blob(key, cache_file, Deadline.after(timeout))
-            except SourceError as exc:
-                raise ControlError(ErrorCode.FAILED, f"{name}: {exc}") from None
-            try:
-                from cachefilesd_py.frontends.fanotify.driver import EventFdSink
-                from cachefilesd_py.kernel.fd import OwnedFd
+        with self._idle_blob(key, cache_file, bind=True) as blob:
+            from cachefilesd_py.frontends.fanotify.driver import EventFdSink
+            from cachefilesd_py.kernel.fd import OwnedFd
 
-                flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-                with OwnedFd(os.open(cache_file, flags)) as fd:
-                    file_sink = EventFdSink(fd, blob.size)
-                    done = self._preload(blob, lambda: file_sink, progress)
-            finally:
-                engine.release(blob, committed=lambda: cache_file)
-        finally:
-            engine.leases.release_use(key)
+            flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+            with OwnedFd(os.open(cache_file, flags)) as fd:
+                file_sink = EventFdSink(fd, blob.size)
+                done = self._preload(blob, lambda: file_sink, progress)
         return self._pin_reply(blob, done, "cache file")
 
     def _take_pin(self, name: str, size: int) -> None:
@@ -543,10 +544,6 @@ def _parse_key(name: str) -> BlobKey:
     if not sep or not volume or not cookie:
         raise ControlError(ErrorCode.BAD_ARGS, f"{name!r} is not <volume key>/<cookie key>")
     return BlobKey(volume.encode(), cookie.encode())
-
-
-def _lease_key(key: BlobKey) -> BlobKey:
-    return key
 
 
 def _cache_file(cache_dir: Path, key: BlobKey) -> Path | None:

@@ -38,7 +38,7 @@ from typing import Any
 
 import structlog
 
-from cachefilesd_py.kernel.durable import save_file_atomically
+from cachefilesd_py.kernel.durable import remove_stale_temps, save_file_atomically
 
 log = structlog.get_logger("space")
 
@@ -162,6 +162,8 @@ class PinStore:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / PIN_FILE_NAME
         self._lock = threading.Lock()
+        if state_dir.is_dir():  # the leftovers of a save a crash cut short
+            remove_stale_temps(state_dir)
         self._set = self._load()
 
     def _load(self) -> PinSet:
