@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -354,21 +355,57 @@ def _prefetch(args: argparse.Namespace) -> int:
 
 def _pin_args(p: argparse.ArgumentParser) -> None:
     _common(p)
-    _blob_arg(p)
+    action = p.add_argument(
+        "blob",
+        metavar="TARGET",
+        help="a blob as 'blobs' lists it (volume/cookie), or a path on an EROFS mount",
+    )
+    action.completer = _blob_names  # type: ignore[attr-defined]
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--image",
+        action="store_true",
+        help="the blob is an EROFS image's primary blob: pin the image with its extra "
+        "blobs, metadata first",
+    )
+    g.add_argument(
+        "--path", metavar="PATH", help="only the chunks behind PATH inside the image"
+    )
+
+
+def pin_target(args: argparse.Namespace) -> tuple[str, str]:
+    """``(blob, path inside the image)`` of ``pin``'s arguments: a path on this host
+    is looked up in the mount table (``control/mounts.py``)."""
+    if args.blob.startswith("/"):
+        from cachefilesd_py.control.mounts import image_path_of
+
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return image_path_of(f.read(), os.path.realpath(args.blob))
+    return args.blob, "/" if args.image else (args.path or "")
 
 
 def _pin(args: argparse.Namespace) -> int:
+    try:
+        blob, path = pin_target(args)
+    except (ValueError, OSError) as exc:
+        print(f"cachefilesctl: {exc}", file=sys.stderr)
+        return 2
     began = time.monotonic()
-    reply = ask_with_bar(args, "pin", blob=args.blob)
+    reply = ask_with_bar(args, "pin", blob=blob, path=path)
     if args.json:
         return _print_json(reply)
-    if not reply["preloaded"]:
-        print(f"{reply['blob']}: pinned ({human_bytes(reply['size'])}); {reply['note']}")
-        return 0
+    where = f" {reply['path']}" if reply["path"] else ""
     print(
-        f"{reply['blob']}: pinned, {human_bytes(reply['size'])} preloaded in "
-        f"{time.monotonic() - began:.1f} s; now {reply['present_pct']:.1f}% present"
+        f"{reply['blob']}{where}: pinned; {human_bytes(reply['bytes'])} preloaded in "
+        f"{time.monotonic() - began:.1f} s"
     )
+    for b in reply["blobs"]:
+        state = (
+            f"{b['present_pct']:.1f}% present (through its {b['via']})"
+            if b["preloaded"]
+            else b["note"]
+        )
+        print(f"  {b['blob']}  {human_bytes(b['size'])}  {state}")
     return 0
 
 

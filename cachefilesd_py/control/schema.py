@@ -100,6 +100,14 @@ def _non_negative(value: int) -> str | None:
     return None if 0 <= value < 1 << 63 else "must lie in 0..2^63-1"
 
 
+def _image_path(value: str) -> str | None:
+    if value and not value.startswith("/"):
+        return "must be absolute (a path inside the image, '/' for all of it)"
+    if len(value) > 4096 or "\0" in value:
+        return "must have at most 4096 characters and no NUL"
+    return None
+
+
 def _width(value: int) -> str | None:
     return None if 8 <= value <= 4096 else "must lie in 8..4096"
 
@@ -151,8 +159,10 @@ OPERATIONS: dict[str, Operation] = {
         Operation(
             "pin",
             True,
-            dict(BLOB_ARGS),
-            help="pin a blob (kept across restarts, never culled), then preload it all",
+            {**BLOB_ARGS, "path": Arg(str, check=_image_path, default="")},
+            help="pin a blob (kept across restarts, never culled), then preload it all; "
+            "with a path, the blob is an EROFS image's primary blob: its metadata "
+            "first, then the data behind the path ('/': the whole image)",
         ),
         Operation("unpin", True, dict(BLOB_ARGS), help="drop a pin made by 'pin'"),
         Operation("pins", False, help="the pins: blob, source (cli/config), size, present %"),

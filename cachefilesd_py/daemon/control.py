@@ -11,12 +11,11 @@ draws them, ``--json`` prints them as they are.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import grp
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +29,8 @@ from cachefilesd_py.control.presence_map import fold
 from cachefilesd_py.control.schema import ControlError, ErrorCode
 from cachefilesd_py.daemon.control_server import ControlServer, Handler
 from cachefilesd_py.daemon.metrics import Figures, Metrics
-from cachefilesd_py.engine.blob import Blob, BlobKey
+from cachefilesd_py.daemon.pinning import Pinner, cache_file_of, parse_key
+from cachefilesd_py.engine.blob import Blob
 from cachefilesd_py.engine.fill import Sink
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import SourceError
@@ -93,6 +93,7 @@ class ControlHandlers:
     def __init__(self, state: ServingState, metrics: Metrics) -> None:
         self.state = state
         self.metrics = metrics
+        self.pinner = Pinner(state, self._describe)
 
     def table(self) -> dict[str, Handler]:
         table: dict[str, Handler] = {
@@ -109,7 +110,7 @@ class ControlHandlers:
             }
         if self.state.engine is not None and self.state.pins is not None:
             table |= {
-                "pin": lambda a, p: self.pin(a["blob"], p),
+                "pin": lambda a, p: self.pinner.pin(a["blob"], a["path"], p),
                 "unpin": lambda a, p: self.unpin(a["blob"]),
                 "pins": lambda a, p: self.pins(),
             }
@@ -230,42 +231,18 @@ class ControlHandlers:
         open_blob = next((b for b in engine.blobs() if str(b.key) == name), None)
         if open_blob is not None:
             return self._verify_blob(open_blob, progress)
-        key = _parse_key(name)
-        cache_file = _cache_file(self.state.cache_dir, key)
+        key = parse_key(name)
+        cache_file = cache_file_of(self.state.cache_dir, key)
         if cache_file is None or not cache_file.exists():
             raise ControlError(ErrorCode.NOT_FOUND, f"{name}: no such blob in the cache tree")
-        with self._idle_blob(key, cache_file, bind=False) as blob:
+        with self.pinner.idle_blob(key, cache_file, bind=False) as blob:
             return self._verify_blob(blob, progress)
-
-    @contextlib.contextmanager
-    def _idle_blob(self, key: BlobKey, cache_file: Path, *, bind: bool) -> Iterator[Blob]:
-        """A blob of the cache tree no kernel object has open, opened by the engine
-        under a use lease (no trim runs meanwhile, ``engine/leases.py``) and released
-        after; ``bind``: its sidecar is bound to ``cache_file`` then, as the kernel's
-        release of an object does."""
-        engine = self.state.engine
-        assert engine is not None
-        name = str(key)
-        timeout = self.state.config().fetch_timeout
-        if not engine.leases.acquire_use(key, timeout=timeout):
-            raise ControlError(ErrorCode.BUSY, f"{name}: being trimmed; try again")
-        try:
-            try:
-                blob = engine.open_blob(key, cache_file, Deadline.after(timeout))
-            except SourceError as exc:
-                raise ControlError(ErrorCode.FAILED, f"{name}: {exc}") from None
-            try:
-                yield blob
-            finally:
-                engine.release(blob, committed=(lambda: cache_file) if bind else None)
-        finally:
-            engine.leases.release_use(key)
 
     def _verify_blob(self, blob: Blob, progress: Progress) -> dict[str, Any]:
         name = str(blob.key)
         if blob.presence is None:
             raise ControlError(ErrorCode.UNAVAILABLE, f"{name}: no presence bitmap")
-        cache_file = _cache_file(self.state.cache_dir, blob.key)
+        cache_file = cache_file_of(self.state.cache_dir, blob.key)
         if cache_file is None or not cache_file.exists():
             raise ControlError(
                 ErrorCode.FAILED,
@@ -296,124 +273,6 @@ class ControlHandlers:
 
     # -- mutating --------------------------------------------------------------------
 
-    def pin(self, name: str, progress: Progress) -> dict[str, Any]:
-        """Pin ``name`` (durably, ``space/pins.py``), then preload it: every missing
-        chunk is fetched through the engine's fill path (``Engine.ensure``: the same
-        presence bits, counters and sources as a READ), one progress line per step.
-
-        Where the bytes go: a blob the kernel has open is written through that
-        object's anonymous fd, as ``prefetch`` does. A blob in the cache tree that no
-        kernel object has open is opened by the engine under a use lease (no trim
-        runs meanwhile) and written into its cache file, whose sidecar is bound to it
-        when done. A blob the kernel never opened has no cache file yet (only the
-        kernel creates one, at its OPEN): it is pinned, and ``preloaded`` is false.
-        A pin whose preload fails stays; ``pin`` again resumes (present chunks cost
-        nothing)."""
-        engine, pins = self.state.engine, self.state.pins
-        assert engine is not None and pins is not None
-        key = _parse_key(name)
-        timeout = self.state.config().fetch_timeout
-        open_blob = next((b for b in engine.blobs() if str(b.key) == name), None)
-        cache_file = _cache_file(self.state.cache_dir, key)
-        if open_blob is not None:
-            size = open_blob.size
-        else:
-            try:
-                size = engine.source_for(key).identity(Deadline.after(timeout)).size
-            except SourceError as exc:
-                raise ControlError(ErrorCode.FAILED, f"{name}: {exc}") from None
-        self._take_pin(name, size)
-        sink_for = self.state.sink_for
-        if open_blob is not None and sink_for is not None and sink_for(open_blob) is not None:
-            done = self._preload(open_blob, lambda: sink_for(open_blob), progress)
-            return self._pin_reply(open_blob, done, "kernel object")
-        if cache_file is None or not cache_file.exists():
-            log.info("control.pinned", blob=name, size=size, preloaded=False)
-            return {
-                "blob": name,
-                "size": size,
-                "preloaded": False,
-                "note": "pinned; no cache file yet (the kernel creates it at its first "
-                "OPEN of the blob): pin it again once it was opened to preload it",
-            }
-        with self._idle_blob(key, cache_file, bind=True) as blob:
-            from cachefilesd_py.frontends.fanotify.driver import EventFdSink
-            from cachefilesd_py.kernel.fd import OwnedFd
-
-            flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-            with OwnedFd(os.open(cache_file, flags)) as fd:
-                file_sink = EventFdSink(fd, blob.size)
-                done = self._preload(blob, lambda: file_sink, progress)
-        return self._pin_reply(blob, done, "cache file")
-
-    def _take_pin(self, name: str, size: int) -> None:
-        """Record the pin, or refuse it when the pinned total would pass the cap."""
-        pins = self.state.pins
-        assert pins is not None
-        cfg = self.state.config()
-        if cfg.cache_max_bytes is not None:
-            cache_bytes = cfg.cache_max_bytes
-        else:
-            snap = SpaceSnapshot.of(str(self.state.cache_dir))
-            cache_bytes = snap.blocks * snap.block_size
-        try:
-            verdict = pins.pin(name, size, cache_bytes, cfg.pin_max_share)
-        except OSError as exc:
-            raise ControlError(ErrorCode.FAILED, f"{name}: pin not saved: {exc}") from None
-        if not verdict.allowed:
-            log.warning("pins.refused", blob=name, size=size, reason=verdict.message)
-            raise ControlError(ErrorCode.FAILED, f"{name}: refused: {verdict.message}")
-        if verdict.warn:
-            log.warning("pins.near_cap", blob=name, total=verdict.total_after, cap=verdict.cap)
-
-    def _preload(
-        self, blob: Blob, sink: Callable[[], Sink | None], progress: Progress
-    ) -> dict[str, Any]:
-        """Every missing chunk of ``blob`` through ``Engine.ensure``, a step at a time."""
-        engine = self.state.engine
-        assert engine is not None
-        name = str(blob.key)
-        step = max(PREFETCH_STEP, blob.chunk_size)
-        timeout = self.state.config().fetch_timeout
-        fetched_before = engine.filler.stats.bytes_fetched
-        began = time.monotonic()
-        pos = 0
-        progress({"phase": "preload", "done": 0, "total": blob.size})
-        while pos < blob.size:
-            target = sink()
-            if target is None:
-                raise ControlError(
-                    ErrorCode.FAILED,
-                    f"{name}: pinned, preload stopped at {pos}: the kernel closed the "
-                    "object; pin it again to resume",
-                )
-            n = min(step, blob.size - pos)
-            try:
-                engine.ensure(blob, pos, n, target, Deadline.after(timeout))
-            except (SourceError, OSError) as exc:
-                raise ControlError(
-                    ErrorCode.FAILED,
-                    f"{name}: pinned, preload stopped at {pos}: {exc}; pin it again to resume",
-                ) from None
-            pos += n
-            progress({"phase": "preload", "done": pos, "total": blob.size})
-        return {
-            "seconds": round(time.monotonic() - began, 3),
-            "fetched_bytes_daemon_wide": engine.filler.stats.bytes_fetched - fetched_before,
-        }
-
-    def _pin_reply(self, blob: Blob, done: dict[str, Any], via: str) -> dict[str, Any]:
-        out = {
-            "blob": str(blob.key),
-            "size": blob.size,
-            "preloaded": True,
-            "via": via,
-            **done,
-            **{k: v for k, v in self._describe(blob).items() if k.startswith("present")},
-        }
-        log.info("control.pinned", **out)
-        return out
-
     def unpin(self, name: str) -> dict[str, Any]:
         """Drop a pin made by ``pin`` (a config ``pin`` glob stays: edit the file)."""
         assert self.state.pins is not None
@@ -424,7 +283,7 @@ class ControlHandlers:
         if not removed:
             raise ControlError(ErrorCode.NOT_FOUND, f"{name} is not pinned by 'cachefilesctl pin'")
         log.info("control.unpinned", blob=name)
-        key = _parse_key(name)
+        key = parse_key(name)
         still = any(fnmatch.fnmatchcase(key.match_name, p) for p in self.state.config().pins)
         return {"blob": name, "unpinned": True, "config_pin_still_holds": still}
 
@@ -470,8 +329,8 @@ class ControlHandlers:
             d = self._describe(blob)
             return {"present_pct": d["present_pct"], "open": True}
         assert self.state.engine is not None
-        key = _parse_key(name)
-        path = _cache_file(self.state.cache_dir, key)
+        key = parse_key(name)
+        path = cache_file_of(self.state.cache_dir, key)
         bp = self.state.engine.presence.load_bound(key, path) if path is not None else None
         if bp is None:
             return {
@@ -535,23 +394,6 @@ def _last_use(at: float | None) -> dict[str, Any]:
         "last_use": datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds"),
         "last_use_age_s": round(max(0.0, time.time() - at), 1),
     }
-
-
-def _parse_key(name: str) -> BlobKey:
-    """The key ``blobs`` prints as ``<volume key>/<cookie key>`` (split at the first
-    ``/``: EROFS volume keys hold none)."""
-    volume, sep, cookie = name.partition("/")
-    if not sep or not volume or not cookie:
-        raise ControlError(ErrorCode.BAD_ARGS, f"{name!r} is not <volume key>/<cookie key>")
-    return BlobKey(volume.encode(), cookie.encode())
-
-
-def _cache_file(cache_dir: Path, key: BlobKey) -> Path | None:
-    """Where cachefiles keeps ``key``'s file (None for keys it cannot store)."""
-    try:
-        return key.cache_path(cache_dir)
-    except ValueError:
-        return None
 
 
 class ControlService:

@@ -196,13 +196,21 @@ class PinStore:
 
     def pin(self, blob: str, size: int, cache_bytes: int, share_pct: int) -> CapVerdict:
         """Add (or re-size) ``blob``'s pin unless the cap refuses it; durable on return."""
+        return self.pin_all({blob: size}, cache_bytes, share_pct)
+
+    def pin_all(self, sizes: dict[str, int], cache_bytes: int, share_pct: int) -> CapVerdict:
+        """Pin every blob of ``sizes`` (an image's blobs), all or none: the cap judges
+        their sum. Durable on return."""
         with self._lock:
-            old = self._set.get(blob)
+            already = sum(p.size for p in self._set.pins if p.blob in sizes)
             verdict = check_cap(
-                self._set.total, old.size if old else 0, size, cache_bytes, share_pct
+                self._set.total, already, sum(sizes.values()), cache_bytes, share_pct
             )
             if verdict.allowed:
-                new = self._set.with_pin(Pin(blob, size, time.time()))
+                new = self._set
+                now = time.time()
+                for blob, size in sizes.items():
+                    new = new.with_pin(Pin(blob, size, now))
                 self._save(new)
                 self._set = new
         return verdict

@@ -57,7 +57,7 @@ def test_pin_of_an_open_blob_preloads_every_chunk(root: Path) -> None:
         reply = call(d.sock, "pin", blob=BLOB, on_progress=seen.append)
         assert reply["preloaded"] and reply["via"] == "kernel object"
         assert reply["present_pct"] == 100.0 and reply["size"] == SIZE
-        assert seen[-1] == {"phase": "preload", "done": SIZE, "total": SIZE}
+        assert seen[-1] == {"phase": "data", "done": SIZE, "total": SIZE}
         assert d.engine.filler.stats.bytes_fetched == SIZE, "a chunk fetched twice or never"
         sent = d.fake.reads_sent
         assert obj.read(0, SIZE) == DATA
@@ -107,12 +107,8 @@ def test_pin_of_a_blob_the_kernel_never_opened_is_kept_for_later(root: Path) -> 
     d = start(root)
     try:
         reply = call(d.sock, "pin", blob=OTHER)
-        assert reply == {
-            "blob": OTHER,
-            "size": len(OTHER_DATA),
-            "preloaded": False,
-            "note": reply["note"],
-        }
+        assert reply["preloaded"] is False and reply["size"] == len(OTHER_DATA), reply
+        assert reply["bytes"] == 0 and [b["blob"] for b in reply["blobs"]] == [OTHER]
         assert "no cache file yet" in reply["note"]
         # once the kernel opened it, pinning again preloads it
         obj = d.fake.lookup(b"erofs,other", b"other")
@@ -258,7 +254,8 @@ def test_cachefilesctl_pin_pins_unpin(root: Path, capsys: pytest.CaptureFixture[
         capsys.readouterr()
         assert ctl(["pin", BLOB, "--socket", d.sock]) == 0
         out = capsys.readouterr().out
-        assert f"{BLOB}: pinned, 976.7 KiB preloaded in " in out and "100.0% present" in out
+        assert f"{BLOB}: pinned; 976.7 KiB preloaded in " in out
+        assert f"  {BLOB}  976.7 KiB  100.0% present (through its kernel object)" in out
         assert ctl(["pins", "--socket", d.sock]) == 0
         out = capsys.readouterr().out
         assert "BLOB" in out and "PIN" in out and "PRESENT" in out
