@@ -159,12 +159,10 @@ class Pinner:
         image = self._read_layout(primary)
         targets = {0: primary}
         for slot in image.devices:
-            if not slot.tag:
-                raise ControlError(
-                    ErrorCode.FAILED,
-                    f"{name}: device {slot.index} of the image has no tag (no blob name)",
-                )
-            targets[slot.index] = self._target(BlobKey(primary.key.volume_key, slot.tag.encode()))
+            if slot.tag:  # the extra blob's cookie; without one, the mount's device=
+                key = BlobKey(primary.key.volume_key, slot.tag.encode())
+                targets[slot.index] = self._target(key)
+        image.device_sizes = {d: t.size for d, t in targets.items() if d}
         try:
             meta, data = image.metadata(), image.needs(path)
         except FileNotFoundError as exc:
@@ -176,6 +174,11 @@ class Pinner:
         chunk = self._chunk(primary.key)
         phases: list[tuple[str, dict[str, Ranges]]] = []
         covered: list[Target] = []
+        unnamed = {d for n in (meta, data) for d in (*n.ranges, *n.whole)} - set(targets)
+        if unnamed:
+            # the kernel names such a blob by the mount's device= option, which the
+            # image does not record: the operator pins it by name
+            log.warning("pins.unnamed_devices", blob=name, devices=sorted(unnamed))
         for phase, needs in (("metadata", meta), ("data", data)):
             per_blob = {}
             for device, t in targets.items():

@@ -18,10 +18,13 @@ from structlog.testing import capture_logs
 from cachefilesd_py.control.cli import main as ctl
 from cachefilesd_py.control.client import call
 from cachefilesd_py.control.schema import ControlError, ErrorCode
+from cachefilesd_py.erofs.layout import ErofsImage
+from cachefilesd_py.erofs.ranges import Needs
 from cachefilesd_py.kernel.layout import object_path
 from cachefilesd_py.space.pins import PIN_FILE_NAME
+from cachefilesd_py.testing.erofs_images import VARIANTS, build, make_tree
 from cachefilesd_py.testing.pattern import pattern_bytes
-from tests.integration.test_control_daemon import BLOB, DATA, SIZE, Live, wait_idle
+from tests.integration.test_control_daemon import BLOB, CHUNK, DATA, SIZE, Live, wait_idle
 
 OTHER = "erofs,other/other"
 OTHER_DATA = pattern_bytes(29, 0, 900_000)
@@ -267,5 +270,96 @@ def test_cachefilesctl_pin_pins_unpin(root: Path, capsys: pytest.CaptureFixture[
         assert f"{BLOB}: unpinned" in capsys.readouterr().out
         assert ctl(["unpin", BLOB, "--socket", d.sock]) == 1
         assert "not_found" in capsys.readouterr().err
+    finally:
+        d.close()
+
+
+# -- pin IMAGE / pin PATH: an EROFS image from mkfs.erofs ---------------------------------
+
+needs_mkfs = pytest.mark.skipif(
+    shutil.which("mkfs.erofs") is None, reason="needs erofs-utils (scripts/setup)"
+)
+
+
+def erofs_image(root: Path) -> bytes:
+    tree = make_tree(root / "src")
+    inline = next(v for v in VARIANTS if v.name == "inline")
+    (root / "img").mkdir()
+    image, _blob = build(inline, tree, root / "img")
+    return image.read_bytes()
+
+
+def present_chunks(d: Live, name: str) -> set[int]:
+    [blob] = [b for b in d.engine.blobs() if str(b.key) == name]
+    assert blob.presence is not None
+    with blob.presence.lock:
+        runs = blob.presence.bitmap.present_runs(0, blob.geometry.nchunks)
+    return {c for first, count in runs for c in range(first, first + count)}
+
+
+def chunks_of(needs: Needs, chunk: int) -> set[int]:
+    return {
+        c for start, end in needs.for_device(0) for c in range(start // chunk, -(-end // chunk))
+    }
+
+
+@needs_mkfs
+def test_pin_path_preloads_metadata_first_then_only_that_files_chunks(root: Path) -> None:
+    image = erofs_image(root)
+    d = start(root)
+    try:
+        (d.blobs / "base").write_bytes(image)
+        obj = d.fake.lookup(b"erofs,base", b"base")
+        layout = ErofsImage(lambda off, n: image[off : off + n], len(image))
+        meta, big = layout.metadata(), layout.needs("/big")
+        seen: list[Any] = []
+        reply = call(d.sock, "pin", blob="erofs,base/base", path="/big", on_progress=seen.append)
+        assert reply["preloaded"] and reply["path"] == "/big"
+        [b] = reply["blobs"]
+        assert b["blob"] == "erofs,base/base" and b["via"] == "kernel object"
+        # metadata first, then data; every progress line counts up to the total
+        phases = [p["phase"] for p in seen]
+        assert phases[0] == "metadata" and phases[-1] == "data"
+        assert phases == sorted(phases, key=["metadata", "data"].index)
+        assert seen[-1]["done"] == seen[-1]["total"] == reply["bytes"]
+        # exactly the chunks behind the metadata and /big are present, nothing else
+        want = chunks_of(meta, CHUNK) | chunks_of(big, CHUNK)
+        assert present_chunks(d, "erofs,base/base") == want
+        assert 0 < len(want) < -(-len(image) // CHUNK)
+        # and the kernel reads them without asking the daemon
+        sent = d.fake.reads_sent
+        for c in sorted(want):
+            off = c * CHUNK
+            n = min(CHUNK, len(image) - off)
+            assert obj.read(off, n) == image[off : off + n]
+        assert d.fake.reads_sent == sent, "a preloaded chunk was still a hole"
+        # the whole image: every chunk
+        reply = call(d.sock, "pin", blob="erofs,base/base", path="/")
+        assert reply["blobs"][0]["present_pct"] == 100.0
+        assert obj.read(0, len(image)) == image and d.fake.reads_sent == sent
+        [p] = call(d.sock, "pins")["pins"]
+        assert p["blob"] == "erofs,base/base" and p["size"] == len(image)
+    finally:
+        d.close()
+
+
+@needs_mkfs
+def test_pin_path_errors(root: Path) -> None:
+    image = erofs_image(root)
+    d = start(root)
+    try:
+        (d.blobs / "base").write_bytes(image)
+        d.fake.lookup(b"erofs,base", b"base")
+        with pytest.raises(ControlError) as e:
+            call(d.sock, "pin", blob="erofs,base/base", path="/d1/nope")
+        assert e.value.code is ErrorCode.NOT_FOUND and "nope" in e.value.message
+        with pytest.raises(ControlError) as e:  # not an EROFS image
+            call(d.sock, "pin", blob=BLOB, path="/")
+        assert e.value.code is ErrorCode.FAILED and "not a readable EROFS image" in str(e.value)
+        with pytest.raises(ControlError) as e:
+            call(d.sock, "pin", blob=BLOB, path="relative")
+        assert e.value.code is ErrorCode.BAD_ARGS
+        # nothing was pinned by the refused calls
+        assert call(d.sock, "pins")["pins"] == []
     finally:
         d.close()
