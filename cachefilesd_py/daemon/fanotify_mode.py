@@ -15,7 +15,8 @@ and the next worker adopts the mounts and answers what the dead one had read
 SIGTERM: every mount is unmounted first, and the group stays open and served while a
 mount is busy (``frontends/fanotify/service.py``): the daemon never leaves a mount it
 can no longer serve. Culling and trimming follow the same limits, caps, pins and
-policy as on-demand mode (``frontends/fanotify/space.py``; off with ``nocull``).
+policy as on-demand mode, except that the file of a mounted image is never touched
+(``frontends/fanotify/space.py`` says why; off with ``nocull``).
 """
 
 from __future__ import annotations
@@ -87,9 +88,7 @@ def run_fanotify(
         fetch_timeout=config.fetch_timeout,
         culler=None
         if config.nocull
-        else lambda fe: make_culler(
-            config, cache_dir, engine.presence, engine.leases, fe.served, fe.unsilence
-        ),
+        else lambda fe: make_culler(config, cache_dir, engine.presence, engine.leases, fe.served),
         group=hold.group if hold is not None else None,
         journal=journal,
         silent=hold.silent if hold is not None else None,

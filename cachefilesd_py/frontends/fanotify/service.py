@@ -160,13 +160,8 @@ class FanotifyFrontend:
         return failed
 
     def served(self) -> dict[BlobKey, img.ServedBlob]:
-        """The blobs mounts read now, by key (the culler may only trim them)."""
+        """The blobs mounts read now, by key (the culler leaves them alone)."""
         return {b.key: b for image in self.images for b in image.blobs}
-
-    def unsilence(self, served: img.ServedBlob) -> None:
-        """Remove a blob's ignore mark (before a trim punches it)."""
-        assert self.group is not None
-        img.unsilence(self.group.fileno(), served)
 
     def stats_fields(self) -> dict[str, Any]:
         """The driver's counters and the culler's totals."""
@@ -267,7 +262,7 @@ class FanotifyFrontend:
         ``abort`` was set while a mount was still busy."""
         if self.driver is None or self.group is None:
             return True
-        if self.space is not None:  # no trim may run once images go down
+        if self.space is not None:  # no pass runs while images go down
             self.space.stop()
             self.space = None
         waited_since = time.monotonic()
