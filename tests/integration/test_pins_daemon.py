@@ -238,6 +238,16 @@ def test_the_cap_refuses_a_pin_and_warns_near_it(root: Path) -> None:
         assert not (d.cache / "cachefilesd-py" / PIN_FILE_NAME).exists()
     finally:
         d.close()
+    # a reload applies a new share at once
+    d = start(root, extra="cache_max_bytes 1500K\n")
+    try:
+        d.conf.write_text(d.conf.read_text() + "pin_max_share 70%\n")
+        assert call(d.sock, "reload")["applied"] == ["pin_max_share"]
+        d.fake.lookup(b"erofs,img", b"img")
+        assert call(d.sock, "pin", blob=BLOB)["present_pct"] == 100.0  # 1000123 <= 1075200
+        call(d.sock, "unpin", blob=BLOB)
+    finally:
+        d.close()
     # cap: 100% of 1050K = 1075200; the 1000123-byte blob is 93% of it: taken, warned
     d = start(root, extra="cache_max_bytes 1050K\npin_max_share 100%\n")
     try:
