@@ -49,6 +49,7 @@ def test_cachefilesctl_against_a_fanotify_mount(
     daemon: Callable[[str], Daemon],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    t0 = time.monotonic()
     src = make_tree(workdir / "src", small_files=40)
     for i in range(3):
         (src / f"f{i}.bin").write_bytes(os.urandom(2 << 20))
@@ -68,11 +69,13 @@ def test_cachefilesctl_against_a_fanotify_mount(
         f"chunk_size 64K\nreadahead 0\nfetch_timeout 20\ncontrol_socket {sock}\n"
         f"fanotify_image imgs/app.erofs {mnt}\n"
     )
+    print(f"tree and image made in {time.monotonic() - t0:.1f} s")
     d = daemon(conf)
     began = time.monotonic()
     d.start(timeout=300)
     assert d.wait_for("control.listening", 60)
     assert os.path.ismount(mnt)
+    print(f"daemon ready after {time.monotonic() - began:.1f} s")
 
     def ctl_json(*argv: str) -> tuple[int, Any]:
         capsys.readouterr()
@@ -92,7 +95,8 @@ def test_cachefilesctl_against_a_fanotify_mount(
     rc, listing = ctl_json("blobs")
     [b] = listing["blobs"]
     assert rc == 0 and b["blob"] == BLOB and b["size"] == size and b["in_use"] is True
-    assert b["mountpoint"] == str(mnt) and 25 < b["present_pct"] < 75, b
+    assert b["mountpoint"] == str(mnt) and b["present_pct"] < 60, b
+    assert b["present_chunks"] * (64 << 10) >= 2 << 20, b  # f0.bin at least
     # the share is the daemon's bitmap: each present chunk is data in the cache file
     allocated = os.stat(cache / "fanotify" / "imgs" / "app.erofs").st_blocks * 512
     assert allocated >= b["present_chunks"] * (64 << 10) - (64 << 10), (allocated, b)
@@ -117,6 +121,7 @@ def test_cachefilesctl_against_a_fanotify_mount(
     assert proc.returncode == 0 and "mode          fanotify" in proc.stdout, proc.stderr
     assert f"image         imgs/app.erofs on {mnt} (mounted)" in proc.stdout
 
+    print(f"read-only calls done after {time.monotonic() - began:.1f} s")
     # prefetch the rest through the kernel's events; then the tree reads fetching nothing
     rc, pre = ctl_json("prefetch", BLOB)
     assert rc == 0 and pre["present_pct"] == 100.0, pre
@@ -125,6 +130,7 @@ def test_cachefilesctl_against_a_fanotify_mount(
     assert tree_digests(mnt) == tree_digests(src)
     assert call(sock, "stats")["counters"]["bytes_fetched"] == fetched
 
+    print(f"prefetch done after {time.monotonic() - began:.1f} s")
     # a cap the cache is over, applied by reload: the plan takes the idle file and
     # never the mounted blob (only its chunks may go, under its trim guard)
     Path(d.config).write_text(conf + "cache_max_bytes 1M\n")
@@ -146,4 +152,4 @@ def test_cachefilesctl_against_a_fanotify_mount(
     assert d.stop() == 0
     assert not os.path.ismount(mnt)
     assert not os.path.exists(sock), "the control socket outlived the daemon"
-    print(f"guest time of the test after mkfs: {time.monotonic() - began:.1f} s")
+    print(f"daemon stopped after {time.monotonic() - began:.1f} s")
