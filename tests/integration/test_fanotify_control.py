@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.config.load import load_config
@@ -38,6 +37,7 @@ from cachefilesd_py.kernel.fanotify import FAN_PRE_ACCESS
 from cachefilesd_py.kernel.fd import OwnedFd
 from cachefilesd_py.sources.policy import Deadline
 from cachefilesd_py.testing.pattern import pattern_bytes
+from tests.integration.test_control_daemon import metrics_of
 
 CHUNK = 64 * 1024
 SIZE = 1_000_000 + 123
@@ -163,15 +163,6 @@ def live() -> Iterator[FanLive]:
     yield d
     d.close()
     shutil.rmtree(root, ignore_errors=True)
-
-
-def metrics_of(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
-    return out
 
 
 def test_status_blobs_show_stats_and_metrics(

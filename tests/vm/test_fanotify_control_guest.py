@@ -21,25 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from cachefilesd_py.control.cli import main as ctl
 from cachefilesd_py.control.client import call
 from cachefilesd_py.testing.erofs_images import make_tree
+from tests.integration.test_control_daemon import metrics_of
 from tests.vm.rig import Daemon, mkfs_erofs, tree_digests
 
 pytestmark = [pytest.mark.guest, pytest.mark.fanotify]
 
 BLOB = "erofs,imgs/app.erofs"
-
-
-def metrics_of(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
-    return out
 
 
 @pytest.mark.timeout(600)
