@@ -13,10 +13,10 @@ The same schema, server and handlers as on-demand and classic mode
 - ``prefetch``: the range is read through a fresh fd of the cache file
   (``FanotifyFrontend.prefetch``): the kernel raises pre-content events for that read
   and the frontend's reader answers them as it answers a mount's reads — a fill
-  through the event's fd under the blob's trim guard, presence bits after the data.
+  through the event's fd, presence bits after the data.
   A blob no mount serves cannot be prefetched (no reader would answer): refused;
 - ``cull_plan``/``cull``: a pass of the fanotify culler (``frontends/fanotify/space.py``):
-  a blob a mount reads is never culled, and only trimmed under its trim guard;
+  a blob a mount reads is in use, never culled nor trimmed;
 - ``reload``: as SIGHUP (``Daemon.reload_report``): ``source`` rules, headers, retries,
   pins, caps applied; ``fanotify_image`` lines and the rest named as needing a restart.
 
@@ -113,7 +113,7 @@ def fanotify_state(
         return {
             "image": f"{image.spec.volume}/{image.spec.name}" if image else None,
             "mountpoint": image.spec.mountpoint if image else None,
-            # a mount reads it: never culled, only trimmed (frontends/fanotify/space.py)
+            # a mount reads it: never culled nor trimmed (frontends/fanotify/space.py)
             "in_use": bool(image is not None and image.mounted),
             "silenced": bool(served is not None and served.silenced),
         }

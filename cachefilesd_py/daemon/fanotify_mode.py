@@ -15,8 +15,9 @@ and the next worker adopts the mounts and answers what the dead one had read
 SIGTERM: every mount is unmounted first, and the group stays open and served while a
 mount is busy (``frontends/fanotify/service.py``): the daemon never leaves a mount it
 can no longer serve. Culling and trimming follow the same limits, caps, pins and
-policy as on-demand mode (``frontends/fanotify/space.py``; off with ``nocull``). The
-control socket and metrics serve the same operations as in on-demand mode
+policy as on-demand mode, except that the file of a mounted image is never touched
+(``frontends/fanotify/space.py`` says why; off with ``nocull``). The control socket
+and metrics serve the same operations as in on-demand mode
 (``daemon/fanotify_control.py``).
 """
 
@@ -101,9 +102,7 @@ def run_fanotify(
         fetch_timeout=config.fetch_timeout,
         culler=None
         if config.nocull
-        else lambda fe: make_culler(
-            config, cache_dir, engine.presence, engine.leases, fe.served, fe.unsilence
-        ),
+        else lambda fe: make_culler(config, cache_dir, engine.presence, engine.leases, fe.served),
         group=hold.group if hold is not None else None,
         journal=journal,
         silent=hold.silent if hold is not None else None,

@@ -121,10 +121,11 @@ class BlobCuller:
 
     # -- deciding --------------------------------------------------------------------
 
-    def trim_only(self, key: BlobKey) -> bool:
-        """Whether ``key``'s file may only be trimmed, never removed (a frontend whose
-        kernel reads it at any time overrides this; on-demand mode has none)."""
-        return False
+    def in_use_keys(self) -> set[BlobKey]:
+        """The blobs a pass must leave alone, neither culled nor trimmed: those this
+        process has open (its leases); a frontend whose kernel reads files it never
+        opened through the daemon adds its own."""
+        return set(self.leases.in_use())
 
     def pinned(self, key: BlobKey) -> bool:
         return self.rules.pinned(
@@ -196,13 +197,12 @@ class BlobCuller:
         out.needed = True
         keyed = [(c, k) for c in result.oldest if (k := self.key_of(c)) is not None]
         key_by_id = {id(c): k for c, k in keyed}
-        busy = self.leases.in_use()
+        busy = self.in_use_keys()
         plan = CullPlan(
             needs,
             volume_of=self.volume_of,
             pinned=lambda c: self.pinned(key_by_id[id(c)]),
             in_use=lambda c: key_by_id[id(c)] in busy,
-            trim_only=lambda c: self.trim_only(key_by_id[id(c)]),
             trim=True,
         )
         remover = _DryRemover() if dry_run else _BlobRemover(self, key_by_id)

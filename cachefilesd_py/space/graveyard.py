@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 import shutil
 
-import inotify_simple
 import structlog
+
+from cachefilesd_py.kernel import inotify
 
 log = structlog.get_logger("graveyard")
 
@@ -37,8 +38,8 @@ class GraveyardWatch:
     """inotify on the graveyard: ``fileno()`` is pollable, ``changed()`` drains it."""
 
     def __init__(self, graveyard: str) -> None:
-        self._inotify = inotify_simple.INotify(inheritable=False, nonblocking=True)
-        flags = inotify_simple.flags
+        self._inotify = inotify.open_inotify()
+        flags = inotify.flags
         self._inotify.add_watch(graveyard, flags.MOVED_TO | flags.CREATE)
 
     def fileno(self) -> int:

@@ -183,14 +183,12 @@ class CullPlan:
         volume_of: Callable[[Candidate], str],
         pinned: Callable[[Candidate], bool] = lambda _cand: False,
         in_use: Callable[[Candidate], bool] = lambda _cand: False,
-        trim_only: Callable[[Candidate], bool] = lambda _cand: False,
         trim: bool = False,
     ) -> None:
         self.needs = needs
         self.volume_of = volume_of
         self._pinned = pinned
         self._in_use = in_use
-        self._trim_only = trim_only
         self._trim = trim
         self._over = {v: n for v, n in needs.volumes.items() if n > 0}
         self.tally = Tally()
@@ -224,11 +222,6 @@ class CullPlan:
             return NOT_NEEDED if self._over else STOP
         if self._pinned(cand):
             return PINNED
-        if self._trim_only(cand):
-            still = self.still_needed(volume)
-            if self._trim and still > 0:
-                return Decision(Action.TRIM, "in use: only its chunks can go", trim_bytes=still)
-            return IN_USE
         if self._in_use(cand):
             return IN_USE
         if self._trim and self.tally.culled >= self.needs.objects:

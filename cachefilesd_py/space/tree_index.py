@@ -34,9 +34,9 @@ import errno
 import os
 from collections.abc import Iterator
 
-import inotify_simple
 import structlog
 
+from cachefilesd_py.kernel import inotify
 from cachefilesd_py.space.scan import (
     INDEX_PREFIXES,
     OBJECT_PREFIXES,
@@ -47,7 +47,7 @@ from cachefilesd_py.space.scan import (
 
 log = structlog.get_logger("space.index")
 
-_F = inotify_simple.flags
+_F = inotify.flags
 WATCH_MASK = (
     _F.CREATE
     | _F.MOVED_FROM
@@ -101,7 +101,7 @@ class IndexUnavailable(OSError):
 class TreeIndex:
     def __init__(self, cache_dir: str) -> None:
         self.cache_dir = cache_dir.rstrip("/") or "/"
-        self._inotify = inotify_simple.INotify(inheritable=False, nonblocking=True)
+        self._inotify = inotify.open_inotify()
         self._dir_of_wd: dict[int, str] = {}
         self._wd_of_dir: dict[str, int] = {}
         #: directory -> names of the objects in it
@@ -207,7 +207,7 @@ class TreeIndex:
         self.events += n
         return n
 
-    def _apply(self, ev: inotify_simple.Event) -> None:
+    def _apply(self, ev: inotify.Event) -> None:
         directory = self._dir_of_wd.get(ev.wd)
         if directory is None:
             return

@@ -99,9 +99,8 @@ class FanLive:
         if cull:
             fe.culler = make_culler(
                 config, self.cache, self.engine.presence, self.engine.leases,
-                fe.served, fe.unsilence,
+                fe.served,
             )
-            fe.culler.settle = 0.05
             self.daemon._culler = fe.culler
         fe.read_through = self.kernel_read
         self.engine.start()
@@ -297,17 +296,18 @@ def test_cull_never_removes_the_mounted_blob(capsys: pytest.CaptureFixture[str])
         assert rc == 0 and plan["needed"] and plan["need_bytes"] > 0, plan
         outcomes = {x["blob"]: x["outcome"] for x in plan["decisions"]}
         assert outcomes.get("erofs,imgs/old.erofs") == "culled", plan
-        # the mounted blob: only its chunks may go, under its trim guard
-        assert outcomes.get(BLOB) == "trimmed", plan
+        # the mounted blob is in use: never culled nor trimmed
+        assert outcomes.get(BLOB) == "in_use", plan
         assert idle.exists() and d.served.path.stat().st_blocks == blocks, "a dry run acted"
         rc, done = d.ctl(capsys, "cull", "--now")
-        assert rc == 0 and done["culled"] == 1 and done["trimmed"] + done["in_use"] == 1, done
+        assert rc == 0 and done["culled"] == 1 and done["in_use"] == 1, done
+        assert d.served.path.stat().st_blocks == blocks, "the mounted blob was punched"
         assert not idle.exists()
         assert d.served.path.exists() and os.path.getsize(d.served.path) == SIZE
         assert all(
             x["outcome"] != "culled" for x in done["decisions"] if x["blob"] == BLOB
         ), done
-        # whatever was trimmed is no longer present by the bitmap: a read refills it
+        # and still served from its bitmap
         assert d.read(0, SIZE) == wire.FAN_ALLOW
         assert d.served.path.read_bytes() == DATA
         m = metrics_of(call(d.sock, "metrics")["text"])

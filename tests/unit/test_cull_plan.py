@@ -374,21 +374,13 @@ def test_event_budget_is_a_token_bucket() -> None:
     assert [budget.take() for _ in range(3)] == [True, True, False]
 
 
-def test_a_blob_that_can_only_be_trimmed_is_trimmed_by_what_is_still_needed() -> None:
-    """fanotify mode: a mounted image's file cannot go, its chunks can. It is trimmed
-    by the bytes still needed even when not much larger than them, never culled, and
-    skipped as in use when only objects (not bytes) are needed or trims are off."""
+def test_a_blob_in_use_is_neither_culled_nor_trimmed() -> None:
+    """fanotify mode: a mounted image's file is in use: never culled, never trimmed
+    (a punch could race a read already allowed), whatever is still needed."""
     mounted = cand("mounted", 10)
     idle = cand("idle", 4)
     plan = CullPlan(
-        Needs(bytes=6 * MB), volume_of=volume_of, trim_only=lambda c: c is mounted, trim=True
+        Needs(bytes=6 * MB), volume_of=volume_of, in_use=lambda c: c is mounted, trim=True
     )
-    d = plan.decide(mounted)
-    assert (d.action, d.trim_bytes) == (Action.TRIM, 6 * MB)
-    plan.record(mounted, Outcome.TRIMMED, 2 * MB)
-    d = plan.decide(idle)
-    assert d.action is Action.CULL  # 4 MB blob, 4 MB still needed: whole
-    plan = CullPlan(Needs(objects=1), volume_of=volume_of, trim_only=lambda c: True, trim=True)
     assert plan.decide(mounted).outcome is Outcome.IN_USE
-    plan = CullPlan(Needs(bytes=MB), volume_of=volume_of, trim_only=lambda c: True)
-    assert plan.decide(mounted).outcome is Outcome.IN_USE
+    assert plan.decide(idle).action is Action.CULL

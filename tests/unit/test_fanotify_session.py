@@ -254,30 +254,3 @@ def test_every_permission_event_is_answered_once_and_never_allowed_over_a_hole(
         else:
             assert a.err == errno.EIO
     assert s.in_flight() == []
-
-
-@pytest.mark.parametrize(
-    ("pid", "punching", "expected"),
-    [
-        # the daemon's own punch of a range it trims: allowed at once (a fill would
-        # wait for the trim that waits for this answer)
-        (1234, True, [("answer", 5, True, sess.Reason.OWN_PUNCH, 0)]),
-        # another process reading the same missing range: filled as always
-        (999, False, [("fill", 5, 8192, 8192)]),
-    ],
-)
-def test_the_daemons_own_punch_is_allowed(
-    pid: int, punching: bool, expected: list[tuple[object, ...]]
-) -> None:
-    seen: list[tuple[int, int, int]] = []
-
-    def own_punch(_img: Image, event_pid: int, offset: int, length: int) -> bool:
-        seen.append((event_pid, offset, length))
-        return event_pid == 1234 and punching
-
-    s: sess.Session[Image] = sess.Session(present, own_punch=own_punch)
-    s.add_image("img", Image(10 * CHUNK), 10 * CHUNK)
-    raw = wire.encode_event(FAN_PRE_ACCESS, 5, pid, wire.FileRange(8192, 8192))
-    assert kinds(s.receive(raw, by_fd({5: "img"}))) == expected
-    assert seen == [(pid, 8192, 8192)]
-    assert s.counts().allowed_own_punch == (1 if punching else 0)

@@ -190,15 +190,16 @@ def test_blob_larger_than_1gib_fetches_only_what_is_read(
 
 
 @pytest.mark.timeout(900)
-def test_a_cache_over_its_cap_is_culled_and_trimmed_while_read(
+def test_a_cache_over_its_cap_culls_idle_files_and_never_punches_a_mounted_one(
     workdir: Path,
     loop_fs: Callable[..., Path],
     daemon: Callable[[str], Daemon],
 ) -> None:
     """``cache_max_bytes`` below the image's size: the stale cache file of an image no
-    longer served is culled whole (file and sidecar), the mounted image is trimmed
-    live while it is read, every read meanwhile is right (never zeros), and after
-    dropping the page caches everything reads right again, trimmed chunks refetched."""
+    longer served is culled whole (file and sidecar); the mounted image's file is never
+    trimmed (a punch could race a read already allowed: ``frontends/fanotify/space.py``)
+    however far over the cap, and the daemon says so; after dropping the page caches
+    everything reads right again without a fetch."""
     src, root, image = build(workdir, "plain")
     cache = loop_fs(256)
     stale = cache / "fanotify" / "imgs" / "old.erofs"
@@ -217,18 +218,20 @@ def test_a_cache_over_its_cap_is_culled_and_trimmed_while_read(
     assert image_size > 5 << 20
     d = daemon(conf)
     d.start(timeout=300)
-    assert tree_digests(mnt) == expected  # read while the space thread trims
-    deadline = time.monotonic() + 60
-    while not d.count("fanotify.trimmed") and time.monotonic() < deadline:
-        time.sleep(1)
+    assert tree_digests(mnt) == expected  # read while the space thread runs its passes
+    served = [p for p in (cache / "fanotify").rglob("*") if p.is_file() and p != stale]
+    assert len(served) == 1, served
+    blocks = served[0].stat().st_blocks
+    assert d.wait_for("fanotify.over_limit_mounted", 60)
     assert not stale.exists(), "the stale cache file was not culled"
-    assert d.count("fanotify.trimmed") >= 1
+    time.sleep(3)  # a few more passes, each over the cap
+    assert served[0].stat().st_blocks == blocks  # not a block given back while mounted
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    assert tree_digests(mnt) == expected  # refetched, never zeros
+    assert tree_digests(mnt) == expected
     assert d.stop() == 0
     stats = stats_of(d)
-    assert int(stats["bytes_fetched"]) > image_size, stats  # type: ignore[call-overload]
-    assert int(stats["cull_trimmed"]) >= 1 and int(stats["cull_culled"]) >= 1, stats  # type: ignore[call-overload]
+    assert int(stats["bytes_fetched"]) >= image_size, stats  # type: ignore[call-overload]
+    assert int(stats["cull_trimmed"]) == 0 and int(stats["cull_culled"]) >= 1, stats  # type: ignore[call-overload]
     assert stats["fill_failed"] == 0 and stats["responses_failed"] == 0, stats
     assert d.count("fanotify.denied") == 0
-    assert d.count("fanotify.trim_failed") == 0
+    assert d.count("fanotify.over_limit_mounted") == 1

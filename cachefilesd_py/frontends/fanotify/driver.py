@@ -20,8 +20,8 @@ lets a read through), and
   reader either way). Never allowed unfilled.
 - a blob whose every chunk is present gets an ignore mark (``images.silence``): the
   kernel stops asking for it;
-- a fill of a blob being trimmed is parked, not run, and resubmitted when the trim
-  ends (``trim.py``); the trim's own punch raises an event that is allowed at once;
+- a blob a mount reads is never trimmed while mounted (``space.py`` says why), so an
+  answer from the bitmap stays true until the reader has its bytes;
 - each answer is written, then the event's fd closed (``OwnedFd``), in that order: the
   kernel matches answers by fd number, and a number closed first could be handed to
   the next event.
@@ -51,14 +51,13 @@ from typing import Any
 import structlog
 
 from cachefilesd_py.engine.latency import LatencyHistogram
-from cachefilesd_py.engine.schedule import LaneScheduler, SchedulerClosed
+from cachefilesd_py.engine.schedule import LaneScheduler
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import CachefilesdError
 from cachefilesd_py.frontends.fanotify import session as sess
 from cachefilesd_py.frontends.fanotify import wire
 from cachefilesd_py.frontends.fanotify.images import ServedBlob, silence
 from cachefilesd_py.frontends.fanotify.inflight import InflightJournal
-from cachefilesd_py.frontends.fanotify.trim import TrimGuard
 from cachefilesd_py.kernel import fanotify
 from cachefilesd_py.kernel.dio import AlignedBuffer
 from cachefilesd_py.kernel.fd import OwnedFd
@@ -141,11 +140,7 @@ class FanotifyDriver:
         self.engine = engine
         self.fetch_timeout = fetch_timeout
         self.deny_errno = deny_errno_of(group.fileno())
-        self.session: sess.Session[ServedBlob] = sess.Session(
-            self._present_now, deny_errno=self.deny_errno, own_punch=_own_punch
-        )
-        #: answers from the bitmap decided in this batch, not yet written (trim.py)
-        self._allowing: list[tuple[TrimGuard, int]] = []
+        self.session: sess.Session[ServedBlob] = sess.Session(_present, deny_errno=self.deny_errno)
         self.fills = LaneScheduler("fanotify-fill", workers=workers, capacity=capacity)
         self.stats = DriverStats()
         self._stats_lock = threading.Lock()
@@ -207,28 +202,12 @@ class FanotifyDriver:
                 return handled
             received = time.monotonic()
             handled += 1
-            try:
-                self.run(self.session.receive(raw, _identify), received)
-            finally:  # every answer from the bitmap of this batch is written now
-                for guard, epoch in self._allowing:
-                    guard.end_allow(epoch)
-                self._allowing.clear()
+            self.run(self.session.receive(raw, _identify), received)
             if journal is not None and slot is not None:
                 with self._fds_lock:
                     filling = set(self._fill_fds)
                 journal.settle(slot, filling)
         return handled
-
-    def _present_now(self, served: ServedBlob, offset: int, length: int) -> bool:
-        """The bitmap lookup of the reader thread, registered with the blob's trim
-        guard until the batch's answers are written (a trim waits for it)."""
-        guard = served.guard
-        epoch = guard.begin_allow()
-        if _present(served, offset, length):
-            self._allowing.append((guard, epoch))
-            return True
-        guard.end_allow(epoch)
-        return False
 
     def stop(self) -> None:
         """Stop reading, then finish every fill in flight (each gets its answer)."""
@@ -296,23 +275,8 @@ class FanotifyDriver:
         self.fills.submit(fill.image.origin, lambda: self._fill(fill, owned, received))
 
     def _fill(self, fill: sess.Fill[ServedBlob], owned: OwnedFd, received: float) -> None:
-        guard = fill.image.guard
-        if not guard.enter_fill(lambda: self._resume_fill(fill, owned, received)):
-            return  # a trim of this blob runs: resubmitted when it ends (trim.py)
-        try:
-            ok = self._fill_range(fill, owned, received)
-            if ok:
-                self.maybe_silence(fill.image)
-        finally:
-            guard.exit_fill()
-
-    def _resume_fill(self, fill: sess.Fill[ServedBlob], owned: OwnedFd, received: float) -> None:
-        """A fill parked during a trim goes back to the scheduler (its event still
-        waits); after shutdown it is denied."""
-        try:
-            self.fills.submit(fill.image.origin, lambda: self._fill(fill, owned, received))
-        except SchedulerClosed:
-            self.run(self.session.filled(fill.ticket, False), received)
+        if self._fill_range(fill, owned, received):
+            self.maybe_silence(fill.image)
 
     def _fill_range(self, fill: sess.Fill[ServedBlob], owned: OwnedFd, received: float) -> bool:
         ok = False
@@ -382,11 +346,6 @@ def _identify(fd: int) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-def _own_punch(served: ServedBlob, pid: int, offset: int, length: int) -> bool:
-    """The event of the daemon's own hole punch in a range it is trimming (trim.py)."""
-    return pid == os.getpid() and served.guard.own_punch(offset, length)
 
 
 def _present(served: ServedBlob, offset: int, length: int) -> bool:

@@ -47,7 +47,6 @@ from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.config.model import FanotifyImage
 from cachefilesd_py.engine.blob import Blob
 from cachefilesd_py.engine.service import Engine
-from cachefilesd_py.frontends.fanotify.trim import TrimGuard
 from cachefilesd_py.kernel import fanotify, mount
 from cachefilesd_py.kernel.fd import OwnedFd
 from cachefilesd_py.sources.policy import Deadline
@@ -70,8 +69,6 @@ class ServedBlob:
     marked: bool = False
     #: an ignore mark makes the kernel stop asking (every byte present)
     silenced: bool = False
-    #: fills and trims of this file exclude each other (``trim.py``)
-    guard: TrimGuard = field(default_factory=TrimGuard)
 
     @property
     def size(self) -> int:
@@ -222,33 +219,14 @@ def silence(group_fd: int, served: ServedBlob) -> bool:
     kernel stops raising events for the file (measured: 0 events afterwards, also for
     files opened before, docs/protocol-fanotify.md, trap 3). Reads then never wait for
     the daemon. Only for a file whose every byte is present: with the ignore mark a
-    hole would read as zeros, so anything that punches holes (a trim) must remove it
-    first. True if the mark was added now."""
+    hole would read as zeros; no hole is punched in a served file (``space.py``). True
+    if the mark was added now."""
     if served.silenced or not served.marked or not fully_present(served):
         return False
     fanotify.ignore_pre_access(group_fd, served.path)
     served.silenced = True
     log.info("fanotify.silenced", blob=str(served.key), note="every chunk present")
     return True
-
-
-def unsilence(group_fd: int, served: ServedBlob) -> None:
-    """Remove the ignore mark :func:`silence` added, so that reads raise events again
-    (before a trim clears any bit: trim.py). Raises OSError; then nothing may be
-    punched."""
-    if not served.silenced:
-        return
-    fanotify.fanotify_mark(
-        group_fd,
-        fanotify.FAN_MARK_REMOVE
-        | fanotify.FAN_MARK_INODE
-        | fanotify.FAN_MARK_DONT_FOLLOW
-        | fanotify.FAN_MARK_IGNORE,
-        fanotify.FAN_PRE_ACCESS,
-        served.path,
-    )
-    served.silenced = False
-    log.info("fanotify.unsilenced", blob=str(served.key), note="a trim punches it")
 
 
 def unmark(group_fd: int, served: ServedBlob) -> None:

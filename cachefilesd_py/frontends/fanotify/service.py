@@ -181,7 +181,7 @@ class FanotifyFrontend:
         return failed
 
     def served(self) -> dict[BlobKey, img.ServedBlob]:
-        """The blobs mounts read now, by key (the culler may only trim them)."""
+        """The blobs mounts read now, by key (the culler leaves them alone)."""
         return {b.key: b for image in self.images for b in image.blobs}
 
     def prefetch(self, key: BlobKey, offset: int, length: int) -> None:
@@ -189,18 +189,13 @@ class FanotifyFrontend:
         reader does: read it through a fresh fd of its cache file. The file is marked,
         so the read raises pre-content events that this frontend's reader answers like
         any other: from the bitmap when present, else by a fill through the event's
-        fd (the engine's fill path: the blob's trim guard, one fetch per chunk however
-        many wait for it, presence bits after the data), then allowed. A failed fill
-        is denied: the read fails with EIO (OSError), and nothing is marked present."""
+        fd (the engine's fill path: one fetch per chunk however many wait for it,
+        presence bits after the data), then allowed. A failed fill is denied: the read
+        fails with EIO (OSError), and nothing is marked present."""
         served = self.served().get(key)
         if served is None:
             raise OSError(errno.ENOENT, f"{key}: not served (no mounted image has it)")
         self.read_through(served.path, offset, length)
-
-    def unsilence(self, served: img.ServedBlob) -> None:
-        """Remove a blob's ignore mark (before a trim punches it)."""
-        assert self.group is not None
-        img.unsilence(self.group.fileno(), served)
 
     def stats_fields(self) -> dict[str, Any]:
         """The driver's counters and the culler's totals."""
@@ -301,7 +296,7 @@ class FanotifyFrontend:
         ``abort`` was set while a mount was still busy."""
         if self.driver is None or self.group is None:
             return True
-        if self.space is not None:  # no trim may run once images go down
+        if self.space is not None:  # no pass runs while images go down
             self.space.stop()
             self.space = None
         waited_since = time.monotonic()

@@ -74,8 +74,6 @@ class Reason(enum.Enum):
     MALFORMED = "malformed"
     #: the driver stops: whatever is still unanswered
     SHUTDOWN = "shutdown"
-    #: the daemon's own hole punch of a range it is trimming (trim.py)
-    OWN_PUNCH = "own_punch"
 
 
 # -- actions ---------------------------------------------------------------------------
@@ -129,7 +127,6 @@ class SessionCounts:
     events: int = 0
     allowed_present: int = 0
     allowed_past_end: int = 0
-    allowed_own_punch: int = 0
     fills: int = 0
     filled: int = 0
     fill_failed: int = 0
@@ -161,12 +158,10 @@ class Session(Generic[H]):
         present: Callable[[H, int, int], bool],
         *,
         deny_errno: int = errno.EIO,
-        own_punch: Callable[[H, int, int, int], bool] = lambda _h, _pid, _off, _len: False,
     ) -> None:
         if deny_errno not in wire.DENY_ERRNOS:
             raise ValueError(f"the kernel does not take FAN_DENY_ERRNO({deny_errno})")
         self._present = present
-        self._own_punch = own_punch
         self.deny_errno = deny_errno
         self._lock = threading.Lock()
         self._images: dict[Identity, _Image[H]] = {}
@@ -284,10 +279,6 @@ class Session(Generic[H]):
         if length <= 0:
             self._counts["allowed_past_end"] += 1
             actions.append(Answer(event.fd, True, Reason.PAST_END))
-            return
-        if self._own_punch(img.handle, event.pid, offset, length):
-            self._counts["allowed_own_punch"] += 1
-            actions.append(Answer(event.fd, True, Reason.OWN_PUNCH))
             return
         if self._present(img.handle, offset, length):
             self._counts["allowed_present"] += 1

@@ -8,17 +8,25 @@ What differs from on-demand mode is who may touch a file, not what the rules are
   thread checks every :data:`INTERVAL` seconds: ``statvfs`` of the cache against the
   ``brun``/``bcull``/``bstop`` percentages (``bcull`` starts a pass, which aims at
   ``brun`` plus headroom, as the kernel's hysteresis does), and the absolute caps.
-- A blob a mount reads now (served) cannot be removed: EROFS holds its file open and
-  reads it at any time. It can only be *trimmed* (``plan``: ``trim_only``), live,
-  under its :class:`~cachefilesd_py.frontends.fanotify.trim.TrimGuard` (``trim.py``:
-  bits cleared durably, a settle, then the punch; fills parked meanwhile).
+- A blob a mount reads now (served) is **never culled nor trimmed**: it counts as in
+  use. Removing it is impossible (EROFS holds its file open), and punching a hole in
+  it can race a read the daemon has already allowed. A backing read raises its
+  pre-content event and, once answered, reads the file in the same task with no lock
+  held in between (``vfs_iocb_iter_read``: ``rw_verify_area``, then ``read_iter``). A
+  read allowed from the bitmap a moment before a trim cleared the bits may therefore
+  reach the file after the punch and copy the hole's zeros into EROFS's page cache.
+  Nothing a user-space daemon can observe tells when that read has happened (the
+  post-read ``FAN_ACCESS`` is not raised for an asynchronous read), so no wait makes
+  the punch safe; the first design (a settle time after the last answer) lost that
+  race in a loaded guest. A cache over its limits because of mounted images says so
+  (``fanotify.over_limit_mounted``, once per state change); the space comes back once
+  the image is no longer served (taken out of the configuration).
 - A blob no mount reads (a cache file of an image no longer configured, or not
   mounted) is culled whole — its file unlinked, then its sidecar removed — or trimmed,
   under its trim lease (``engine/leases.py``), which a starting image's
   ``prepare_blob`` waits for. No mark is on such a file: its punch raises nothing.
 
-Lock order: as ``engine/cull.py``'s; a pass also takes a blob's ``TrimGuard``
-condition, a leaf, never while holding another lock.
+Lock order: as ``engine/cull.py``'s.
 """
 
 from __future__ import annotations
@@ -36,7 +44,6 @@ from cachefilesd_py.config.model import Config
 from cachefilesd_py.engine.cull import BlobCuller
 from cachefilesd_py.engine.leases import BlobLeases
 from cachefilesd_py.frontends.fanotify.images import TREE_NAME, ServedBlob
-from cachefilesd_py.frontends.fanotify.trim import SETTLE_SECONDS, TrimTarget, trim_served
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.space.caps import CullRules
 from cachefilesd_py.space.chunks import KEEP_HEAD_BYTES
@@ -78,7 +85,7 @@ def limits_need_of(cache_dir: Path, percent: dict[str, int]) -> Callable[[], int
 
 class FanotifyCuller(BlobCuller):
     """The core's blob culler (``engine/cull.py``: candidates, policy order, pins, the
-    shared plan, idle trims) over ``<dir>/fanotify``, with what this mode changes; see
+    shared plan, idle trims) over ``<dir>/fanotify``, with served blobs in use; see
     the module docstring."""
 
     def __init__(
@@ -91,8 +98,6 @@ class FanotifyCuller(BlobCuller):
         policy: CullPolicy,
         limits_need: Callable[[], int],
         served: Callable[[], dict[BlobKey, ServedBlob]],
-        unsilence: Callable[[ServedBlob], None],
-        settle: float = SETTLE_SECONDS,
         keep_head_bytes: int = KEEP_HEAD_BYTES,
     ) -> None:
         super().__init__(
@@ -110,27 +115,35 @@ class FanotifyCuller(BlobCuller):
             keep_head_bytes=keep_head_bytes,
         )
         self.served = served
-        self.unsilence = unsilence
-        self.settle = settle
-        #: the served blobs of the pass that runs (read once per pass)
-        self._serving: dict[BlobKey, ServedBlob] = {}
+        #: whether the last pass was left short by mounted images (logged on change)
+        self.held_by_mounts = False
+
+    def in_use_keys(self) -> set[BlobKey]:
+        return super().in_use_keys() | set(self.served())
 
     def _cull_pass(
         self, need_bytes: int | None, need_objects: int, dry_run: bool, record: bool
     ) -> PassResult:
-        self._serving = self.served()
-        try:
-            return super()._cull_pass(need_bytes, need_objects, dry_run, record)
-        finally:
-            self._serving = {}
+        out = super()._cull_pass(need_bytes, need_objects, dry_run, record)
+        if not dry_run:
+            self._report_mounted(out)
+        return out
 
-    def trim_only(self, key: BlobKey) -> bool:
-        return key in self._serving
-
-    def cull(self, cand: Candidate, key: BlobKey) -> Outcome:
-        if key in self._serving:  # a mount reads it: never removed
-            return Outcome.IN_USE
-        return super().cull(cand, key)
+    def _report_mounted(self, out: PassResult) -> None:
+        """Say once when the limits cannot be met because mounted images hold the
+        space, and once when they can again."""
+        short = out.needed and out.tally.freed_bytes < out.need_bytes
+        held = short and out.tally[Outcome.IN_USE] > 0
+        if held and not self.held_by_mounts:
+            log.warning(
+                "fanotify.over_limit_mounted",
+                need_bytes=out.need_bytes,
+                freed=out.tally.freed_bytes,
+                note="mounted images are never punched; their space goes when unmounted",
+            )
+        elif self.held_by_mounts and not held:
+            log.info("fanotify.within_limits")
+        self.held_by_mounts = held
 
     def _unlink_idle(self, cand: Candidate) -> int:
         """Unlink a cache file no mount reads, under its trim lease (a starting image
@@ -146,33 +159,6 @@ class FanotifyCuller(BlobCuller):
                 return exc.errno or errno.EIO
             self.presence.remove(key)
         return 0
-
-    def trim(
-        self, cand: Candidate, key: BlobKey, need_bytes: int
-    ) -> tuple[Outcome, int, list[tuple[int, int]]]:
-        """A served image's file is trimmed in place (``trim_served``; its byte ranges
-        are in that trim's own event, not in the decision's); an idle one as any blob."""
-        served = self._serving.get(key)
-        if served is None:
-            return super().trim(cand, key, need_bytes)
-        presence = served.blob.presence
-        if presence is None:
-            return Outcome.UNTRIMMABLE, 0, []
-        target = TrimTarget(
-            served.path, presence, served.guard, served.size, lambda: self.unsilence(served)
-        )
-        try:
-            outcome, freed = trim_served(
-                self.presence,
-                target,
-                need_bytes,
-                settle=self.settle,
-                keep_head_bytes=self.keep_head_bytes,
-            )
-        except OSError as exc:  # the ignore mark could not go, or the sidecar not
-            log.warning("fanotify.trim_failed", blob=str(served.key), error=str(exc))
-            return Outcome.FAILED, 0, []
-        return outcome, freed, []
 
 
 class SpaceThread:
@@ -209,7 +195,6 @@ def make_culler(
     presence: PresenceStore,
     leases: BlobLeases,
     served: Callable[[], dict[BlobKey, ServedBlob]],
-    unsilence: Callable[[ServedBlob], None],
 ) -> FanotifyCuller:
     """The culler of a fanotify cache: the configured percentages (statvfs of the
     cache), caps, pins and cull policy, as in on-demand mode."""
@@ -221,5 +206,4 @@ def make_culler(
         policy=make_policy(config.cull_policy),
         limits_need=limits_need_of(cache_dir, {n: config.threshold(n) for n in THRESHOLD_NAMES}),
         served=served,
-        unsilence=unsilence,
     )
