@@ -90,6 +90,9 @@ class Config:
     volume_max_bytes: tuple[SizeRule, ...] = ()
     cull_policy: str = "s3fifo"
     pins: tuple[str, ...] = ()
+    #: the pins made through ``cachefilesctl pin`` may total at most this percentage
+    #: of the cache's size (``space/pins.py``)
+    pin_max_share: int = 50
     #: the control socket (``docs/control.md``); "" when ``control_socket none``
     control_socket: str = "/run/cachefilesd-py/control.sock"
     #: a group (name or number) whose members may use the read-only control calls

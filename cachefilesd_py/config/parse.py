@@ -512,6 +512,14 @@ def _pin(cfg: Config, value: str, _f: str, _n: int) -> Config:
     return replace(cfg, pins=(*cfg.pins, _one(value, "a blob pattern")))
 
 
+def _share(text: str) -> int:
+    """``50%`` (or ``50``): a whole percentage, 0..100."""
+    digits = text.removesuffix("%")
+    if not (digits.isascii() and digits.isdigit()) or not 0 <= int(digits) <= 100:
+        raise ValueError(f"must be a percentage 0%..100%, not {text!r}")
+    return int(digits)
+
+
 def _own(handler: Handler) -> Directive:
     return Directive(handler, once=False)
 
@@ -551,6 +559,7 @@ DIRECTIVES: dict[str, Directive] = {
     "volume_max_bytes": _own(_pattern_size("volume_max_bytes", chunk=False)),
     "cull_policy": _own_once(_set("cull_policy", _policy)),
     "pin": _own(_pin),
+    "pin_max_share": _own_once(_set("pin_max_share", _share)),
     "fanotify": _own_once(_flag("fanotify")),
     "fanotify_image": _own(lambda cfg, value, f, n: _fanotify_image(cfg, tokens(value), f, n)),
     "control_socket": _own_once(_set("control_socket", _control_socket)),

@@ -84,6 +84,7 @@ def render_config(cfg: Config) -> list[str]:
     out += [f"volume_max_bytes {r.pattern} {format_size(r.size)}" for r in cfg.volume_max_bytes]
     put("cull_policy", cfg.cull_policy, cfg.cull_policy == d.cull_policy)
     out += [f"pin {p}" for p in cfg.pins]
+    put("pin_max_share", f"{cfg.pin_max_share}%", cfg.pin_max_share == d.pin_max_share)
     return out
 
 

@@ -23,13 +23,16 @@ DEFAULT_SOCKET = "/run/cachefilesd-py/control.sock"
 def call(
     path: str,
     op: str,
+    /,
     *,
     timeout: float = 60.0,
     on_progress: Callable[[Mapping[str, Any]], None] | None = None,
     **args: Any,
 ) -> Any:
     """Run ``op`` on the daemon listening at ``path`` and return its result; an error
-    reply (or no daemon) raises :class:`ControlError`."""
+    reply (or no daemon) raises :class:`ControlError`. ``path`` and ``op`` are
+    positional only: ``args`` are the operation's and may be named so (``pin``'s
+    ``path``)."""
     line = encode_request(op, **args)
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

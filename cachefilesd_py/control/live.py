@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -327,32 +328,117 @@ def _bar(fields: Mapping[str, Any]) -> None:
     sys.stderr.flush()
 
 
+def ask_with_bar(args: argparse.Namespace, op: str, **kwargs: Any) -> Any:
+    """``op``, long-running: its progress lines drawn as a bar on a terminal."""
+    show = None if args.json or not sys.stderr.isatty() else _bar
+    try:
+        return ask(args, op, timeout=3600.0, on_progress=show, **kwargs)
+    finally:
+        if show is not None:
+            sys.stderr.write("\n")
+
+
 def _prefetch(args: argparse.Namespace) -> int:
     try:
         offset, length = parse_range(args.range)
     except ValueError as exc:
         print(f"cachefilesctl: {exc}", file=sys.stderr)
         return 2
-    show = None if args.json or not sys.stderr.isatty() else _bar
     began = time.monotonic()
-    try:
-        reply = ask(
-            args,
-            "prefetch",
-            blob=args.blob,
-            offset=offset,
-            length=length,
-            timeout=3600.0,
-            on_progress=show,
-        )
-    finally:
-        if show is not None:
-            sys.stderr.write("\n")
+    reply = ask_with_bar(args, "prefetch", blob=args.blob, offset=offset, length=length)
     if args.json:
         return _print_json(reply)
     print(
         f"{reply['blob']}: {human_bytes(reply['length'])} from {reply['offset']} in "
         f"{time.monotonic() - began:.1f} s; now {reply['present_pct']:.1f}% present"
+    )
+    return 0
+
+
+# -- pins ------------------------------------------------------------------------------
+
+
+def _pin_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    action = p.add_argument(
+        "blob",
+        metavar="TARGET",
+        help="a blob as 'blobs' lists it (volume/cookie), or a path on an EROFS mount",
+    )
+    action.completer = _blob_names  # type: ignore[attr-defined]
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--image",
+        action="store_true",
+        help="the blob is an EROFS image's primary blob: pin the image with its extra "
+        "blobs, metadata first",
+    )
+    g.add_argument(
+        "--path", metavar="PATH", help="only the chunks behind PATH inside the image"
+    )
+
+
+def pin_target(args: argparse.Namespace) -> tuple[str, str]:
+    """``(blob, path inside the image)`` of ``pin``'s arguments: a path on this host
+    is looked up in the mount table (``control/mounts.py``)."""
+    if args.blob.startswith("/"):
+        from cachefilesd_py.control.mounts import image_path_of
+
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return image_path_of(f.read(), os.path.realpath(args.blob))
+    return args.blob, "/" if args.image else (args.path or "")
+
+
+def _pin(args: argparse.Namespace) -> int:
+    try:
+        blob, path = pin_target(args)
+    except (ValueError, OSError) as exc:
+        print(f"cachefilesctl: {exc}", file=sys.stderr)
+        return 2
+    began = time.monotonic()
+    reply = ask_with_bar(args, "pin", blob=blob, path=path)
+    if args.json:
+        return _print_json(reply)
+    where = f" {reply['path']}" if reply["path"] else ""
+    print(
+        f"{reply['blob']}{where}: pinned; {human_bytes(reply['bytes'])} preloaded in "
+        f"{time.monotonic() - began:.1f} s"
+    )
+    for b in reply["blobs"]:
+        state = (
+            f"{b['present_pct']:.1f}% present (through its {b['via']})"
+            if b["preloaded"]
+            else b["note"]
+        )
+        print(f"  {b['blob']}  {human_bytes(b['size'])}  {state}")
+    return 0
+
+
+def _unpin(args: argparse.Namespace) -> int:
+    reply = ask(args, "unpin", blob=args.blob)
+    if args.json:
+        return _print_json(reply)
+    note = " (a config pin line still matches it)" if reply["config_pin_still_holds"] else ""
+    print(f"{reply['blob']}: unpinned{note}")
+    return 0
+
+
+def _pins(args: argparse.Namespace) -> int:
+    reply = ask(args, "pins")
+    if args.json:
+        return _print_json(reply)
+    rows = [("BLOB", "PIN", "SIZE", "PRESENT")]
+    for p in reply["pins"]:
+        pct = p.get("present_pct")
+        rows.append(
+            (p["blob"], p["source"], human_bytes(p["size"]), "-" if pct is None else f"{pct:.1f}%")
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print(
+        f"pinned by cachefilesctl: {human_bytes(reply['cli_total_bytes'])} "
+        f"(cap: pin_max_share {reply['pin_max_share']}%)"
     )
     return 0
 
@@ -412,6 +498,14 @@ register(
     _prefetch_args,
     run_live(_prefetch),
 )
+register(
+    "pin",
+    "pin a blob (never culled, kept across restarts) and preload it, with progress",
+    _pin_args,
+    run_live(_pin),
+)
+register("unpin", "drop a pin made by 'pin'", _pin_args, run_live(_unpin))
+register("pins", "the pins: blob, cli or config, size, present %%", _common, run_live(_pins))
 register("reload", "re-read the configuration; report what changed", _common, run_live(_reload))
 register(
     "completion", "print shell completion code (bash, zsh, fish)", _completion_args, _completion

@@ -10,7 +10,7 @@ stream socket (``docs/control.md``). One connection carries one exchange:
 
 - the daemon answers with **one or more reply lines**, each a JSON object, each at most
   :data:`MAX_REPLY_BYTES`. Zero or more ``{"v": 1, "progress": {...}}`` lines (only
-  ``prefetch`` sends them), then exactly one final line, either
+  ``prefetch``, ``pin`` and ``verify`` send them), then exactly one final line, either
   ``{"v": 1, "ok": true, "result": {...}}`` or
   ``{"v": 1, "ok": false, "error": {"code": "...", "message": "..."}}``;
   then the daemon closes the connection.
@@ -100,6 +100,14 @@ def _non_negative(value: int) -> str | None:
     return None if 0 <= value < 1 << 63 else "must lie in 0..2^63-1"
 
 
+def _image_path(value: str) -> str | None:
+    if value and not value.startswith("/"):
+        return "must be absolute (a path inside the image, '/' for all of it)"
+    if len(value) > 4096 or "\0" in value:
+        return "must have at most 4096 characters and no NUL"
+    return None
+
+
 def _width(value: int) -> str | None:
     return None if 8 <= value <= 4096 else "must lie in 8..4096"
 
@@ -148,6 +156,16 @@ OPERATIONS: dict[str, Operation] = {
             help="fetch a range of an open blob ahead (length 0: to the end)",
         ),
         Operation("reload", True, help="re-read the configuration, report what changed"),
+        Operation(
+            "pin",
+            True,
+            {**BLOB_ARGS, "path": Arg(str, check=_image_path, default="")},
+            help="pin a blob (kept across restarts, never culled), then preload it all; "
+            "with a path, the blob is an EROFS image's primary blob: its metadata "
+            "first, then the data behind the path ('/': the whole image)",
+        ),
+        Operation("unpin", True, dict(BLOB_ARGS), help="drop a pin made by 'pin'"),
+        Operation("pins", False, help="the pins: blob, source (cli/config), size, present %"),
     )
 }
 

@@ -248,7 +248,8 @@ class Daemon:
         from cachefilesd_py.config.load import headers_for
         from cachefilesd_py.sources.resolve import SourceResolver
 
-        live = {"sources", "source_headers", "fetch_retries", "readahead"}
+        # pin_max_share: each pin reads it from the configuration in force
+        live = {"sources", "source_headers", "fetch_retries", "readahead", "pin_max_share"}
         engine.resolve = SourceResolver(new.sources).resolve
         factory.settings = replace(
             factory.settings, headers_for=headers_for(new), retries=new.fetch_retries

@@ -26,15 +26,17 @@ import structlog
 from cachefilesd_py import __version__
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.control.presence_map import fold
-from cachefilesd_py.control.schema import ControlError, ErrorCode
+from cachefilesd_py.control.schema import OPERATIONS, ControlError, ErrorCode
 from cachefilesd_py.daemon.control_server import ControlServer, Handler
 from cachefilesd_py.daemon.metrics import Figures, Metrics
+from cachefilesd_py.daemon.pinning import Pinner, cache_file_of, parse_key
 from cachefilesd_py.engine.blob import Blob, BlobKey
 from cachefilesd_py.engine.fill import Sink
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import SourceError
 from cachefilesd_py.presence.verify import verify
 from cachefilesd_py.sources.policy import Deadline
+from cachefilesd_py.space.pins import PinStore
 from cachefilesd_py.space.stats import SpaceSnapshot
 
 log = structlog.get_logger("control")
@@ -97,6 +99,8 @@ class ServingState:
     counts: Callable[[], Mapping[str, Mapping[str, int]]] = dict
     #: the cache tree as the culler's last scan found it: (unix time, objects, bytes)
     last_scan: Callable[[], tuple[float, int, int] | None] = lambda: None
+    #: the pins made through ``cachefilesctl pin`` (``space/pins.py``); None: no pins
+    pins: PinStore | None = None
 
 
 class ControlHandlers:
@@ -105,6 +109,7 @@ class ControlHandlers:
     def __init__(self, state: ServingState, metrics: Metrics) -> None:
         self.state = state
         self.metrics = metrics
+        self.pinner = Pinner(state, self._describe)
 
     def table(self) -> dict[str, Handler]:
         table: dict[str, Handler] = {
@@ -119,6 +124,12 @@ class ControlHandlers:
                 "verify": lambda a, p: self.verify(a["blob"], p),
                 "prefetch": lambda a, p: self.prefetch(a["blob"], a["offset"], a["length"], p),
             }
+        if self.state.engine is not None and self.state.pins is not None:
+            table |= {
+                "pin": lambda a, p: self.pinner.pin(a["blob"], a["path"], p),
+                "unpin": lambda a, p: self.unpin(a["blob"]),
+                "pins": lambda a, p: self.pins(),
+            }
         if self.state.reload is not None:
             reload = self.state.reload
             table["reload"] = lambda a, p: reload()
@@ -128,6 +139,8 @@ class ControlHandlers:
         if self.state.cull_now is not None:
             now = self.state.cull_now
             table["cull"] = lambda a, p: now()
+        for op in OPERATIONS.keys() - table.keys():  # refused, naming the mode
+            table[op] = _refuse(op, self.state.mode)
         return table
 
     # -- read-only -------------------------------------------------------------------
@@ -207,7 +220,8 @@ class ControlHandlers:
             "users": blob.users,
             "in_flight": len(blob.inflight),
             **_last_use(blob.last_use),
-            "pinned": any(fnmatch.fnmatchcase(match_name, p) for p in cfg.pins),
+            "pinned": any(fnmatch.fnmatchcase(match_name, p) for p in cfg.pins)
+            or (self.state.pins is not None and self.state.pins.is_pinned(key)),
         }
 
     def blobs(self, limit: int) -> dict[str, Any]:
@@ -235,30 +249,17 @@ class ControlHandlers:
         open_blob = next((b for b in engine.blobs() if str(b.key) == name), None)
         if open_blob is not None:
             return self._verify_blob(open_blob, progress)
-        key = _parse_key(name)
+        key = parse_key(name)
         cache_file = self._cache_file(key)
         if cache_file is None or not cache_file.exists():
             raise ControlError(ErrorCode.NOT_FOUND, f"{name}: no such blob in the cache tree")
-        lease = _lease_key(key)
-        timeout = self.state.config().fetch_timeout
-        if not engine.leases.acquire_use(lease, timeout=timeout):
-            raise ControlError(ErrorCode.BUSY, f"{name}: being trimmed; try again")
-        try:
-            try:
-                blob = engine.open_blob(key, cache_file, Deadline.after(timeout))
-            except SourceError as exc:
-                raise ControlError(ErrorCode.FAILED, f"{name}: {exc}") from None
-            try:
-                return self._verify_blob(blob, progress)
-            finally:
-                engine.release(blob)
-        finally:
-            engine.leases.release_use(lease)
+        with self.pinner.idle_blob(key, cache_file, bind=False) as blob:
+            return self._verify_blob(blob, progress)
 
     def _cache_file(self, key: BlobKey) -> Path | None:
         if self.state.cache_file is not None:
             return self.state.cache_file(key)
-        return _cache_file(self.state.cache_dir, key)
+        return cache_file_of(self.state.cache_dir, key)
 
     def _verify_blob(self, blob: Blob, progress: Progress) -> dict[str, Any]:
         name = str(blob.key)
@@ -294,6 +295,76 @@ class ControlHandlers:
         }
 
     # -- mutating --------------------------------------------------------------------
+
+    def unpin(self, name: str) -> dict[str, Any]:
+        """Drop a pin made by ``pin`` (a config ``pin`` glob stays: edit the file)."""
+        assert self.state.pins is not None
+        try:
+            removed = self.state.pins.unpin(name)
+        except OSError as exc:
+            raise ControlError(ErrorCode.FAILED, f"{name}: unpin not saved: {exc}") from None
+        if not removed:
+            raise ControlError(ErrorCode.NOT_FOUND, f"{name} is not pinned by 'cachefilesctl pin'")
+        log.info("control.unpinned", blob=name)
+        key = parse_key(name)
+        still = any(fnmatch.fnmatchcase(key.match_name, p) for p in self.state.config().pins)
+        return {"blob": name, "unpinned": True, "config_pin_still_holds": still}
+
+    def pins(self) -> dict[str, Any]:
+        """Every pin: those of ``pin`` (source ``cli``) with their present share, the
+        config's globs (source ``config``) and the open blobs they match."""
+        engine, pins = self.state.engine, self.state.pins
+        assert engine is not None and pins is not None
+        open_blobs = {str(b.key): b for b in engine.blobs()}
+        held = pins.snapshot()
+        out: list[dict[str, Any]] = []
+        for pin in sorted(held.pins, key=lambda p: p.blob):
+            out.append(
+                {
+                    "blob": pin.blob,
+                    "source": "cli",
+                    "size": pin.size,
+                    **self._present(pin.blob, open_blobs.get(pin.blob)),
+                }
+            )
+        globs = self.state.config().pins
+        for glob in globs:
+            out.append({"blob": glob, "source": "config", "size": None, "present_pct": None})
+        for name, blob in sorted(open_blobs.items()):
+            if name not in held.names() and any(
+                fnmatch.fnmatchcase(blob.key.match_name, g) for g in globs
+            ):
+                out.append(
+                    {
+                        "blob": name,
+                        "source": "config",
+                        "size": blob.size,
+                        **self._present(name, blob),
+                    }
+                )
+        cfg = self.state.config()
+        return {"pins": out, "cli_total_bytes": held.total, "pin_max_share": cfg.pin_max_share}
+
+    def _present(self, name: str, blob: Blob | None) -> dict[str, Any]:
+        """A pinned blob's present share: from the open blob's bitmap, else from its
+        sidecar if that is bound to its cache file (None: not known)."""
+        if blob is not None:
+            d = self._describe(blob)
+            return {"present_pct": d["present_pct"], "open": True}
+        assert self.state.engine is not None
+        key = parse_key(name)
+        path = cache_file_of(self.state.cache_dir, key)
+        bp = self.state.engine.presence.load_bound(key, path) if path is not None else None
+        if bp is None:
+            return {
+                "present_pct": 0.0 if path is None or not path.exists() else None,
+                "open": False,
+            }
+        n = bp.geometry.nchunks
+        return {
+            "present_pct": round(100.0 * bp.bitmap.count() / n, 2) if n else 100.0,
+            "open": False,
+        }
 
     def prefetch(self, name: str, offset: int, length: int, progress: Progress) -> dict[str, Any]:
         """Fetch ``[offset, offset+length)`` of an open blob into its cache file, a step
@@ -346,6 +417,13 @@ class ControlHandlers:
         }
 
 
+def _refuse(op: str, mode: str) -> Handler:
+    def refuse(_args: Any, _progress: Progress) -> dict[str, Any]:
+        raise ControlError(ErrorCode.UNAVAILABLE, f"'{op}' is not available in {mode} mode")
+
+    return refuse
+
+
 def _last_use(at: float | None) -> dict[str, Any]:
     """A blob's last use (the kernel's last OPEN or READ of it that reached the
     daemon) as ISO 8601 in UTC, and its age in seconds by the daemon's clock."""
@@ -355,27 +433,6 @@ def _last_use(at: float | None) -> dict[str, Any]:
         "last_use": datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds"),
         "last_use_age_s": round(max(0.0, time.time() - at), 1),
     }
-
-
-def _parse_key(name: str) -> BlobKey:
-    """The key ``blobs`` prints as ``<volume key>/<cookie key>`` (split at the first
-    ``/``: EROFS volume keys hold none)."""
-    volume, sep, cookie = name.partition("/")
-    if not sep or not volume or not cookie:
-        raise ControlError(ErrorCode.BAD_ARGS, f"{name!r} is not <volume key>/<cookie key>")
-    return BlobKey(volume.encode(), cookie.encode())
-
-
-def _lease_key(key: BlobKey) -> BlobKey:
-    return key
-
-
-def _cache_file(cache_dir: Path, key: BlobKey) -> Path | None:
-    """Where cachefiles keeps ``key``'s file (None for keys it cannot store)."""
-    try:
-        return key.cache_path(cache_dir)
-    except ValueError:
-        return None
 
 
 class ControlService:
@@ -530,6 +587,13 @@ def serve_control(
 
     culler: Any = getattr(driver, "culler", None) if driver is not None else None
     factory: Any = getattr(daemon, "_factory", None)
+    pins: PinStore | None = None
+    if engine is not None and mode == "ondemand":
+        from cachefilesd_py.daemon.app import STATE_DIR_NAME
+
+        pins = PinStore(daemon.cache_dir / STATE_DIR_NAME)
+        if culler is not None:
+            culler.held_pins = lambda: pins.snapshot().names() if pins is not None else frozenset()
 
     def counts() -> dict[str, Mapping[str, int]]:
         return core_counts(engine, factory)
@@ -554,6 +618,7 @@ def serve_control(
         histograms=histograms,
         counts=counts,
         last_scan=lambda: getattr(culler, "last_scan", None),
+        pins=pins,
     )
     try:
         return start_control(state, daemon.config)

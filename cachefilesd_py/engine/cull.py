@@ -10,7 +10,9 @@ ask to free (``limits_need``). The decisions are the shared cull plan's
 - candidates come from one scan of the tree (bounded heap, ``space/scan.py``); blobs
   the daemon has seen since start are ordered by the cull policy (which saw their
   OPENs and misses), blobs from before the start by atime, and those go first;
-- pinned blobs and blobs with a use lease (an open kernel object) are never culled;
+- pinned blobs (a config ``pin`` glob, or a pin made through ``cachefilesctl pin``:
+  :attr:`BlobCuller.held_pins`, ``space/pins.py``) and blobs with a use lease (an open
+  kernel object) are never culled nor trimmed;
   the kernel's ``cull`` re-checks and answers EBUSY for files in use;
 - a culled blob's sidecar goes after the kernel moved its file to the graveyard, and
   the graveyard is emptied;
@@ -101,6 +103,9 @@ class BlobCuller:
         self.volume_of = volume_of
         #: bytes at the head of a blob a trim never gives back
         self.keep_head_bytes = keep_head_bytes
+        #: the blob names (``str(key)``) pinned at run time, read once per pass; the
+        #: union with the config's ``pin`` globs is what a pass keeps
+        self.held_pins: Callable[[], frozenset[str]] = frozenset
         #: totals since start, for the daemon's stats
         self.totals = Tally()
         #: the tree as the last pass's scan found it: (unix time, objects, bytes)
@@ -127,7 +132,11 @@ class BlobCuller:
         opened through the daemon adds its own."""
         return set(self.leases.in_use())
 
-    def pinned(self, key: BlobKey) -> bool:
+    def pinned(self, key: BlobKey, held: frozenset[str] | None = None) -> bool:
+        """A config ``pin`` glob matches ``key``, or a run-time pin names it
+        (``held``: :attr:`held_pins` as the pass read it)."""
+        if str(key) in (self.held_pins() if held is None else held):
+            return True
         return self.rules.pinned(
             key.volume.decode("utf-8", "backslashreplace"),
             key.name.decode("utf-8", "backslashreplace"),
@@ -198,10 +207,11 @@ class BlobCuller:
         keyed = [(c, k) for c in result.oldest if (k := self.key_of(c)) is not None]
         key_by_id = {id(c): k for c, k in keyed}
         busy = self.in_use_keys()
+        held = self.held_pins()
         plan = CullPlan(
             needs,
             volume_of=self.volume_of,
-            pinned=lambda c: self.pinned(key_by_id[id(c)]),
+            pinned=lambda c: self.pinned(key_by_id[id(c)], held),
             in_use=lambda c: key_by_id[id(c)] in busy,
             trim=True,
         )

@@ -67,10 +67,10 @@ class Live:
         checkpoint_interval: float | None = None,
     ) -> None:
         self.blobs = root / "blobs"
-        self.blobs.mkdir()
+        self.blobs.mkdir(exist_ok=True)
         (self.blobs / "img").write_bytes(DATA)
         self.cache = root / "cache"
-        self.cache.mkdir()
+        self.cache.mkdir(exist_ok=True)
         self.sock = str(root / "ctl.sock")
         self.conf = root / "cachefilesd.conf"
         self.source = source or f"file://{self.blobs}/{{cookie}}"

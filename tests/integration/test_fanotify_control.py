@@ -248,6 +248,15 @@ def test_prefetch_range_errors_and_a_failed_fill(live: FanLive) -> None:
     assert rc["present_chunks"] == 2
 
 
+
+def test_what_this_mode_cannot_do_is_refused_naming_it(live: FanLive) -> None:
+    for op, args in (("pin", {"blob": BLOB}), ("unpin", {"blob": BLOB}), ("pins", {})):
+        with pytest.raises(ControlError) as e:
+            call(live.sock, op, **args)
+        assert e.value.code is ErrorCode.UNAVAILABLE
+        assert e.value.message == f"'{op}' is not available in fanotify mode"
+
+
 def test_live_verify_reads_the_fanotify_cache_file(
     live: FanLive, capsys: pytest.CaptureFixture[str]
 ) -> None:

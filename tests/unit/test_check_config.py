@@ -67,6 +67,7 @@ def configs(draw: st.DrawFn) -> Config:
             ),
             cull_policy=draw(st.sampled_from(["s3fifo", "lru", "fifo"])),
             pins=tuple(draw(st.lists(_word, max_size=3))),
+            pin_max_share=draw(st.integers(0, 100)),
         )
     except ValueError:
         raise AssertionError("bad strategy") from None
