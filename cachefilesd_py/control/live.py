@@ -138,6 +138,11 @@ def _status(args: argparse.Namespace) -> int:
         f"objects       {st['objects']} kernel objects, {st['open_blobs']} blobs open, "
         f"{st['fetches_in_flight']} chunks being fetched"
     )
+    for image in st.get("images", []):  # fanotify mode
+        state = "mounted" if image["mounted"] else "not mounted"
+        print(f"image         {image['image']} on {image['mountpoint']} ({state})")
+    for image in st.get("images_failed", []):
+        print(f"image failed  {image['image']} on {image['mountpoint']}: {image['error']}")
     return 0
 
 

@@ -44,9 +44,12 @@ from cachefilesd_py.kernel.device import Device
 from cachefilesd_py.space.caps import CullRules
 
 if TYPE_CHECKING:  # on-demand mode's stack: imported by the mode that uses it
+    from cachefilesd_py.config.model import FanotifyImage
+    from cachefilesd_py.daemon.control import ControlService
     from cachefilesd_py.daemon.fanotify_keeper import FanotifyHold
     from cachefilesd_py.engine.cull import BlobCuller
     from cachefilesd_py.engine.service import Engine, EngineSettings
+    from cachefilesd_py.frontends.fanotify.service import FanotifyFrontend
     from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
     from cachefilesd_py.sources.open import SourceFactory, SourceSettings
 
@@ -400,6 +403,21 @@ class Daemon:
         def keep_engine(engine: Engine) -> None:
             self._engine = engine
 
+        def start_control(
+            frontend: FanotifyFrontend,
+            factory: SourceFactory,
+            collect: Callable[[], dict[str, object]],
+            failed: list[tuple[FanotifyImage, str]],
+        ) -> ControlService:
+            from cachefilesd_py.daemon.fanotify_control import serve_fanotify_control
+
+            # what reload applies live (_apply_live): sources, headers, pins, caps
+            self._factory = factory
+            self._culler = frontend.culler
+            engine = self._engine
+            assert engine is not None
+            return serve_fanotify_control(self, frontend, engine, factory, collect, failed)
+
         try:
             return run_fanotify(
                 self.config,
@@ -414,6 +432,7 @@ class Daemon:
                 hold=hold,
                 on_ready=on_ready,
                 built=self._fanotify_built if hold is not None else None,
+                start_control=start_control,
             )
         finally:
             log.info("terminated")

@@ -26,11 +26,11 @@ import structlog
 from cachefilesd_py import __version__
 from cachefilesd_py.config.model import Config
 from cachefilesd_py.control.presence_map import fold
-from cachefilesd_py.control.schema import ControlError, ErrorCode
+from cachefilesd_py.control.schema import OPERATIONS, ControlError, ErrorCode
 from cachefilesd_py.daemon.control_server import ControlServer, Handler
 from cachefilesd_py.daemon.metrics import Figures, Metrics
 from cachefilesd_py.daemon.pinning import Pinner, cache_file_of, parse_key
-from cachefilesd_py.engine.blob import Blob
+from cachefilesd_py.engine.blob import Blob, BlobKey
 from cachefilesd_py.engine.fill import Sink
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import SourceError
@@ -45,6 +45,13 @@ log = structlog.get_logger("control")
 PREFETCH_STEP = 4 << 20
 
 Progress = Callable[[Mapping[str, Any]], None]
+
+#: what ``status`` names as the kernel interface, by mode
+KERNEL_INTERFACES = {
+    "ondemand": "/dev/cachefiles (ondemand)",
+    "classic": "/dev/cachefiles",
+    "fanotify": "fanotify pre-content events (EROFS file-backed mounts)",
+}
 
 
 def group_id(name: str | None) -> int | None:
@@ -77,6 +84,15 @@ class ServingState:
     cull_now: Callable[[], dict[str, Any]] | None = None
     #: the sink of a kernel object open on a blob (None: no object has it open)
     sink_for: Callable[[Blob], Sink | None] | None = None
+    #: fanotify mode: makes ``[offset, offset+length)`` of an open blob present through
+    #: the mode's own fill path (used by ``prefetch`` instead of ``sink_for``)
+    fill: Callable[[Blob, int, int], None] | None = None
+    #: where a blob's cache file is (None: cachefiles' layout under ``cache_dir``)
+    cache_file: Callable[[BlobKey], Path | None] | None = None
+    #: what a mode adds to ``status`` (fanotify: the images and their mounts) and to
+    #: each blob's description (fanotify: its image and mount point)
+    more_status: Callable[[], dict[str, Any]] = dict
+    more_blob: Callable[[Blob], dict[str, Any]] = lambda _blob: {}
     histograms: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     #: the core's labelled counts (``daemon/metrics.py`` LABELLED keys)
@@ -123,6 +139,8 @@ class ControlHandlers:
         if self.state.cull_now is not None:
             now = self.state.cull_now
             table["cull"] = lambda a, p: now()
+        for op in OPERATIONS.keys() - table.keys():  # refused, naming the mode
+            table[op] = _refuse(op, self.state.mode)
         return table
 
     # -- read-only -------------------------------------------------------------------
@@ -136,9 +154,7 @@ class ControlHandlers:
             "version": __version__,
             "pid": os.getpid(),
             "mode": self.state.mode,
-            "kernel_interface": "/dev/cachefiles (ondemand)"
-            if self.state.mode == "ondemand"
-            else "/dev/cachefiles",
+            "kernel_interface": KERNEL_INTERFACES.get(self.state.mode, "/dev/cachefiles"),
             "cache_dir": str(self.state.cache_dir),
             "uptime_s": round(time.monotonic() - self.state.started, 1),
             "space": {
@@ -157,6 +173,7 @@ class ControlHandlers:
             "objects": self.state.objects(),
             "open_blobs": len(blobs),
             "fetches_in_flight": sum(len(b.inflight) for b in blobs),
+            **self.state.more_status(),
         }
 
     def stats(self) -> dict[str, Any]:
@@ -199,6 +216,7 @@ class ControlHandlers:
             "present_pct": round(100.0 * present / nchunks, 2) if nchunks else 100.0,
             "trusted": bool(presence is not None and presence.trusted),
             "source": blob.identity.url,
+            **self.state.more_blob(blob),
             "users": blob.users,
             "in_flight": len(blob.inflight),
             **_last_use(blob.last_use),
@@ -232,17 +250,22 @@ class ControlHandlers:
         if open_blob is not None:
             return self._verify_blob(open_blob, progress)
         key = parse_key(name)
-        cache_file = cache_file_of(self.state.cache_dir, key)
+        cache_file = self._cache_file(key)
         if cache_file is None or not cache_file.exists():
             raise ControlError(ErrorCode.NOT_FOUND, f"{name}: no such blob in the cache tree")
         with self.pinner.idle_blob(key, cache_file, bind=False) as blob:
             return self._verify_blob(blob, progress)
 
+    def _cache_file(self, key: BlobKey) -> Path | None:
+        if self.state.cache_file is not None:
+            return self.state.cache_file(key)
+        return cache_file_of(self.state.cache_dir, key)
+
     def _verify_blob(self, blob: Blob, progress: Progress) -> dict[str, Any]:
         name = str(blob.key)
         if blob.presence is None:
             raise ControlError(ErrorCode.UNAVAILABLE, f"{name}: no presence bitmap")
-        cache_file = cache_file_of(self.state.cache_dir, blob.key)
+        cache_file = self._cache_file(blob.key)
         if cache_file is None or not cache_file.exists():
             raise ControlError(
                 ErrorCode.FAILED,
@@ -348,10 +371,13 @@ class ControlHandlers:
         at a time, through the sink of a kernel object that has it open (its anonymous
         fd, borrowed per write: a CLOSE meanwhile ends the prefetch with EBADF, never a
         write elsewhere). Chunks present already cost nothing; chunks another worker
-        is fetching are waited for. One progress line per step."""
-        engine, sink_for = self.state.engine, self.state.sink_for
-        if engine is None or sink_for is None:
-            raise ControlError(ErrorCode.UNAVAILABLE, "prefetch is not available in this mode")
+        is fetching are waited for. One progress line per step. In fanotify mode the
+        step goes through the mode's ``fill`` (``daemon/fanotify_control.py``)."""
+        engine, sink_for, fill = self.state.engine, self.state.sink_for, self.state.fill
+        if engine is None or (sink_for is None and fill is None):
+            raise ControlError(
+                ErrorCode.UNAVAILABLE, f"prefetch is not available in {self.state.mode} mode"
+            )
         blob = self._find(name)
         if offset >= blob.size:
             raise ControlError(ErrorCode.BAD_ARGS, f"offset {offset} is past the end ({blob.size})")
@@ -362,12 +388,18 @@ class ControlHandlers:
         began = time.monotonic()
         pos = offset
         while pos < end:
-            sink = sink_for(blob)
-            if sink is None:
-                raise ControlError(ErrorCode.FAILED, f"{name}: no kernel object has it open now")
             n = min(step, end - pos)
             try:
-                engine.ensure(blob, pos, n, sink, Deadline.after(timeout))
+                if fill is not None:
+                    fill(blob, pos, n)
+                else:
+                    assert sink_for is not None
+                    sink = sink_for(blob)
+                    if sink is None:
+                        raise ControlError(
+                            ErrorCode.FAILED, f"{name}: no kernel object has it open now"
+                        )
+                    engine.ensure(blob, pos, n, sink, Deadline.after(timeout))
             except (SourceError, OSError) as exc:
                 raise ControlError(
                     ErrorCode.FAILED, f"{name}: prefetch stopped at {pos}: {exc}"
@@ -383,6 +415,13 @@ class ControlHandlers:
             "fetched_bytes_daemon_wide": engine.filler.stats.bytes_fetched - fetched_before,
             **{k: v for k, v in self._describe(blob).items() if k.startswith("present")},
         }
+
+
+def _refuse(op: str, mode: str) -> Handler:
+    def refuse(_args: Any, _progress: Progress) -> dict[str, Any]:
+        raise ControlError(ErrorCode.UNAVAILABLE, f"'{op}' is not available in {mode} mode")
+
+    return refuse
 
 
 def _last_use(at: float | None) -> dict[str, Any]:
@@ -489,6 +528,43 @@ def pass_report(result: Any) -> dict[str, Any]:
     }
 
 
+def engine_histograms(engine: Engine) -> dict[str, tuple[Any, str]]:
+    """The engine's latency histograms, for the metrics."""
+    return {
+        "fetch": (engine.filler.fetch_times, "source fetch time per run"),
+        "write": (engine.filler.write_times, "cache write time per run"),
+        "checkpoint": (engine.checkpoint_times, "presence checkpoint time"),
+    }
+
+
+def core_counts(engine: Engine | None, factory: Any) -> dict[str, Mapping[str, int]]:
+    """The core's labelled counts (``daemon/metrics.py`` LABELLED keys)."""
+    out: dict[str, Mapping[str, int]] = {}
+    if engine is not None:
+        out["fetched_by_source"] = engine.filler.fetched_by_source.snapshot()
+        out["fetch_errors"] = engine.filler.errors.snapshot()
+        out["open_errors"] = engine.open_errors.snapshot()
+    if factory is not None:
+        out["retries"] = factory.retries.snapshot()
+    return out
+
+
+def reload_of(daemon: Any) -> Callable[[], dict[str, Any]]:
+    """The ``reload`` operation: ``daemon.reload_report()`` (as SIGHUP), a rejected
+    configuration answered as an error that names file:line."""
+
+    def reload() -> dict[str, Any]:
+        from cachefilesd_py.errors import ConfigError
+
+        try:
+            report: dict[str, Any] = daemon.reload_report()
+        except ConfigError as exc:
+            raise ControlError(ErrorCode.FAILED, f"configuration rejected: {exc}") from None
+        return report
+
+    return reload
+
+
 def serve_control(
     daemon: Any, mode: str, collect: Callable[[], dict[str, object]], engine: Any, driver: Any
 ) -> ControlService:
@@ -499,20 +575,8 @@ def serve_control(
     if driver is not None and hasattr(driver, "read_times"):
         histograms["read_service"] = (driver.read_times, "READ service time")
     if engine is not None:
-        histograms |= {
-            "fetch": (engine.filler.fetch_times, "source fetch time per run"),
-            "write": (engine.filler.write_times, "cache write time per run"),
-            "checkpoint": (engine.checkpoint_times, "presence checkpoint time"),
-        }
-
-    def reload() -> dict[str, Any]:
-        from cachefilesd_py.errors import ConfigError
-
-        try:
-            report: dict[str, Any] = daemon.reload_report()
-        except ConfigError as exc:
-            raise ControlError(ErrorCode.FAILED, f"configuration rejected: {exc}") from None
-        return report
+        histograms |= engine_histograms(engine)
+    reload = reload_of(daemon)
 
     def sink_for(blob: Blob) -> Sink | None:
         for obj in driver.objects():
@@ -532,14 +596,7 @@ def serve_control(
             culler.held_pins = lambda: pins.snapshot().names() if pins is not None else frozenset()
 
     def counts() -> dict[str, Mapping[str, int]]:
-        out: dict[str, Mapping[str, int]] = {}
-        if engine is not None:
-            out["fetched_by_source"] = engine.filler.fetched_by_source.snapshot()
-            out["fetch_errors"] = engine.filler.errors.snapshot()
-            out["open_errors"] = engine.open_errors.snapshot()
-        if factory is not None:
-            out["retries"] = factory.retries.snapshot()
-        return out
+        return core_counts(engine, factory)
 
     def cull_plan() -> dict[str, Any]:
         return pass_report(culler.cull_pass(dry_run=True))

@@ -16,7 +16,9 @@ SIGTERM: every mount is unmounted first, and the group stays open and served whi
 mount is busy (``frontends/fanotify/service.py``): the daemon never leaves a mount it
 can no longer serve. Culling and trimming follow the same limits, caps, pins and
 policy as on-demand mode, except that the file of a mounted image is never touched
-(``frontends/fanotify/space.py`` says why; off with ``nocull``).
+(``frontends/fanotify/space.py`` says why; off with ``nocull``). The control socket
+and metrics serve the same operations as in on-demand mode
+(``daemon/fanotify_control.py``).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from pathlib import Path
 
 import structlog
 
-from cachefilesd_py.config.model import Config
+from cachefilesd_py.config.model import Config, FanotifyImage
 from cachefilesd_py.daemon import host, systemd
+from cachefilesd_py.daemon.control import ControlService
+from cachefilesd_py.daemon.fanotify_control import fanotify_figures
 from cachefilesd_py.daemon.fanotify_keeper import FanotifyHold
 from cachefilesd_py.daemon.stats import StatsReporter
 from cachefilesd_py.engine.service import Engine, EngineSettings
@@ -40,6 +44,12 @@ from cachefilesd_py.sources.open import SourceFactory, SourceSettings
 from cachefilesd_py.sources.resolve import SourceResolver
 
 log = structlog.get_logger("daemon")
+
+#: starts the control socket: (frontend, source factory, collect, images that failed)
+Failed = list[tuple[FanotifyImage, str]]
+StartControl = Callable[
+    [FanotifyFrontend, SourceFactory, Callable[[], dict[str, object]], Failed], ControlService
+]
 
 
 def build_engine(
@@ -74,7 +84,11 @@ def run_fanotify(
     hold: FanotifyHold | None = None,
     on_ready: Callable[[], object] | None = None,
     built: tuple[Engine, SourceFactory] | None = None,
+    start_control: StartControl | None = None,
 ) -> int:
+    """Serve until ``stop`` (the module docstring). ``start_control`` starts the
+    control socket and metrics once the images are served (``daemon/fanotify_control.py``);
+    what it returns is closed first at shutdown."""
     engine, factory = built or build_engine(
         config, state_dir, engine_settings=engine_settings, source_settings=source_settings
     )
@@ -116,21 +130,17 @@ def run_fanotify(
         )
 
         def collect() -> dict[str, object]:
-            return {
-                **frontend.stats_fields(),
-                **vars(engine.filler.stats),
-                **engine.filler.fetch_times.summary_ms("fetch"),
-                **engine.filler.write_times.summary_ms("write"),
-                **engine.checkpoint_times.summary_ms("checkpoint"),
-                **host.footprint(),
-            }
+            return {**fanotify_figures(frontend, engine), **host.footprint()}
 
         reporter = StatsReporter(collect).start()
         on_reporter(reporter)
+        control = start_control(frontend, factory, collect, failed) if start_control else None
         try:
             stop.wait()
             systemd.stopping()
         finally:
+            if control is not None:  # before the images go down, as on-demand mode
+                control.close()
             reporter.close()
             log.info("stats", final=True, **collect())
     finally:

@@ -78,6 +78,22 @@ COUNTERS = (
     CounterSpec(
         "sidecar_save_failures", "sidecar_save_failures", "sidecars that could not be saved"
     ),
+    # fanotify mode (frontends/fanotify: the session's counts and DriverStats)
+    CounterSpec("events", "fanotify_events", "fanotify pre-content events read"),
+    CounterSpec(
+        "allowed_present", "fanotify_allowed_present", "events allowed from the bitmap"
+    ),
+    CounterSpec("fills", "fanotify_fills", "events whose range had to be filled"),
+    CounterSpec("filled", "fanotify_filled", "events allowed after their fill"),
+    CounterSpec("fill_failed", "fanotify_fill_failed", "events denied: their fill failed"),
+    CounterSpec(
+        "denied_unknown", "fanotify_denied_unknown", "events on a file the daemon does not serve"
+    ),
+    CounterSpec(
+        "responses_failed", "fanotify_responses_failed", "answers the kernel did not take"
+    ),
+    CounterSpec("silenced", "fanotify_silenced_blobs", "blobs given an ignore mark (all present)"),
+    CounterSpec("overflows", "fanotify_queue_overflows", "fanotify queue overflow events"),
 )
 
 #: labelled counters the core keeps (``counters.py``): metric name, label, help

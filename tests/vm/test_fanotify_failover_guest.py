@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from cachefilesd_py.control.client import call
 from tests.vm import failover_rig as fr
 from tests.vm.rig import Daemon, Nginx, mkfs_erofs, run
 
@@ -51,15 +52,19 @@ def test_worker_killed_under_reads_never_fails_open(
     web = nginx(workdir / "origin")
     cache = loop_fs(256)
     mnt = workdir / "mnt"
+    sock = str(workdir / "control.sock")
     conf = (
         f"dir {cache}\nfanotify\nsource imgs/* {web.url}/{{volume}}/{{cookie}}\n"
         f"chunk_size 64K\nfetch_timeout 20\nfetch_concurrency 8\n"
-        f"fanotify_image imgs/app.erofs {mnt}\n"
+        f"fanotify_image imgs/app.erofs {mnt}\ncontrol_socket {sock}\n"
     )
     d = daemon(conf)
     d.start(timeout=300)
     assert d.proc is not None and os.path.ismount(mnt)
     supervisor = d.proc.pid
+    # the serving worker binds the control socket; each successor binds it again
+    assert d.wait_for("control.listening", 60)
+    first_worker = call(sock, "status")["pid"]
     files = {mnt / rel: digest for rel, digest in tree.items()}
     readers = fr.Readers(files, threads=4).start()
     takeovers: list[float] = []
@@ -99,8 +104,19 @@ def test_worker_killed_under_reads_never_fails_open(
     )]
     # the path under test ran: some kill left events read and unanswered
     assert sum(int(e.get("orphans") or 0) for e in answered) >= 1, answered
+    # the control socket was handed over: the last successor (it binds once its images
+    # are served; a worker killed before that never bound it) answers on it
+    last = [e["worker"] for e in events if e.get("event") == "worker.serving"][-1]
+    deadline = time.monotonic() + 60
+    while d.count("control.stale_socket_removed") == 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert d.wait_for("control.stale_socket_removed", 1), "no successor took the socket"
+    status = call(sock, "status")
+    assert status["mode"] == "fanotify" and status["pid"] == last != first_worker, status
+    assert status["images"][0]["mounted"] is True, status
     assert d.stop() == 0
     assert not os.path.ismount(mnt), "a stop unmounts before the group closes"
+    assert not os.path.exists(sock), "the last worker's socket outlived it"
 
 
 def _breakdown(events: list[dict[str, object]]) -> list[tuple[float | None, ...]]:

@@ -39,6 +39,7 @@ before it marked and mounted with this group) starts differently:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 import time
@@ -65,6 +66,23 @@ log = structlog.get_logger("fanotify")
 
 #: how often a busy mount is logged while the daemon waits to unmount it
 BUSY_LOG_EVERY = 10.0
+#: bytes :func:`read_through` reads per ``pread``
+READ_STEP = 1 << 20
+
+
+def read_through(path: Path, offset: int, length: int) -> None:
+    """Read ``[offset, offset+length)`` of ``path`` and drop the bytes: on a marked
+    cache file, each ``pread`` waits for the group's answer (trap 2: an fd opened
+    after the mark raises events)."""
+    buf = bytearray(min(length, READ_STEP))
+    end = offset + length
+    with OwnedFd(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as fd:
+        pos = offset
+        while pos < end:
+            n = os.preadv(fd.fileno(), [memoryview(buf)[: min(len(buf), end - pos)]], pos)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{path}: read ended at {pos} of {end}")
+            pos += n
 
 
 class FanotifyFrontend:
@@ -101,6 +119,9 @@ class FanotifyFrontend:
         self.group: OwnedFd | None = None
         self.driver: FanotifyDriver | None = None
         self.images: list[img.ServedImage] = []
+        #: reads a range of a marked cache file (:meth:`prefetch`); the kernel raises
+        #: the pre-content events (host tests put a stand-in kernel here)
+        self.read_through: Callable[[Path, int, int], None] = read_through
 
     def start(self) -> list[tuple[FanotifyImage, str]]:
         """Make the group, serve it, prepare and mount every image; returns the images
@@ -162,6 +183,19 @@ class FanotifyFrontend:
     def served(self) -> dict[BlobKey, img.ServedBlob]:
         """The blobs mounts read now, by key (the culler leaves them alone)."""
         return {b.key: b for image in self.images for b in image.blobs}
+
+    def prefetch(self, key: BlobKey, offset: int, length: int) -> None:
+        """Make ``[offset, offset+length)`` of a served blob present the way a mount's
+        reader does: read it through a fresh fd of its cache file. The file is marked,
+        so the read raises pre-content events that this frontend's reader answers like
+        any other: from the bitmap when present, else by a fill through the event's
+        fd (the engine's fill path: one fetch per chunk however many wait for it,
+        presence bits after the data), then allowed. A failed fill is denied: the read
+        fails with EIO (OSError), and nothing is marked present."""
+        served = self.served().get(key)
+        if served is None:
+            raise OSError(errno.ENOENT, f"{key}: not served (no mounted image has it)")
+        self.read_through(served.path, offset, length)
 
     def stats_fields(self) -> dict[str, Any]:
         """The driver's counters and the culler's totals."""
