@@ -14,7 +14,7 @@ MOUNTINFO = "\n".join(
     [
         "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw",
         "40 22 0:45 / /mnt/base rw,relatime shared:20 - erofs none ro,fsid=base.erofs",
-        "41 22 0:46 / /mnt/my\\040image ro - erofs none ro,fsid=img,domain_id=shared",
+        "41 22 0:46 / /mnt/my\\040image ro - erofs none ro,fsid=img,domain_id=common",
         "42 40 0:47 / /mnt/base/inner ro - erofs none ro,fsid=inner",
         "43 22 0:45 /usr/lib /srv/lib ro master:20 - erofs none ro,fsid=base.erofs",
         "44 22 7:0 / /mnt/loop ro - erofs /dev/loop0 ro,user_xattr",
@@ -32,7 +32,7 @@ def test_erofs_mounts_over_fscache_only() -> None:
     ]
     assert [m.blob for m in mounts] == [
         "erofs,base.erofs/base.erofs",
-        "erofs,shared/img",
+        "erofs,common/img",
         "erofs,inner/inner",
         "erofs,base.erofs/base.erofs",
     ]
@@ -45,7 +45,7 @@ def test_erofs_mounts_over_fscache_only() -> None:
         ("/mnt/base/usr/lib/x.so", ("erofs,base.erofs/base.erofs", "/usr/lib/x.so")),
         ("/mnt/base/inner/a", ("erofs,inner/inner", "/a")),  # the innermost mount
         ("/mnt/baseline/a", None),  # a prefix of a mountpoint's name is not under it
-        ("/mnt/my image/d", ("erofs,shared/img", "/d")),
+        ("/mnt/my image/d", ("erofs,common/img", "/d")),
         ("/srv/lib/x.so", ("erofs,base.erofs/base.erofs", "/usr/lib/x.so")),  # bind root
         ("/mnt/loop/a", None),  # file- or block-backed: not this daemon's
         ("/etc/passwd", None),
