@@ -23,6 +23,10 @@ a bit is wrong): the chunks are fetched again rather than trusting the bitmap, a
 contradiction is logged. SEEK_DATA is consulted only for this cross-check, never to
 decide that data is present.
 
+Before each run's fetch the filler's :class:`~cachefilesd_py.engine.offline.OfflineGate`
+is asked whether the source may be fetched from (a fetch to an offline source is not
+attempted: ``OfflineError``), and hears the fetch's outcome afterwards.
+
 Errors: :class:`SourceError` from the source (after its own retries) and ``OSError``
 from the sink propagate to the caller, which fails the kernel request (the reader sees
 EIO). Nothing is marked present for a run whose fetch or write failed.
@@ -50,6 +54,7 @@ import structlog
 from cachefilesd_py.counters import LabelledCounts
 from cachefilesd_py.engine.blob import Blob, InFlight
 from cachefilesd_py.engine.latency import LatencyHistogram
+from cachefilesd_py.engine.offline import OfflineGate
 from cachefilesd_py.errors import SourceError, error_kind
 from cachefilesd_py.kernel.dio import AlignedBuffer, BufferPool
 from cachefilesd_py.sources.policy import Deadline
@@ -99,6 +104,9 @@ class Filler:
         #: fills that failed, by error kind (``errors.py`` ERROR_KINDS)
         self.errors = LabelledCounts()
         self._stats_lock = threading.Lock()
+        #: admits each fetch by its source's connectivity and hears its outcome
+        #: (``engine/offline.py``; without a connectivity driver it admits everything)
+        self.gate = OfflineGate()
 
     def ensure(self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline) -> None:
         """Make ``[offset, offset+length)`` of ``blob`` present, or raise."""
@@ -240,7 +248,9 @@ class Filler:
         length = last_start + last_len - start
         with self.buffers.borrow() as buf, buf.view[:length] as view:
             began = time.monotonic()
-            blob.source.fetch_into(start, view, deadline)
+            self.gate.fetch(
+                blob.source.origin, lambda: blob.source.fetch_into(start, view, deadline)
+            )
             fetched = time.monotonic()
             self.fetch_times.record(fetched - began)
             sink.write(start, buf, length)

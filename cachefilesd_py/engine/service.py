@@ -41,6 +41,7 @@ from cachefilesd_py.engine.blob import Blob, BlobKey
 from cachefilesd_py.engine.fill import Filler, Sink
 from cachefilesd_py.engine.latency import LatencyHistogram
 from cachefilesd_py.engine.leases import BlobLeases
+from cachefilesd_py.engine.offline import OfflineGate
 from cachefilesd_py.engine.readahead import Prefetch, StreamReadahead
 from cachefilesd_py.errors import SourceError, SourceNotFound, error_kind
 from cachefilesd_py.kernel.dio import PAGE_SIZE, BufferPool
@@ -156,7 +157,7 @@ class Engine:
         if source is None:
             source = self.source_for(key)
         try:
-            identity = source.identity(deadline)
+            identity = self._identity(source, deadline)
         except SourceError as exc:
             self.open_errors.add(error_kind(exc))
             raise
@@ -171,6 +172,13 @@ class Engine:
             blob.last_use = time.time()
             self._blobs[key] = blob
         return blob
+
+    def _identity(self, source: Source, deadline: Deadline) -> BlobIdentity:
+        """The source's identity, asked through the offline gate (not asked at all
+        while the source is offline)."""
+        out: list[BlobIdentity] = []
+        self.filler.gate.fetch(source.origin, lambda: out.append(source.identity(deadline)))
+        return out[0]
 
     def _new_blob(
         self, key: BlobKey, source: Source, identity: BlobIdentity, cache_file: Path | None
@@ -209,6 +217,22 @@ class Engine:
             return None
         first = min(self.settings.readahead, max(1 << 20, 2 * chunk))
         return StreamReadahead(self.settings.readahead, first_window=first, slack=chunk)
+
+    @property
+    def gate(self) -> OfflineGate:
+        """The offline gate of every fetch (``engine/offline.py``)."""
+        return self.filler.gate
+
+    @staticmethod
+    def missing(blob: Blob, offset: int, length: int) -> bool:
+        """Whether the daemon's bitmap lacks a chunk of ``[offset, offset+length)``
+        (a READ of present chunks raced with a fill: no fetch, no offline policy)."""
+        if length <= 0 or offset >= blob.size:
+            return False
+        if blob.presence is None:
+            return True
+        first, last = blob.geometry.chunks_for(offset, min(length, blob.size - offset))
+        return bool(blob.presence.missing_runs(first, last))
 
     def ensure(self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline) -> None:
         self.filler.ensure(blob, offset, length, sink, deadline)

@@ -203,6 +203,12 @@ class NetlinkConnectivity:
         with self._lock:
             return self._tracker.state(source)
 
+    def may_fetch(self, source: str) -> bool:
+        """Whether a fetch from ``source`` would be admitted now (a query: no probe
+        is used up)."""
+        with self._lock:
+            return self._tracker.may_fetch(source, self.clock())
+
     def admit(self, source: str) -> bool:
         """Whether to attempt a fetch from ``source`` now (see ``ConnectivityTracker.admit``)."""
         with self._lock:

@@ -50,6 +50,7 @@ import functools
 import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ import structlog
 from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.engine.cull import BlobCuller
 from cachefilesd_py.engine.latency import LatencyHistogram
+from cachefilesd_py.engine.offline import HeldReads, OfflineError
+from cachefilesd_py.engine.offline_policy import FailNow, WaitUntil
 from cachefilesd_py.engine.schedule import LaneScheduler
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.errors import CachefilesdError, error_kind
@@ -90,6 +93,10 @@ class DriverStats:
     reads_expired: int = 0
     #: times the reader stopped reading because its queues were full
     read_pauses: int = 0
+    #: READs held by the ``wait`` offline policy (each counted once)
+    reads_held: int = 0
+    #: READs failed at once because their source was offline (the policy said so)
+    reads_offline_failed: int = 0
 
 
 class OnDemandDriver:
@@ -141,6 +148,13 @@ class OnDemandDriver:
         #: already closed, and learns the source's identity afresh
         self._releasing: dict[BlobKey, int] = {}
         self._released = threading.Condition()
+        #: READs the ``wait`` offline policy holds (``engine/offline.py``): no worker
+        #: is spent on them; they come back to the READ scheduler when their source
+        #: changes state or at their cap
+        self.held = HeldReads()
+        #: called once per held READ: (blob key, offset, length, cap in seconds)
+        self.on_read_waiting: Callable[[BlobKey, int, int, float], None] | None = None
+        self._stopping = False
 
     # -- start-up --------------------------------------------------------------------
 
@@ -320,12 +334,15 @@ class OnDemandDriver:
         action: sess.ServeRead[OwnedFd, OnDemandObject],
         received: float,
         fill: bool,
+        waited: float = 0.0,
     ) -> None:
         """Fill (when the session asks for it, and unless the READ is shed), then
         complete the READ on its object's fd whatever happened, then tell the
-        session."""
+        session. A READ the offline policy holds is not completed here: it comes back
+        later (``waited`` seconds held so far) and is completed then."""
         obj = action.handle
         ok = False
+        held = False
         try:
             if not fill or obj is None:
                 self._count("reads_failed")
@@ -338,7 +355,7 @@ class OnDemandDriver:
                     object_id=action.object_id,
                     reason=action.why_not,
                 )
-            elif self._shed(received):
+            elif waited == 0.0 and self._shed(received):
                 self._count("reads_failed")
                 self._count("reads_expired")
                 log.warning(
@@ -350,40 +367,123 @@ class OnDemandDriver:
                     reason="waited a whole fetch_timeout in a full queue",
                 )
             else:
-                ok = self._fill(obj, action, Deadline.after(self.fetch_timeout))
+                outcome = self._fill_online(obj, action, received, waited)
+                held = outcome is None
+                ok = outcome is True
         finally:
-            self._complete(action)
-            with self._in_service_lock:
-                self._in_service.pop(action.msg_id, None)
-            self.read_times.record(time.monotonic() - received)
-            self.run(self.session.served(action.ticket))
+            if not held:  # a held READ is completed when it comes back
+                self._complete(action)
+                with self._in_service_lock:
+                    self._in_service.pop(action.msg_id, None)
+                self.read_times.record(time.monotonic() - received)
+                self.run(self.session.served(action.ticket))
         if ok and obj is not None:
             self._plan_readahead(obj, action.offset, action.length)
 
-    def _fill(
+    def _fill_online(
         self,
         obj: OnDemandObject,
         action: sess.ServeRead[OwnedFd, OnDemandObject],
-        deadline: Deadline,
-    ) -> bool:
+        received: float,
+        waited: float,
+    ) -> bool | None:
+        """Fill, unless the offline policy says otherwise (``engine/offline.py``): True
+        when filled, False when failed, None when held (answered later)."""
+        blob, offset, length = obj.blob, action.offset, action.length
+        if self.engine.missing(blob, offset, length):
+            decision = self.engine.gate.decide(blob, offset, length, waited)
+            if isinstance(decision, WaitUntil) and not self._stopping:
+                self._hold(action, received, waited, decision)
+                return None
+            if isinstance(decision, WaitUntil | FailNow):
+                reason = "daemon stopping" if self._stopping else decision.reason
+                self._count("reads_failed")
+                self._count("reads_offline_failed")
+                log.warning(
+                    "read.offline",
+                    blob=str(blob.key),
+                    offset=offset,
+                    length=length,
+                    waited=round(waited, 1),
+                    reason=reason,
+                )
+                return False
         try:
-            self.engine.ensure(obj.blob, action.offset, action.length, obj.sink, deadline)
+            self.engine.ensure(blob, offset, length, obj.sink, Deadline.after(self.fetch_timeout))
             return True
+        except OfflineError as exc:
+            # the source went offline between the decision and the fetch: ask again
+            decision = self.engine.gate.decide(blob, offset, length, waited)
+            if isinstance(decision, WaitUntil) and not self._stopping:
+                self._hold(action, received, waited, decision)
+                return None
+            return self._failed(obj, action, exc)
         except (CachefilesdError, OSError) as exc:
-            self._count("reads_failed")
-            if isinstance(exc, OSError) and exc.errno == errno.ENOBUFS and self.space is not None:
-                self.space.kick("enobufs")
+            return self._failed(obj, action, exc)
+
+    def _hold(
+        self,
+        action: sess.ServeRead[OwnedFd, OnDemandObject],
+        received: float,
+        waited: float,
+        decision: WaitUntil,
+    ) -> None:
+        """Park a READ until its source changes state or its cap (no worker waits)."""
+        obj = action.handle
+        assert obj is not None
+        if waited == 0.0:  # announced once per READ
+            self._count("reads_held")
+            cap = self.engine.gate.policy_for(obj.blob.key).wait_cap
             log.warning(
-                "read.failed",
+                "read.waiting_for_network",
                 blob=str(obj.blob.key),
                 offset=action.offset,
                 length=action.length,
-                error=str(exc),
-                reason=getattr(exc, "reason", None)
-                or errno.errorcode.get(getattr(exc, "errno", 0) or 0),
-                kind=error_kind(exc),
+                cap=cap,
+                reason=decision.reason,
             )
-            return False
+            if self.on_read_waiting is not None:
+                self.on_read_waiting(obj.blob.key, action.offset, action.length, cap)
+        with self._in_service_lock:  # held is not stuck: the watchdog must not see it
+            self._in_service.pop(action.msg_id, None)
+        since = time.monotonic()
+
+        def resume() -> None:
+            more = waited + (time.monotonic() - since)
+            with self._in_service_lock:
+                self._in_service[action.msg_id] = time.monotonic()
+            self.reads.submit(obj.origin, lambda: self._serve(action, received, True, more))
+
+        self.held.hold(obj.origin, decision.deadline, resume)
+
+    def source_changed(self, origin: str) -> None:
+        """A source went online or offline: held READs of it ask again."""
+        self.held.source_changed(origin)
+
+    def policy_changed(self) -> None:
+        """The offline policy was switched: every held READ asks again."""
+        self.held.wake_all()
+
+    def _failed(
+        self,
+        obj: OnDemandObject,
+        action: sess.ServeRead[OwnedFd, OnDemandObject],
+        exc: CachefilesdError | OSError,
+    ) -> bool:
+        self._count("reads_failed")
+        if isinstance(exc, OSError) and exc.errno == errno.ENOBUFS and self.space is not None:
+            self.space.kick("enobufs")
+        log.warning(
+            "read.failed",
+            blob=str(obj.blob.key),
+            offset=action.offset,
+            length=action.length,
+            error=str(exc),
+            reason=getattr(exc, "reason", None)
+            or errno.errorcode.get(getattr(exc, "errno", 0) or 0),
+            kind=error_kind(exc),
+        )
+        return False
 
     def _complete(self, action: sess.ServeRead[OwnedFd, OnDemandObject]) -> None:
         try:
@@ -445,6 +545,8 @@ class OnDemandDriver:
     def shutdown(self) -> None:
         """Finish in-flight work, persist presence, close every fd we own. The device
         itself is closed by its owner (closing it unbinds the cache)."""
+        self._stopping = True
+        self.held.close()  # held READs come back and fail: every READ is answered
         self.opens.shutdown(wait=True)
         self.reads.shutdown(wait=True)
         self.readaheads.shutdown(wait=True, cancel=True)
