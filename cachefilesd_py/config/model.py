@@ -32,6 +32,19 @@ class SizeRule:
 
 
 @dataclass(frozen=True)
+class OfflineRule:
+    """``offline_policy [<pattern>] error|wait <duration>``: what a READ of missing
+    bytes does while its source is offline (``engine/offline_policy.py``). ``pattern``
+    is None for the default; ``policy`` is the normalized text (``error``,
+    ``wait 300s``)."""
+
+    pattern: str | None
+    policy: str
+    file: str = field(default="", compare=False)
+    line: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
 class HeaderRule:
     """``source_headers <pattern> <file>``: extra request headers from a root-only file."""
 
@@ -93,6 +106,9 @@ class Config:
     #: the pins made through ``cachefilesctl pin`` may total at most this percentage
     #: of the cache's size (``space/pins.py``)
     pin_max_share: int = 50
+    #: ``offline_policy`` lines, in file order (first matching pattern wins; the
+    #: last line without a pattern is the default, else ``error``)
+    offline_policies: tuple[OfflineRule, ...] = ()
     #: the control socket (``docs/control.md``); "" when ``control_socket none``
     control_socket: str = "/run/cachefilesd-py/control.sock"
     #: a group (name or number) whose members may use the read-only control calls

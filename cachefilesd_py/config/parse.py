@@ -56,6 +56,7 @@ from cachefilesd_py.config.model import (
     Config,
     FanotifyImage,
     HeaderRule,
+    OfflineRule,
     SizeRule,
     SourceRule,
 )
@@ -512,6 +513,23 @@ def _pin(cfg: Config, value: str, _f: str, _n: int) -> Config:
     return replace(cfg, pins=(*cfg.pins, _one(value, "a blob pattern")))
 
 
+def _offline_policy(cfg: Config, value: str, f: str, n: int) -> Config:
+    """``offline_policy [<pattern>] error`` or ``... wait <duration>``."""
+    from cachefilesd_py.engine.offline_policy import OfflinePolicy
+
+    args = tokens(value)
+    pattern = None
+    if args and args[0] not in ("error", "wait"):
+        pattern = args.pop(0)
+    if not args:
+        raise ValueError(
+            "takes [<pattern>] error, or [<pattern>] wait <duration> (90, 90s, 5m, 1h)"
+        )
+    policy = OfflinePolicy.parse(" ".join(args))
+    rule = OfflineRule(pattern, str(policy), f, n)
+    return replace(cfg, offline_policies=(*cfg.offline_policies, rule))
+
+
 def _share(text: str) -> int:
     """``50%`` (or ``50``): a whole percentage, 0..100."""
     digits = text.removesuffix("%")
@@ -560,6 +578,7 @@ DIRECTIVES: dict[str, Directive] = {
     "cull_policy": _own_once(_set("cull_policy", _policy)),
     "pin": _own(_pin),
     "pin_max_share": _own_once(_set("pin_max_share", _share)),
+    "offline_policy": _own(_offline_policy),
     "fanotify": _own_once(_flag("fanotify")),
     "fanotify_image": _own(lambda cfg, value, f, n: _fanotify_image(cfg, tokens(value), f, n)),
     "control_socket": _own_once(_set("control_socket", _control_socket)),

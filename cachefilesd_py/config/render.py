@@ -85,6 +85,12 @@ def render_config(cfg: Config) -> list[str]:
     put("cull_policy", cfg.cull_policy, cfg.cull_policy == d.cull_policy)
     out += [f"pin {p}" for p in cfg.pins]
     put("pin_max_share", f"{cfg.pin_max_share}%", cfg.pin_max_share == d.pin_max_share)
+    out += [
+        f"offline_policy {r.pattern + ' ' if r.pattern else ''}{r.policy}"
+        for r in cfg.offline_policies
+    ]
+    if not cfg.offline_policies:
+        out.append("#offline_policy [<pattern>] error|wait <duration>")
     return out
 
 

@@ -138,6 +138,12 @@ def _status(args: argparse.Namespace) -> int:
         f"objects       {st['objects']} kernel objects, {st['open_blobs']} blobs open, "
         f"{st['fetches_in_flight']} chunks being fetched"
     )
+    for origin, src in st.get("sources", {}).items():
+        print(f"source        {origin}: {src['state']} ({src['reason']}, {src['since_s']:.0f} s)")
+    if "offline_policy" in st:
+        pol = st["offline_policy"]
+        rules = "".join(f", {r['pattern']}: {r['policy']}" for r in pol["rules"])
+        print(f"offline       {pol['default']}{rules}")
     for image in st.get("images", []):  # fanotify mode
         state = "mounted" if image["mounted"] else "not mounted"
         print(f"image         {image['image']} on {image['mountpoint']} ({state})")
@@ -443,6 +449,30 @@ def _pins(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- offline policy --------------------------------------------------------------------
+
+
+def _offline_policy_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument(
+        "words",
+        nargs="+",
+        metavar="[PATTERN] error|wait CAP",
+        help="a <volume>/<cookie> glob (none: the default), then 'error' or 'wait CAP' "
+        "(CAP: 90, 90s, 5m, 1h)",
+    )
+
+
+def _offline_policy(args: argparse.Namespace) -> int:
+    words = list(args.words)
+    pattern = words.pop(0) if words[0] not in ("error", "wait") else ""
+    reply = ask(args, "offline_policy", pattern=pattern, policy=" ".join(words))
+    if args.json:
+        return _print_json(reply)
+    print(f"{reply['pattern'] or 'default'}: {reply['policy']}")
+    return 0
+
+
 # -- reload ----------------------------------------------------------------------------
 
 
@@ -506,6 +536,12 @@ register(
 )
 register("unpin", "drop a pin made by 'pin'", _pin_args, run_live(_unpin))
 register("pins", "the pins: blob, cli or config, size, present %%", _common, run_live(_pins))
+register(
+    "offline-policy",
+    "what a READ of missing bytes does while its source is offline: error, or wait CAP",
+    _offline_policy_args,
+    run_live(_offline_policy),
+)
 register("reload", "re-read the configuration; report what changed", _common, run_live(_reload))
 register(
     "completion", "print shell completion code (bash, zsh, fish)", _completion_args, _completion

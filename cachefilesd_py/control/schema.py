@@ -112,6 +112,22 @@ def _width(value: int) -> str | None:
     return None if 8 <= value <= 4096 else "must lie in 8..4096"
 
 
+def _offline_policy_text(value: str) -> str | None:
+    from cachefilesd_py.engine.offline_policy import OfflinePolicy
+
+    try:
+        OfflinePolicy.parse(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _pattern_text(value: str) -> str | None:
+    if len(value) > 1024 or "\0" in value or any(c.isspace() for c in value):
+        return "must be a glob of at most 1024 characters, without blanks or NUL"
+    return None
+
+
 #: a blob is named as ``blobs`` lists it: ``<volume key>/<cookie key>`` (``erofs,img/img``)
 BLOB_ARGS = {"blob": Arg(str, required=True, check=_blob_text)}
 
@@ -166,6 +182,17 @@ OPERATIONS: dict[str, Operation] = {
         ),
         Operation("unpin", True, dict(BLOB_ARGS), help="drop a pin made by 'pin'"),
         Operation("pins", False, help="the pins: blob, source (cli/config), size, present %"),
+        Operation(
+            "offline_policy",
+            True,
+            {
+                "policy": Arg(str, required=True, check=_offline_policy_text),
+                "pattern": Arg(str, check=_pattern_text, default=""),
+            },
+            help="what a READ of missing bytes does while its source is offline: "
+            "'error' or 'wait DURATION', for a <volume>/<cookie> glob or (no pattern) "
+            "the default; until the next reload or restart",
+        ),
     )
 }
 

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # on-demand mode's stack: imported by the mode that uses it
     from cachefilesd_py.config.model import FanotifyImage
     from cachefilesd_py.daemon.control import ControlService
     from cachefilesd_py.daemon.fanotify_keeper import FanotifyHold
+    from cachefilesd_py.daemon.offline import OfflineWiring
     from cachefilesd_py.engine.cull import BlobCuller
     from cachefilesd_py.engine.service import Engine, EngineSettings
     from cachefilesd_py.frontends.fanotify.service import FanotifyFrontend
@@ -86,9 +87,10 @@ def import_mode(config: Config) -> None:
     if config.fanotify:
         from cachefilesd_py.daemon import fanotify_mode  # noqa: F401
     elif config.ondemand:
-        from cachefilesd_py.daemon import control  # noqa: F401
+        from cachefilesd_py.daemon import control, notify_dbus, offline  # noqa: F401
         from cachefilesd_py.engine import service  # noqa: F401
         from cachefilesd_py.frontends.ondemand import driver, space  # noqa: F401
+        from cachefilesd_py.sources import netlink  # noqa: F401
         from cachefilesd_py.sources import open as _open  # noqa: F401
     else:
         from cachefilesd_py.frontends.classic import driver as _classic  # noqa: F401
@@ -264,6 +266,11 @@ class Daemon:
             }
             live |= {"chunk_size", "source_chunk_sizes"}
         engine.settings = replace(engine.settings, **changes)
+        from cachefilesd_py.daemon.offline import policies_of
+
+        # the configuration's offline policies replace those switched at run time
+        engine.gate.policies = policies_of(new)
+        live.add("offline_policies")
         culler = self._culler
         if culler is not None:  # pins and caps: the next cull pass uses them
             culler.rules = CullRules.from_config(new)
@@ -277,6 +284,7 @@ class Daemon:
     _factory: SourceFactory | None = None
     _culler: BlobCuller | None = None
     _reporter: StatsReporter | None = None
+    _offline: OfflineWiring | None = None
 
     _fanotify: FanotifyHold | None = None
     _fanotify_built: tuple[Engine, SourceFactory] | None = None
@@ -355,12 +363,15 @@ class Daemon:
         driver = self._driver
         if driver is None:
             return {"loop_age": None, "oldest_read": None, "objects": None, "culling": None}
+        offline = self._offline
         return {
             "loop_age": round(time.monotonic() - driver.last_loop, 3),
             "oldest_read": driver.oldest_read_age(),
             "objects": len(driver.objects()),
             "culling": driver.culling,
             "reads": driver.stats.reads,
+            # the first few offline sources, for systemd's STATUS= (a message is small)
+            "offline": offline.offline()[:4] if offline is not None else [],
         }
 
     def _serve_ondemand(self, on_serving: Callable[[], object]) -> int:
@@ -372,13 +383,17 @@ class Daemon:
             return {**ondemand_figures(driver, engine), **host.footprint()}
 
         from cachefilesd_py.daemon.control import serve_control
+        from cachefilesd_py.daemon.offline import OfflineWiring
 
+        self._offline = offline = OfflineWiring(self.config, engine, driver.source_changed)
+        driver.on_read_waiting = offline.read_waiting
         self._reporter = StatsReporter(collect).start()
         control = serve_control(self, "ondemand", collect, engine, driver)
         on_serving()
         try:
             driver.serve(self.stop)
         finally:
+            offline.close()
             control.close()
             self._reporter.close()
             driver.shutdown()

@@ -101,6 +101,8 @@ class ServingState:
     last_scan: Callable[[], tuple[float, int, int] | None] = lambda: None
     #: the pins made through ``cachefilesctl pin`` (``space/pins.py``); None: no pins
     pins: PinStore | None = None
+    #: called after the offline policy was switched (held READs ask again)
+    policy_changed: Callable[[], None] | None = None
 
 
 class ControlHandlers:
@@ -130,6 +132,10 @@ class ControlHandlers:
                 "unpin": lambda a, p: self.unpin(a["blob"]),
                 "pins": lambda a, p: self.pins(),
             }
+        if self.state.engine is not None and self.state.mode == "ondemand":
+            table["offline_policy"] = lambda a, p: self.offline_policy(
+                a["pattern"] or None, a["policy"]
+            )
         if self.state.reload is not None:
             reload = self.state.reload
             table["reload"] = lambda a, p: reload()
@@ -173,8 +179,22 @@ class ControlHandlers:
             "objects": self.state.objects(),
             "open_blobs": len(blobs),
             "fetches_in_flight": sum(len(b.inflight) for b in blobs),
+            **(offline_status(engine) if engine is not None else {}),
             **self.state.more_status(),
         }
+
+    def offline_policy(self, pattern: str | None, text: str) -> dict[str, Any]:
+        """Switch the offline policy of ``pattern`` (None: the default) at run time."""
+        from cachefilesd_py.engine.offline_policy import OfflinePolicy
+
+        engine = self.state.engine
+        assert engine is not None
+        policy = OfflinePolicy.parse(text)
+        engine.gate.set_policy(pattern, policy)
+        log.info("offline_policy.set", pattern=pattern, policy=str(policy))
+        if self.state.policy_changed is not None:
+            self.state.policy_changed()
+        return {"pattern": pattern, "policy": str(policy), **offline_status(engine)}
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"counters": {}, "latency_ms": {}, "by_label": self.state.counts()}
@@ -417,6 +437,31 @@ class ControlHandlers:
         }
 
 
+def offline_status(engine: Engine) -> dict[str, Any]:
+    """Each tracked source's state and reason, and the offline policies in force."""
+    gate = engine.gate
+    now = time.monotonic()
+    policies = gate.policies
+    return {
+        "sources": {
+            origin: {
+                "state": st.status.value,
+                "reason": st.reason,
+                "since_s": round(max(0.0, now - st.since), 1),
+            }
+            for origin, st in gate.states().items()
+        },
+        "offline_policy": {
+            "default": str(policies.default),
+            "rules": [{"pattern": r.pattern, "policy": str(r.policy)} for r in policies.rules],
+        },
+    }
+
+
+#: a source's state as a number, for the ``source_online`` gauge
+STATE_VALUES = {"online": 1.0, "offline": 0.0, "unknown": -1.0}
+
+
 def _refuse(op: str, mode: str) -> Handler:
     def refuse(_args: Any, _progress: Progress) -> dict[str, Any]:
         raise ControlError(ErrorCode.UNAVAILABLE, f"'{op}' is not available in {mode} mode")
@@ -456,7 +501,18 @@ def start_control(state: ServingState, config: Config) -> ControlService:
 
     def labelled() -> dict[str, tuple[str, str, Mapping[str, float]]]:
         answered = dict(server_ref[0].answered) if server_ref else {}
-        return {"control_requests_total": ("outcome", "control requests by outcome", answered)}
+        out: dict[str, tuple[str, str, Mapping[str, float]]] = {
+            "control_requests_total": ("outcome", "control requests by outcome", answered)
+        }
+        if state.engine is not None and state.engine.gate.tracked:
+            gate = state.engine.gate
+            states = {o: STATE_VALUES[st.status.value] for o, st in gate.states().items()}
+            out["source_online"] = (
+                "source",
+                "connectivity per source: 1 online, 0 offline, -1 not known yet",
+                states,
+            )
+        return out
 
     def gauges() -> dict[str, tuple[float, str]]:
         snap = SpaceSnapshot.of(str(state.cache_dir))
@@ -594,6 +650,10 @@ def serve_control(
         pins = PinStore(daemon.cache_dir / STATE_DIR_NAME)
         if culler is not None:
             culler.held_pins = lambda: pins.snapshot().names() if pins is not None else frozenset()
+        from cachefilesd_py.daemon.offline import pinned_by
+
+        store = pins
+        engine.gate.is_pinned = pinned_by(lambda: daemon.config, lambda: store.snapshot().names())
 
     def counts() -> dict[str, Mapping[str, int]]:
         return core_counts(engine, factory)
@@ -619,6 +679,7 @@ def serve_control(
         counts=counts,
         last_scan=lambda: getattr(culler, "last_scan", None),
         pins=pins,
+        policy_changed=getattr(driver, "policy_changed", None),
     )
     try:
         return start_control(state, daemon.config)

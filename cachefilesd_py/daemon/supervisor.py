@@ -478,6 +478,9 @@ class Supervisor:
             parts.append("culling as needed")
         if h.get("culling"):
             parts.append("culling")
+        offline = h.get("offline")
+        if isinstance(offline, list) and offline:
+            parts.append("offline: " + ", ".join(str(o) for o in offline))
         spare = self._spare
         spare_state = "none" if spare is None else ("ready" if spare.prepared else "preparing")
         return f"{', '.join(parts)} (worker {serving.pid}, spare {spare_state})"

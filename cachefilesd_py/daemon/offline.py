@@ -1,0 +1,151 @@
+"""Disconnected operation in the serving worker (docs/offline.md): wires the parts.
+
+At serve time the worker starts, for every HTTP(S) origin its ``source`` rules name
+(``scheme://host:port``; a template whose host has a placeholder cannot be known in
+advance and is not tracked), the netlink connectivity driver
+(``sources/netlink.py``, one thread sleeping in ``select()`` on rtnetlink), and hands
+it to the engine's offline gate (``engine/offline.py``), together with the
+``offline_policy`` rules and who is pinned. Every transition of a source:
+
+- is logged by the driver (``source.offline`` / ``source.online``, with the reason);
+- goes to the D-Bus emitter (``SourceOffline`` / ``SourceOnline``;
+  ``daemon/notify_dbus.py`` never blocks, without a bus it drops and retries later);
+- wakes the READs held for that source (they ask the policy again);
+- shows in the heartbeat, from which the supervisor sets systemd's ``STATUS=`` (only
+  the main process talks to systemd, ``daemon/worker.py``).
+
+``file:`` sources are always online: they are not tracked.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from cachefilesd_py.blobkey import BlobKey
+from cachefilesd_py.config.model import Config
+from cachefilesd_py.engine.offline_policy import OfflinePolicies, OfflinePolicy, PolicyRule
+from cachefilesd_py.engine.service import Engine
+from cachefilesd_py.sources.online import Status, Transition
+
+log = structlog.get_logger("daemon.offline")
+
+
+def tracked_origins(templates: Iterable[str]) -> dict[str, str]:
+    """``origin → host`` for the HTTP(S) URL templates whose host is fixed."""
+    from cachefilesd_py.sources.http import origin_of
+
+    out: dict[str, str] = {}
+    for template in templates:
+        if not template.lower().startswith(("http:", "https:")):
+            continue
+        netloc = urlsplit(template).netloc
+        if "{" in netloc or "}" in netloc:
+            continue
+        host = urlsplit(template).hostname
+        if host:
+            out[origin_of(template)] = host
+    return out
+
+
+def policies_of(config: Config) -> OfflinePolicies:
+    """The ``offline_policy`` lines as the engine's rules (the last line without a
+    pattern is the default; ``error`` when there is none)."""
+    rules = []
+    default = OfflinePolicy()
+    for r in config.offline_policies:
+        policy = OfflinePolicy.parse(r.policy)
+        if r.pattern is None:
+            default = policy
+        else:
+            rules.append(PolicyRule(r.pattern, policy))
+    return OfflinePolicies(tuple(rules), default)
+
+
+def pinned_by(
+    config: Callable[[], Config], cli_pins: Callable[[], frozenset[str]]
+) -> Callable[[BlobKey], bool]:
+    """Whether a blob is pinned: by ``cachefilesctl pin`` or a config ``pin`` glob."""
+
+    def pinned(key: BlobKey) -> bool:
+        if str(key) in cli_pins():
+            return True
+        return any(fnmatch.fnmatchcase(key.match_name, g) for g in config().pins)
+
+    return pinned
+
+
+class OfflineWiring:
+    """The connectivity driver and the D-Bus emitter of one serving worker."""
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        on_change: Callable[[str], None],
+    ) -> None:
+        self.engine = engine
+        self._on_change = on_change
+        self.notifier: Any = None
+        self.connectivity: Any = None
+        hosts = tracked_origins(r.url_template for r in config.sources)
+        engine.gate.policies = policies_of(config)
+        try:
+            from cachefilesd_py.daemon.notify_dbus import DbusNotifier
+
+            self.notifier = DbusNotifier()
+        except Exception as exc:  # jeepney missing or broken: no signals, serving goes on
+            log.warning("dbus.unavailable", error=str(exc))
+        if not hosts:
+            return
+        from cachefilesd_py.sources.netlink import NetlinkConnectivity
+
+        conn = NetlinkConnectivity(hosts, on_transition=self._transition)
+        try:
+            conn.start()
+        except Exception as exc:  # no netlink: fetch outcomes only, without the driver
+            log.error("connectivity.unavailable", error=str(exc), sources=sorted(hosts))
+            return
+        self.connectivity = conn
+        engine.gate.connectivity = conn
+        engine.gate.tracked = frozenset(hosts)
+        log.info(
+            "connectivity.watching",
+            sources={s: conn.state(s).status.value for s in sorted(hosts)},
+        )
+
+    def _transition(self, tr: Transition) -> None:
+        if self.notifier is not None:
+            if tr.new is Status.OFFLINE:
+                self.notifier.source_offline(tr.source, tr.reason)
+            elif tr.new is Status.ONLINE:
+                self.notifier.source_online(tr.source, tr.reason)
+        self._on_change(tr.source)
+
+    def read_waiting(self, key: BlobKey, offset: int, length: int, cap: float) -> None:
+        if self.notifier is not None:
+            self.notifier.read_waiting(
+                key.volume_key.decode(errors="backslashreplace"),
+                key.name.decode(errors="backslashreplace"),
+                offset,
+                length,
+                cap,
+            )
+
+    def offline(self) -> list[str]:
+        """``origin (reason)`` of every offline source, for the heartbeat."""
+        return [
+            f"{origin} ({st.reason})"
+            for origin, st in self.engine.gate.states().items()
+            if st.status is Status.OFFLINE
+        ]
+
+    def close(self) -> None:
+        if self.connectivity is not None:
+            self.connectivity.stop()
+        if self.notifier is not None:
+            self.notifier.close()
