@@ -10,7 +10,10 @@ transition comes and why; the figure is the measurement.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 import urllib3
 
+from cachefilesd_py.control.client import call
 from cachefilesd_py.errors import SourceError
 from cachefilesd_py.sources.http import HttpSource
 from cachefilesd_py.sources.netlink import failure_kind
@@ -26,6 +30,7 @@ from cachefilesd_py.sources.policy import Deadline, RetryPolicy
 from cachefilesd_py.testing.netns import InProcessWatcher
 from cachefilesd_py.testing.pattern import pattern_bytes
 from tests.vm.remote import RemoteNginx
+from tests.vm.rig import Daemon, mkfs_erofs, mount_tracked, tree_digests
 
 pytestmark = pytest.mark.guest
 
@@ -105,3 +110,114 @@ def test_a_blob_changed_upstream_has_a_new_identity(
     after = HttpSource(f"{remote.url}/blob", pool=pool).identity(Deadline.after(5))
     assert (before.size, after.size) == (100_000, 120_000)
     assert before.etag and after.etag and before.etag != after.etag
+
+
+# -- phase 2: the daemon, end to end ---------------------------------------------------
+
+
+def _read_all(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.timeout(600)
+def test_daemon_offline_pinned_reads_error_then_wait(
+    workdir: Path,
+    loop_fs: Callable[..., Path],
+    daemon: Callable[[str], Daemon],
+    mounts: list[Path],
+    remote_nginx: Callable[[Path], RemoteNginx],
+) -> None:
+    """The daemon fetches from nginx in another namespace. A pinned image reads whole
+    while the link is down; an unpinned image's missing file gets EIO at once under
+    ``error``; after ``offline-policy wait 60`` a read blocks and completes (right
+    bytes) once the link is back."""
+    blobs = workdir / "blobs"
+    blobs.mkdir()
+    pin_src, img_src = workdir / "pin-src", workdir / "img-src"
+    for d in (pin_src, img_src):
+        (d / "sub").mkdir(parents=True)
+    for i in range(3):
+        (pin_src / f"p{i}.bin").write_bytes(os.urandom(1 << 20))
+        (img_src / f"f{i}.bin").write_bytes(os.urandom(1 << 20))
+    (pin_src / "sub" / "small.txt").write_text("pinned\n")
+    (img_src / "sub" / "small.txt").write_text("unpinned\n")
+    mkfs_erofs(blobs / "pin.erofs", pin_src, "-Enoinline_data")
+    mkfs_erofs(blobs / "img.erofs", img_src, "-Enoinline_data")
+    remote = remote_nginx(blobs)
+    origin = remote.url.rstrip("/")
+
+    cache = loop_fs(128)
+    sock = str(workdir / "control.sock")
+    d = daemon(
+        f"dir {cache}\ntag offline\nondemand\nsource * {origin}/{{cookie}}\n"
+        f"chunk_size 256K\nreadahead 0\nfetch_timeout 10\nfetch_retries 0\n"
+        f"control_socket {sock}\noffline_policy error\n"
+    )
+    d.start(timeout=300)
+    assert d.wait_for("control.listening", 60)
+    assert d.wait_for("connectivity.watching", 60)
+
+    pin_mnt, img_mnt = workdir / "pin", workdir / "img"
+    mount_tracked(pin_mnt, "pin.erofs", mounts)
+    mount_tracked(img_mnt, "img.erofs", mounts)
+    reply = call(sock, "pin", blob="erofs,pin.erofs/pin.erofs", path="/", timeout=300)
+    assert all(b["present_pct"] == 100.0 for b in reply["blobs"]), reply
+    assert _read_all(img_mnt / "f0.bin") == (img_src / "f0.bin").read_bytes()
+    st = call(sock, "status")
+    assert st["sources"][origin]["state"] == "online", st["sources"]
+
+    # link down: status says offline, with the reason
+    t0 = time.monotonic()
+    remote.link(up=False)
+    seen = None
+    while time.monotonic() - t0 < WAIT:
+        src = call(sock, "status")["sources"][origin]
+        if src["state"] == "offline":
+            seen = time.monotonic() - t0
+            break
+        time.sleep(0.02)
+    assert seen is not None, "status never showed the source offline"
+    assert src["reason"] == f"link {remote.net.client_if} down", src
+    record(f"daemon: link down -> status offline: {seen * 1000:.0f} ms")
+    assert d.wait_for("source.offline", WAIT)
+
+    # pinned: the whole image reads right, offline
+    assert tree_digests(pin_mnt) == tree_digests(pin_src)
+
+    # unpinned, missing, policy error: EIO at once
+    began = time.monotonic()
+    with pytest.raises(OSError) as err:
+        _read_all(img_mnt / "f1.bin")
+    assert err.value.errno == errno.EIO
+    answered = (time.monotonic() - began) * 1000
+    record(f"daemon: offline READ under error answered in {answered:.0f} ms")
+    assert d.count("read.offline") >= 1
+
+    # switched at run time to wait: the read blocks until the link is back
+    reply = call(sock, "offline_policy", policy="wait 60", pattern="")
+    assert reply["policy"] == "wait 60s"
+    assert call(sock, "status")["offline_policy"]["default"] == "wait 60s"
+    out: dict[str, object] = {}
+
+    def reader() -> None:
+        try:
+            out["data"] = _read_all(img_mnt / "f2.bin")
+        except OSError as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    assert d.wait_for("read.waiting_for_network", WAIT)
+    thread.join(2.0)
+    assert thread.is_alive(), f"the read did not wait: {out}"
+    remote.link(up=True)
+    thread.join(WAIT)
+    assert not thread.is_alive(), "the held read did not complete after the link came up"
+    assert "error" not in out, out
+    assert hashlib.sha256(out["data"]).hexdigest() == hashlib.sha256(  # type: ignore[arg-type]
+        (img_src / "f2.bin").read_bytes()
+    ).hexdigest()
+    assert d.wait_for("source.online", WAIT)
+    assert call(sock, "status")["sources"][origin]["state"] == "online"
+    assert d.stop() == 0

@@ -1,0 +1,106 @@
+"""Disconnected operation through the control socket and the metrics, on the live
+on-demand stack over the fake kernel (``test_control_daemon.Live``): each source's
+state and reason in ``status``, the ``source_online`` gauge, ``cachefilesctl
+offline-policy`` switching the policy at run time; and the daemon's wiring
+(``daemon/offline.py``) running the real netlink driver on this host's own
+namespace, read-only (a loopback origin: its route is ``local`` through ``lo``)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cachefilesd_py.blobkey import BlobKey
+from cachefilesd_py.control.client import call
+from cachefilesd_py.daemon.offline import OfflineWiring
+from cachefilesd_py.sources.online import Status
+from cachefilesd_py.testing.connectivity import ScriptedConnectivity
+from cachefilesd_py.testing.fault_server import FaultServer
+from tests.integration.test_control_daemon import DATA, Live, metrics_of
+
+
+@pytest.fixture
+def http_live() -> Iterator[tuple[Live, FaultServer, ScriptedConnectivity]]:
+    root = Path(tempfile.mkdtemp(prefix="ctl-offline-"))
+    with FaultServer({"img": DATA}) as server:
+        d = Live(root, source=server.url + "/{cookie}", extra="offline_policy error\n")
+        net = ScriptedConnectivity([server.url])
+        d.engine.gate.connectivity = net
+        d.engine.gate.tracked = frozenset({server.url})
+        net.on_transition.append(lambda tr: d.driver.source_changed(tr.source))
+        try:
+            yield d, server, net
+        finally:
+            d.close()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def test_status_metrics_and_run_time_policy(
+    http_live: tuple[Live, FaultServer, ScriptedConnectivity],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    live, server, net = http_live
+    rc, st = live.ctl(capsys, "status")
+    assert rc == 0 and st["sources"][server.url]["state"] == "unknown"
+    assert st["offline_policy"] == {"default": "error", "rules": []}
+    net.link(server.url, up=True)
+    m = metrics_of(call(live.sock, "metrics")["text"])
+    assert m[f"cachefilesd_source_online{{source={server.url}}}"] == 1.0
+
+    net.link(server.url, up=False)
+    rc, st = live.ctl(capsys, "status")
+    src = st["sources"][server.url]
+    assert src["state"] == "offline" and src["reason"] == "link veth100 down"
+    m = metrics_of(call(live.sock, "metrics")["text"])
+    assert m[f"cachefilesd_source_online{{source={server.url}}}"] == 0.0
+
+    rc, reply = live.ctl(capsys, "offline-policy", "wait", "60")
+    assert rc == 0 and reply["policy"] == "wait 60s" and reply["pattern"] is None
+    rc, reply = live.ctl(capsys, "offline-policy", "img/*", "error")
+    assert rc == 0
+    assert reply["offline_policy"]["rules"] == [{"pattern": "img/*", "policy": "error"}]
+    assert str(live.engine.gate.policy_for(BlobKey(b"erofs,img", b"img"))) == "error"
+    rc, _ = live.ctl(capsys, "offline-policy", "wait", "soon")
+    assert rc == 1 and "bad duration 'soon'" in live.last_err
+    # the text form
+    assert live.ctl(capsys, "status")[0] == 0
+    from cachefilesd_py.control.cli import main as ctl
+
+    capsys.readouterr()
+    assert ctl(["status", "--socket", live.sock]) == 0
+    out = capsys.readouterr().out
+    assert f"source        {server.url}: offline (link" in out
+    assert "offline       wait 60s, img/*: error" in out
+
+
+def test_the_wiring_runs_the_netlink_driver_for_http_origins(tmp_path: Path) -> None:
+    from cachefilesd_py.config.parse import parse_config
+    from cachefilesd_py.engine.service import Engine
+    from cachefilesd_py.presence.store import PresenceStore
+
+    cfg = parse_config(
+        f"dir {tmp_path}\nondemand\nsource a/* http://127.0.0.1:9/{{cookie}}\n"
+        f"source b/* file://{tmp_path}/{{cookie}}\noffline_policy wait 90\n",
+        "c.conf",
+    )
+    engine = Engine(
+        resolve=lambda v, n: None,
+        open_source=lambda url: None,  # type: ignore[arg-type, return-value]
+        presence=PresenceStore(tmp_path / "p"),
+    )
+    changed: list[str] = []
+    wiring = OfflineWiring(cfg, engine, changed.append)
+    try:
+        assert engine.gate.tracked == {"http://127.0.0.1:9"}
+        assert str(engine.gate.policies.default) == "wait 90s"
+        assert wiring.connectivity is not None, "the netlink driver did not start"
+        state = wiring.connectivity.state("http://127.0.0.1:9")
+        assert state.status is Status.ONLINE and state.reason == "route via lo"
+        assert wiring.offline() == []
+    finally:
+        wiring.close()
+        engine.presence.close()
