@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -168,7 +169,7 @@ def test_daemon_offline_pinned_reads_error_then_wait(
     assert st["sources"][origin]["state"] == "online", st["sources"]
 
     # link down: status says offline, with the reason
-    t0 = time.monotonic()
+    t0, wall0 = time.monotonic(), time.time()
     remote.link(up=False)
     seen = None
     while time.monotonic() - t0 < WAIT:
@@ -181,6 +182,9 @@ def test_daemon_offline_pinned_reads_error_then_wait(
     assert src["reason"] == f"link {remote.net.client_if} down", src
     record(f"daemon: link down -> status offline: {seen * 1000:.0f} ms")
     assert d.wait_for("source.offline", WAIT)
+    [ev] = [e for e in d.read_events() if e.get("event") == "source.offline"]
+    logged = datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp()
+    record(f"daemon: link down -> source.offline logged: {(logged - wall0) * 1000:.0f} ms")
 
     # pinned: the whole image reads right, offline
     assert tree_digests(pin_mnt) == tree_digests(pin_src)
