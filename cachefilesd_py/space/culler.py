@@ -76,6 +76,12 @@ class EventBudget:
             self._tokens = tokens - 1.0
             return True
 
+    def reset(self) -> None:
+        """A full bucket again (a fresh process's budget; tests that count events)."""
+        with self._lock:
+            self._tokens = float(self.burst)
+            self._at = self._clock()
+
     def describe(self) -> str:
         return (
             f"at most {self.burst} cull decisions at info level at once, "
