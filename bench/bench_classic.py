@@ -79,6 +79,82 @@ def installed_copy() -> dict[str, str]:
     return {"PYTHONPATH": str(site)}
 
 
+#: standard-library parts the daemon never imports (not copied by local_program_files)
+_NOT_NEEDED = ("test", "site-packages", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3")
+
+
+def local_program_files(env: dict[str, str]) -> dict[str, str]:
+    """``--program-files local``: each daemon's program files copied to the guest's
+    tmpfs and bind-mounted over the originals (in the guest's mount namespace only).
+
+    The guest's root is the host's over 9p, and ``drop_caches`` before each run makes
+    every file a daemon reads at start-up a round trip to the host through emulated
+    virtio: one binary and libc for C, the interpreter, a 23 MB libpython and ~200
+    modules for Python. An installed package reads them from a local disk. Here: the
+    base interpreter's prefix (``bin/``, ``libpython``, the standard library without
+    its test suite and other parts the daemon never imports) replaces the original in
+    place, the runtime dependencies' files (``importlib.metadata``, recursively, no
+    extras) join the package copy on ``PYTHONPATH``, and cachefilesd-py is started by
+    the base interpreter (``-s``: no venv, no editable-install finder). C's binary is
+    copied and bind-mounted the same way. libc and the other system libraries stay on
+    9p for both."""
+    import importlib.metadata as md
+    import re as _re
+
+    from bench.classic_run import C_DAEMON, PY_PROG_ENV
+
+    base = Path(sys.base_prefix)
+    stdlib = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    prefix = WORK / "prefix"
+    shutil.rmtree(prefix, ignore_errors=True)
+    (prefix / "lib").mkdir(parents=True)
+    shutil.copytree(base / "bin", prefix / "bin", symlinks=True)
+    for lib in (base / "lib").iterdir():
+        if lib.name.startswith("libpython"):
+            shutil.copy2(lib, prefix / "lib" / lib.name, follow_symlinks=False)
+    shutil.copytree(
+        base / "lib" / stdlib,
+        prefix / "lib" / stdlib,
+        symlinks=True,
+        ignore=lambda d, names: [
+            n
+            for n in names
+            if Path(d) == base / "lib" / stdlib and (n in _NOT_NEEDED or n.startswith("config-"))
+        ],
+    )
+    subprocess.run(["mount", "--bind", str(prefix), str(base)], check=True)
+    site = Path(env["PYTHONPATH"])
+    todo, seen = ["cachefilesd-py"], set()
+    while todo:
+        name = todo.pop()
+        key = _re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue  # for another platform (pyroute2's win_inet_pton): not installed here
+        for req in dist.requires or []:
+            if "extra ==" not in req:
+                todo.append(_re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0])
+        if key == "cachefilesd-py":
+            continue  # the byte-compiled copy is on PYTHONPATH already
+        for f in dist.files or []:
+            src = Path(str(dist.locate_file(f)))
+            if ".." in f.parts or not src.is_file():
+                continue  # console scripts in bin/, and the like
+            dst = site / f
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    c_copy = WORK / "cachefilesd-c"
+    shutil.copy2(C_DAEMON, c_copy)
+    subprocess.run(["mount", "--bind", str(c_copy), C_DAEMON], check=True)
+    py = base / "bin" / stdlib
+    code = "import sys; from cachefilesd_py.daemon.cli import main; sys.exit(main())"
+    return {**env, PY_PROG_ENV: json.dumps([str(py), "-s", "-c", code])}
+
+
 class HostClock:
     """How fast the guest's clock runs against the host's. Under QEMU/TCG the guest
     calibrates its TSC at boot while the host is busy, and its clock can run several
@@ -386,6 +462,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="rounds, order reversed each round")
     ap.add_argument("--settle", type=float, default=2.0)
     ap.add_argument("--timeout", type=float, default=900.0, help="per daemon run")
+    ap.add_argument(
+        "--program-files",
+        choices=("9p", "local"),
+        default="9p",
+        help="where the daemons' program files are read from after drop_caches: the "
+        "guest's 9p root (the host's files), or copies on the guest's tmpfs, as an "
+        "installed package on a local disk",
+    )
     ap.add_argument("--strace", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--probe", action="store_true")
@@ -424,6 +508,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     env = installed_copy()
     print(f"cachefilesd-py runs from a byte-compiled copy of the package ({env})")
+    if args.program_files == "local":
+        env = local_program_files(env)
+        print(
+            "program files on the guest's own tmpfs (--program-files local): the interpreter, "
+            "libpython, the standard library and the runtime dependencies for cachefilesd-py, "
+            "the binary for cachefilesd C; dropped caches do not send their reads over 9p"
+        )
     bench = Bench(built, limits, args, env)
     results: list[RunResult] = []
     for rnd in range(args.rounds):

@@ -32,6 +32,7 @@ not the daemon's alone, and the table says so.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import resource
@@ -201,13 +202,20 @@ def in_child(cgroup: Cgroup) -> None:
     service_limits()
 
 
-def daemon_argv(daemon: str, conf: Path) -> list[str]:
+#: environment variable naming (JSON list) how to start cachefilesd-py instead of the
+#: venv's console script (``bench_classic --program-files local``)
+PY_PROG_ENV = "CFPY_BENCH_PY_PROG"
+
+
+def daemon_argv(daemon: str, conf: Path, env: dict[str, str] | None = None) -> list[str]:
     if daemon == "c":
         if not os.path.exists(C_DAEMON):
             raise SystemExit(f"{C_DAEMON} missing: scripts/setup installs Debian's cachefilesd")
         return [C_DAEMON, "-n", "-s", "-f", str(conf)]
     exe = Path(sys.executable).parent / "cachefilesd-py"
     prog = [str(exe)] if exe.exists() else [sys.executable, "-m", "cachefilesd_py.daemon.cli"]
+    if env and PY_PROG_ENV in env:
+        prog = json.loads(env[PY_PROG_ENV])
     return [*prog, "-n", "-s", "--log-format", "json", "-f", str(conf)]
 
 
@@ -260,7 +268,7 @@ class Watcher:
     ) -> None:
         self.daemon = daemon
         self.root = cache_root
-        self.argv = [*(wrap or []), *daemon_argv(daemon, conf)]
+        self.argv = [*(wrap or []), *daemon_argv(daemon, conf, env)]
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.poll = poll
         self.settle = settle

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import re
 import stat
 import sys
 from collections.abc import Iterator
@@ -47,6 +46,7 @@ from cachefilesd_py.errors import ConfigError
 
 # the very commands the daemon sends (check-config runs below the daemon, beside it)
 from cachefilesd_py.frontends.bind import kernel_commands
+from cachefilesd_py.kernel.mountinfo import parse_mountinfo
 
 PAGE_SIZE = mmap.PAGESIZE
 #: filesystems the daemon is tested on; others are probed, and warned about
@@ -99,24 +99,16 @@ def mount_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> Mount | None
     dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     real = os.path.realpath(path)
     best: Mount | None = None
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[2] != dev:
-                continue
-            point = _unescape(fields[4])
-            if real != point and not real.startswith(point.rstrip("/") + "/"):
-                continue
-            if best is None or len(point) > len(best.mount_point):
-                options = frozenset(fields[5].split(",")) | frozenset(fields[sep + 3].split(","))
-                best = Mount(point, fields[sep + 1], _unescape(fields[sep + 2]), options)
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+        entries = parse_mountinfo(f.read())
+    for entry in entries:
+        point = entry.mount_point
+        if entry.dev != dev or (real != point and not real.startswith(point.rstrip("/") + "/")):
+            continue
+        if best is None or len(point) > len(best.mount_point):
+            options = frozenset(entry.mount_options) | frozenset(entry.super_options)
+            best = Mount(point, entry.fstype, entry.source, options)
     return best
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes blanks and backslashes as ``\\ooo``."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 @contextlib.contextmanager

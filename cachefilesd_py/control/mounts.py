@@ -16,14 +16,10 @@ escapes (``\\040``).
 from __future__ import annotations
 
 import posixpath
-import re
 from dataclasses import dataclass
 
-_OCTAL = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+from cachefilesd_py.blobkey import BlobKey
+from cachefilesd_py.kernel.mountinfo import parse_mountinfo, unescape
 
 
 @dataclass(frozen=True)
@@ -35,28 +31,22 @@ class ErofsMount:
 
     @property
     def blob(self) -> str:
-        return f"erofs,{self.domain_id or self.fsid}/{self.fsid}"
+        """The image's primary blob, named as ``cachefilesctl blobs`` prints it."""
+        return str(BlobKey.named(self.domain_id or self.fsid, self.fsid))
 
 
 def erofs_mounts(mountinfo: str) -> list[ErofsMount]:
     """The EROFS mounts over fscache (those with an ``fsid``) of a mountinfo text."""
     out = []
-    for line in mountinfo.splitlines():
-        fields = line.split(" ")
-        if "-" not in fields[6:]:
+    for entry in parse_mountinfo(mountinfo):
+        if entry.fstype != "erofs":
             continue
-        sep = fields.index("-", 6)
-        if len(fields) < sep + 4 or fields[sep + 1] != "erofs":
-            continue
-        opts = dict(
-            (o.partition("=")[0], o.partition("=")[2]) for o in fields[sep + 3].split(",")
-        )
-        fsid = opts.get("fsid")
+        fsid = entry.super_option("fsid")
         if not fsid:
             continue  # a file- or block-backed EROFS mount: no blob of this daemon
         out.append(
             ErofsMount(
-                _unescape(fields[4]), _unescape(fields[3]), _unescape(fsid), opts.get("domain_id")
+                entry.mount_point, entry.root, unescape(fsid), entry.super_option("domain_id")
             )
         )
     return out

@@ -22,6 +22,7 @@ Every argument is checked here (ValueError) before it can reach the kernel.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Final
 
@@ -55,13 +56,31 @@ def _text_arg(value: str | bytes, what: str) -> bytes:
     return raw
 
 
+#: a byte no ``cull``/``inuse`` name may hold: NUL ends it, newline ends the command,
+#: ``/`` would walk out of the working directory
+_NOT_IN_A_NAME = re.compile(rb"[\0\n/]")
+_ASCII_SPACE = frozenset(b" \t\n\r\x0b\x0c")
+
+
 def _object_name(name: str | bytes) -> bytes:
+    """``name`` as the kernel will look it up, or ValueError. One regex search and a few
+    compares on the way out (a classic pass encodes one per cull); the slow checks run
+    only to say what is wrong."""
+    raw = os.fsencode(name)
+    if (
+        raw
+        and len(raw) <= NAME_MAX
+        and raw[0] not in _ASCII_SPACE
+        and raw[-1] not in _ASCII_SPACE
+        and _NOT_IN_A_NAME.search(raw) is None
+        and raw != b"."
+        and raw != b".."
+    ):
+        return raw
     raw = _text_arg(name, "object name")
     if b"/" in raw:
         raise ValueError(f"object name {name!r} holds a '/' (names are relative to the cwd)")
-    if raw in (b".", b"..") or len(raw) > NAME_MAX:
-        raise ValueError(f"object name {name!r} cannot be looked up")
-    return raw
+    raise ValueError(f"object name {name!r} cannot be looked up")
 
 
 def _check_msg_id(msg_id: int) -> None:

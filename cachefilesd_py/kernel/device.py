@@ -237,6 +237,7 @@ class CullCursor:
         self._device = device
         self._max_dirs = max_dirs
         self._dirs: OrderedDict[str, OwnedFd] = OrderedDict()
+        self._numbers: dict[str, int] = {}
         self._home: OwnedFd | None = None
 
     def __enter__(self) -> CullCursor:
@@ -265,15 +266,23 @@ class CullCursor:
                 return exc.errno or errno.EIO
 
     def _dir_fd(self, directory: str) -> int:
-        held = self._dirs.get(directory)
-        if held is not None:
-            self._dirs.move_to_end(directory)
-            return held.fileno()
+        """The kept fd of ``directory``, opened on first use. The holders are the
+        cursor's own and never lent out, so the number each had when opened is kept
+        beside it and used without the holder's lock. Recency is tracked only once the
+        table is full (until then nothing is evicted): a cull costs one lookup here."""
+        number = self._numbers.get(directory)
+        if number is not None:
+            if len(self._dirs) >= self._max_dirs:
+                self._dirs.move_to_end(directory)
+            return number
         held = OwnedFd(_open_dir(directory))
         self._dirs[directory] = held
+        self._numbers[directory] = number = held.fileno()
         if len(self._dirs) > self._max_dirs:
-            self._dirs.popitem(last=False)[1].close()
-        return held.fileno()
+            gone, oldest = self._dirs.popitem(last=False)
+            del self._numbers[gone]
+            oldest.close()
+        return number
 
     def close(self) -> None:
         with _cwd_lock:
@@ -282,6 +291,7 @@ class CullCursor:
                 with suppress(OSError):
                     os.fchdir(home.fileno())
                 home.close()
+            self._numbers.clear()
             for held in self._dirs.values():
                 held.close()
             self._dirs.clear()

@@ -104,6 +104,10 @@ IN_USE = Decision(Action.SKIP, "a kernel object uses it", Outcome.IN_USE)
 KERNEL_ASKS = Decision(Action.CULL, "the kernel asks for space")
 
 
+def _nothing_pinned(_cand: Candidate) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Needs:
     """What a pass must free."""
@@ -181,13 +185,14 @@ class CullPlan:
         needs: Needs,
         *,
         volume_of: Callable[[Candidate], str],
-        pinned: Callable[[Candidate], bool] = lambda _cand: False,
+        pinned: Callable[[Candidate], bool] | None = None,
         in_use: Callable[[Candidate], bool] = lambda _cand: False,
         trim: bool = False,
     ) -> None:
         self.needs = needs
         self.volume_of = volume_of
-        self._pinned = pinned
+        #: None: nothing is pinned
+        self._pinned = pinned or _nothing_pinned
         self._in_use = in_use
         self._trim = trim
         self._over = {v: n for v, n in needs.volumes.items() if n > 0}
@@ -211,6 +216,12 @@ class CullPlan:
     def still_needed(self, volume: str) -> int:
         """Bytes still to free that removing an object of ``volume`` would count for."""
         return max(self.needs.bytes - self.tally.freed_bytes, self._over.get(volume, 0))
+
+    def uniform(self) -> Decision | None:
+        """The decision every candidate gets, when it does not depend on the candidate:
+        a kernel-driven pass with no pins culls everything until the kernel says stop.
+        The shared loop then skips :meth:`decide` (one call less per cull)."""
+        return KERNEL_ASKS if self._kernel_driven and self._pinned is _nothing_pinned else None
 
     def decide(self, cand: Candidate) -> Decision:
         if self._kernel_driven:  # classic mode's fast path: pins only

@@ -13,21 +13,26 @@ not cachefiles objects) are reported so they can be removed as cachefilesd does.
 
 from __future__ import annotations
 
-import heapq
+import operator
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 OBJECT_PREFIXES = ("D", "S", "T", "E")
 INDEX_PREFIXES = ("I", "J", "K", "@")
 
 
-@dataclass(frozen=True, order=True)
-class Candidate:
+class Candidate(NamedTuple):
+    """One object and what ranking and culling it needs. A tuple, so making one costs
+    a fraction of a frozen dataclass's ``__init__`` and sorting compares in C: a pass
+    makes one per object, up to millions (docs/benchmarks.md, "Classic mode vs
+    cachefilesd C"). Ordered by atime first."""
+
     atime_ns: int
-    blocks: int = field(compare=False)
-    directory: str = field(compare=False)
-    name: str = field(compare=False)
+    blocks: int
+    directory: str
+    name: str
 
     @property
     def path(self) -> str:
@@ -52,11 +57,15 @@ def walk_objects(cache_dir: str, result: ScanResult) -> Iterator[Candidate]:
     ``fstatat`` relative to that fd (as cachefilesd C does): no walk of the object's
     whole path from ``/`` per object, which is the dominant cost of a pass when the
     path crosses a slow or revalidating filesystem (the test guest's root is 9p;
-    docs/benchmarks.md, "Classic mode vs cachefilesd C")."""
+    docs/benchmarks.md, "Classic mode vs cachefilesd C"). The per-object work is kept
+    to the ``fstatat`` and one tuple: a volume's blocks are summed per directory."""
     stack: list[tuple[str, str]] = [(cache_dir, "")]
+    strays = result.strays
     while stack:
         directory, volume = stack.pop()
         entries = 0
+        blocks = 0
+        at_top = directory == cache_dir
         try:
             dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
@@ -71,38 +80,57 @@ def walk_objects(cache_dir: str, result: ScanResult) -> Iterator[Candidate]:
                             if name.startswith(INDEX_PREFIXES):
                                 stack.append((os.path.join(directory, name), volume or name))
                             else:
-                                result.strays.append(os.path.join(directory, name))
+                                strays.append(os.path.join(directory, name))
                             continue
-                        if not name.startswith(OBJECT_PREFIXES) or directory == cache_dir:
-                            result.strays.append(os.path.join(directory, name))
+                        if at_top or not name.startswith(OBJECT_PREFIXES):
+                            strays.append(os.path.join(directory, name))
                             continue
                         st = entry.stat(follow_symlinks=False)  # fstatat(dir_fd, name)
                     except OSError:
                         continue
-                    result.volume_blocks[volume] = (
-                        result.volume_blocks.get(volume, 0) + st.st_blocks
-                    )
+                    blocks += st.st_blocks
                     yield Candidate(st.st_atime_ns, st.st_blocks, directory, name)
         except OSError:
             pass
         finally:
             os.close(dir_fd)
+            if blocks:
+                result.volume_blocks[volume] = result.volume_blocks.get(volume, 0) + blocks
         if entries == 0 and os.path.basename(directory).startswith("@"):
             result.empty_dirs.append(directory)
 
 
 def keep_oldest(candidates: Iterable[Candidate], limit: int, result: ScanResult) -> None:
-    """Count every candidate into ``result`` and keep the ``limit`` oldest by atime."""
-    heap: list[tuple[int, int, Candidate]] = []  # max-heap on atime via negation
-    for n, cand in enumerate(candidates):
-        result.objects += 1
-        result.blocks += cand.blocks
-        item = (-cand.atime_ns, n, cand)
-        if len(heap) < limit:
-            heapq.heappush(heap, item)
-        elif item > heap[0]:
-            heapq.heapreplace(heap, item)
-    result.oldest = sorted(c for _, _, c in heap)
+    """Count every candidate into ``result`` and keep the ``limit`` oldest by atime.
+
+    Candidates are appended to a buffer that is cut back to the ``limit`` oldest
+    whenever it reaches twice that (``O(n log limit)`` time, at most ``2 * limit``
+    held): per candidate that is one ``append``, where a heap costs a push or a
+    compare-and-replace in Python for each. Ties in atime keep walk order."""
+    limit = max(0, limit)
+    buffer: list[Candidate] = []
+    objects = 0
+    blocks = 0
+    high = 2 * limit if limit else 0
+    append = buffer.append
+    for cand in candidates:
+        objects += 1
+        blocks += cand.blocks
+        if not limit:
+            continue
+        append(cand)
+        if len(buffer) >= high:
+            buffer.sort(key=_by_atime)
+            del buffer[limit:]
+    buffer.sort(key=_by_atime)
+    del buffer[limit:]
+    result.objects += objects
+    result.blocks += blocks
+    result.oldest = buffer
+
+
+#: the sort key of a candidate: its atime (a C-level getter, no Python call per item)
+_by_atime = operator.itemgetter(0)
 
 
 def scan(cache_dir: str, limit: int) -> ScanResult:

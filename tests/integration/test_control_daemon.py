@@ -38,6 +38,7 @@ from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory
 from cachefilesd_py.sources.resolve import SourceResolver
 from cachefilesd_py.space.caps import CullRules
+from cachefilesd_py.space.culler import DECISION_EVENTS
 from cachefilesd_py.testing.fake_kernel import FakeCachefiles
 from cachefilesd_py.testing.fault_server import FaultServer
 from cachefilesd_py.testing.pattern import pattern_bytes
@@ -461,6 +462,13 @@ def test_retries_errors_by_kind_and_read_failure_events() -> None:
         finally:
             d.close()
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_decision_budget() -> None:
+    """The ``cull.decision`` info budget is per process (as in the daemon): tests that
+    culled before in this process must not have spent it for the next one."""
+    DECISION_EVENTS.reset()
 
 
 def test_cull_decisions_are_info_events() -> None:

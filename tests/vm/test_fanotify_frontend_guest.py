@@ -57,7 +57,14 @@ def build(workdir: Path, layout: str) -> tuple[Path, Path, str]:
 @pytest.mark.timeout(900)  # two fresh daemon interpreters in a loaded TCG guest
 @pytest.mark.parametrize(
     ("layout", "kind"),
-    [("plain", "http"), ("plain", "file"), ("blobdev", "http"), ("many", "http")],
+    [
+        ("plain", "http"),
+        ("plain", "file"),
+        ("blobdev", "http"),
+        ("blobdev", "file"),
+        ("many", "http"),
+        ("many", "file"),
+    ],
 )
 def test_serves_image_identical_and_restart_fetches_nothing(
     workdir: Path,
@@ -142,15 +149,18 @@ def test_origin_failure_gives_eio_never_zeros(
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("kind", ["file", "http"])
 def test_blob_larger_than_1gib_fetches_only_what_is_read(
     workdir: Path,
     loop_fs: Callable[..., Path],
+    nginx: Callable[[Path], Nginx],
     daemon: Callable[[str], Daemon],
+    kind: str,
 ) -> None:
-    """A 1.2 GiB image (sparse at the origin) on a 256 MB cache: regions on both sides
-    of the 1 GiB mark read back identical, only about what was read is fetched, and a
-    restart reads them again with nothing fetched (bits above chunk 16384 of 64 KiB
-    were saved and trusted)."""
+    """A 1.2 GiB image (sparse at the origin), from nginx and from ``file://``, on a
+    256 MB cache: regions on both sides of the 1 GiB mark read back identical, only
+    about what was read is fetched, and a restart reads them again with nothing
+    fetched (bits above chunk 16384 of 64 KiB were saved and trusted)."""
     src = workdir / "src"
     huge = write_huge_tree(src)
     regions = HUGE_REGIONS
@@ -161,9 +171,8 @@ def test_blob_larger_than_1gib_fetches_only_what_is_read(
     assert image.stat().st_size > 1 << 30
     cache = loop_fs(256)
     mnt = workdir / "mnt"
-    conf = config(
-        cache, f"file://{root}/{{volume}}/{{cookie}}", f"fanotify_image imgs/huge.erofs {mnt}\n"
-    )
+    url = (nginx(root).url if kind == "http" else f"file://{root}") + "/{volume}/{cookie}"
+    conf = config(cache, url, f"fanotify_image imgs/huge.erofs {mnt}\n")
 
     def read_regions() -> None:
         with open(mnt / "huge.bin", "rb") as got, open(huge, "rb") as want:

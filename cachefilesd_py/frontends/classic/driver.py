@@ -76,6 +76,8 @@ MAX_TABLE = 1 << 17
 #: the state line is read at least this often, whatever the estimate says (space may be
 #: freed by others meanwhile)
 STATE_EVERY = 64
+_CULLED = Outcome.CULLED
+_WENT = frozenset((Outcome.CULLED, Outcome.GONE))
 
 
 def table_for(need_bytes: int, need_files: int, mean_object_bytes: int, floor: int) -> int:
@@ -182,8 +184,9 @@ class ClassicDriver:
         through the pass's cursor. What went is forgotten by the index at once (it
         does not watch for deletions)."""
         assert self._cursor is not None, "cull() outside a pass"
-        outcome = Outcome.of_cull(self._cursor.cull(cand.directory, cand.name))
-        if self.index is not None and outcome in (Outcome.CULLED, Outcome.GONE):
+        err = self._cursor.cull(cand.directory, cand.name)
+        outcome = _CULLED if err == 0 else Outcome.of_cull(err)
+        if self.index is not None and outcome in _WENT:
             self.index.forget(cand.directory, cand.name)
         return outcome
 
@@ -197,7 +200,9 @@ class ClassicDriver:
         candidates: Iterable[Candidate],
         gate: KernelGate | None = None,
     ) -> Tally:
-        plan = CullPlan(needs, volume_of=self._volume_of, pinned=self._pinned)
+        plan = CullPlan(
+            needs, volume_of=self._volume_of, pinned=self._pinned if self.rules.pins else None
+        )
         if gate is not None:
             gate.tally = plan.tally
         with CullCursor(self.device) as self._cursor:
