@@ -148,9 +148,7 @@ def run_fanotify(
 
         reporter = StatsReporter(collect).start()
         on_reporter(reporter)
-        control = (
-            start_control(frontend, factory, collect, failed, pins) if start_control else None
-        )
+        control = start_control(frontend, factory, collect, failed, pins) if start_control else None
         try:
             stop.wait()
             systemd.stopping()

@@ -23,12 +23,16 @@ from structlog.testing import capture_logs
 from cachefilesd_py.control.client import call
 from cachefilesd_py.control.schema import ControlError, ErrorCode
 from cachefilesd_py.erofs.layout import ErofsImage
-from cachefilesd_py.erofs.ranges import Needs
 from cachefilesd_py.frontends.fanotify import wire
 from cachefilesd_py.space.pins import PIN_FILE_NAME
-from cachefilesd_py.testing.erofs_images import VARIANTS, build, make_tree
 from cachefilesd_py.testing.pattern import pattern_bytes
 from tests.integration.test_fanotify_control import BLOB, CHUNK, DATA, SIZE, FanLive
+from tests.integration.test_pins_daemon import (
+    chunks_of,
+    erofs_image,
+    needs_mkfs,
+    present_chunks,
+)
 
 KEEP, OLD = "erofs,imgs/keep.erofs", "erofs,imgs/old.erofs"
 KEEP_DATA = pattern_bytes(31, 0, 100_000)
@@ -40,14 +44,6 @@ def root() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="fan-pins-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def present_chunks(d: FanLive, name: str) -> set[int]:
-    [blob] = [b for b in d.engine.blobs() if str(b.key) == name]
-    assert blob.presence is not None
-    with blob.presence.lock:
-        runs = blob.presence.bitmap.present_runs(0, blob.geometry.nchunks)
-    return {c for first, count in runs for c in range(first, first + count)}
 
 
 def test_pin_fills_the_served_blob_through_its_own_events(root: Path) -> None:
@@ -65,8 +61,13 @@ def test_pin_fills_the_served_blob_through_its_own_events(root: Path) -> None:
         assert d.engine.filler.stats.bytes_fetched == SIZE, "a chunk fetched twice or never"
         assert d.served.path.read_bytes() == DATA
         [p] = call(d.sock, "pins")["pins"]
-        assert p == {"blob": BLOB, "source": "cli", "size": SIZE, "present_pct": 100.0,
-                     "open": True}
+        assert p == {
+            "blob": BLOB,
+            "source": "cli",
+            "size": SIZE,
+            "present_pct": 100.0,
+            "open": True,
+        }
         assert call(d.sock, "blobs")["blobs"][0]["pinned"] is True
         # a reader now finds every byte present: no fill
         fills = counts.fills
@@ -106,8 +107,13 @@ def test_cull_spares_a_pinned_idle_blob_across_a_restart_until_unpinned(root: Pa
         assert reply["preloaded"] and reply["via"] == "cache file", reply
         assert reply["present_pct"] == 100.0 and keep.read_bytes() == KEEP_DATA
         [p] = call(d.sock, "pins")["pins"]  # idle: its present share from its sidecar
-        assert p == {"blob": KEEP, "source": "cli", "size": len(KEEP_DATA),
-                     "present_pct": 100.0, "open": False}
+        assert p == {
+            "blob": KEEP,
+            "source": "cli",
+            "size": len(KEEP_DATA),
+            "present_pct": 100.0,
+            "open": False,
+        }
     finally:
         d.close()
     assert (root / "cache" / "cachefilesd-py" / PIN_FILE_NAME).exists()
@@ -171,26 +177,11 @@ def test_the_cap_refuses_a_pin_and_warns_near_it(root: Path) -> None:
         d.close()
 
 
-needs_mkfs = pytest.mark.skipif(
-    shutil.which("mkfs.erofs") is None, reason="needs erofs-utils (scripts/setup)"
-)
-
-
-def chunks_of(needs: Needs, chunk: int) -> set[int]:
-    return {
-        c for start, end in needs.for_device(0) for c in range(start // chunk, -(-end // chunk))
-    }
-
-
 @needs_mkfs
 def test_pin_path_preloads_metadata_then_that_files_chunks_through_the_events(
     root: Path,
 ) -> None:
-    tree = make_tree(root / "src")
-    inline = next(v for v in VARIANTS if v.name == "inline")
-    (root / "img").mkdir()
-    image_file, _blob = build(inline, tree, root / "img")
-    image = image_file.read_bytes()
+    image = erofs_image(root)
     d = FanLive(root, extra="pin_max_share 100%\n", data=image)
     try:
         layout = ErofsImage(lambda off, n: image[off : off + n], len(image))
@@ -205,7 +196,7 @@ def test_pin_path_preloads_metadata_then_that_files_chunks_through_the_events(
         assert phases == sorted(phases, key=["metadata", "data"].index)
         assert seen[-1]["done"] == seen[-1]["total"] == reply["bytes"]
         want = chunks_of(meta, CHUNK) | chunks_of(big, CHUNK)
-        assert present_chunks(d, BLOB) == want
+        assert present_chunks(d.engine, BLOB) == want
         assert 0 < len(want) < -(-len(image) // CHUNK)
         assert d.driver.session.counts().fill_failed == 0
         with pytest.raises(ControlError) as e:

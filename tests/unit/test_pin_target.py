@@ -128,13 +128,18 @@ def test_pin_target_of_a_path_asks_status_for_file_backed_mounts(
     monkeypatch.setattr(live.os.path, "realpath", lambda p: p)
     status = {
         "images": [
-            {"image": "imgs/app.erofs", "mountpoint": "/mnt/fan", "mounted": True,
-             "blobs": ["erofs,imgs/app.erofs", "erofs,imgs/extra"]},
+            {
+                "image": "imgs/app.erofs",
+                "mountpoint": "/mnt/fan",
+                "mounted": True,
+                "blobs": ["erofs,imgs/app.erofs", "erofs,imgs/extra"],
+            },
             {"image": "imgs/b", "mountpoint": "/mnt/loop", "mounted": False, "blobs": ["x/y"]},
         ]
     }
     args = argparse.Namespace(blob="/mnt/fan/usr", image=False, path=None)
     assert live.pin_target(args, lambda: status) == ("erofs,imgs/app.erofs", "/usr")
     with pytest.raises(ValueError, match="does not serve"):  # not mounted: not served
-        live.pin_target(argparse.Namespace(blob="/mnt/loop/a", image=False, path=None),
-                        lambda: status)
+        live.pin_target(
+            argparse.Namespace(blob="/mnt/loop/a", image=False, path=None), lambda: status
+        )
