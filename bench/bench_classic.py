@@ -131,7 +131,10 @@ def local_program_files(env: dict[str, str]) -> dict[str, str]:
         if key in seen:
             continue
         seen.add(key)
-        dist = md.distribution(name)
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue  # for another platform (pyroute2's win_inet_pton): not installed here
         for req in dist.requires or []:
             if "extra ==" not in req:
                 todo.append(_re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0])
