@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -384,20 +384,31 @@ def _pin_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def pin_target(args: argparse.Namespace) -> tuple[str, str]:
+def pin_target(
+    args: argparse.Namespace, status: Callable[[], Mapping[str, Any]] | None = None
+) -> tuple[str, str]:
     """``(blob, path inside the image)`` of ``pin``'s arguments: a path on this host
-    is looked up in the mount table (``control/mounts.py``)."""
+    is looked up in the mount table (``control/mounts.py``); a file-backed EROFS mount
+    (fanotify mode) by its mount point in the images ``status()`` lists."""
     if args.blob.startswith("/"):
         from cachefilesd_py.control.mounts import image_path_of
 
+        def served() -> dict[str, str]:
+            images = status().get("images", []) if status is not None else []
+            return {
+                os.path.realpath(i["mountpoint"]): i["blobs"][0]
+                for i in images
+                if i.get("mounted") and i.get("blobs")
+            }
+
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            return image_path_of(f.read(), os.path.realpath(args.blob))
+            return image_path_of(f.read(), os.path.realpath(args.blob), served)
     return args.blob, "/" if args.image else (args.path or "")
 
 
 def _pin(args: argparse.Namespace) -> int:
     try:
-        blob, path = pin_target(args)
+        blob, path = pin_target(args, lambda: ask(args, "status"))
     except (ValueError, OSError) as exc:
         print(f"cachefilesctl: {exc}", file=sys.stderr)
         return 2

@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # on-demand mode's stack: imported by the mode that uses it
     from cachefilesd_py.frontends.fanotify.service import FanotifyFrontend
     from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
     from cachefilesd_py.sources.open import SourceFactory, SourceSettings
+    from cachefilesd_py.space.pins import PinStore
 
 log = structlog.get_logger("daemon")
 
@@ -423,6 +424,7 @@ class Daemon:
             factory: SourceFactory,
             collect: Callable[[], dict[str, object]],
             failed: list[tuple[FanotifyImage, str]],
+            pins: PinStore,
         ) -> ControlService:
             from cachefilesd_py.daemon.fanotify_control import serve_fanotify_control
 
@@ -431,7 +433,7 @@ class Daemon:
             self._culler = frontend.culler
             engine = self._engine
             assert engine is not None
-            return serve_fanotify_control(self, frontend, engine, factory, collect, failed)
+            return serve_fanotify_control(self, frontend, engine, factory, collect, failed, pins)
 
         try:
             return run_fanotify(

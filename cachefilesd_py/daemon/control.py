@@ -29,7 +29,7 @@ from cachefilesd_py.control.presence_map import fold
 from cachefilesd_py.control.schema import OPERATIONS, ControlError, ErrorCode
 from cachefilesd_py.daemon.control_server import ControlServer, Handler
 from cachefilesd_py.daemon.metrics import Figures, Metrics
-from cachefilesd_py.daemon.pinning import Pinner, cache_file_of, parse_key
+from cachefilesd_py.daemon.pinning import Pinner, parse_key
 from cachefilesd_py.engine.blob import Blob, BlobKey
 from cachefilesd_py.engine.fill import Sink
 from cachefilesd_py.engine.service import Engine
@@ -103,6 +103,9 @@ class ServingState:
     pins: PinStore | None = None
     #: called after the offline policy was switched (held READs ask again)
     policy_changed: Callable[[], None] | None = None
+    #: fanotify mode: the blobs of the served image whose primary blob is the key, in
+    #: ``device=`` order (None: read the extra blobs from the image's device table)
+    devices_of: Callable[[BlobKey], list[BlobKey] | None] = lambda _key: None
 
 
 class ControlHandlers:
@@ -277,9 +280,7 @@ class ControlHandlers:
             return self._verify_blob(blob, progress)
 
     def _cache_file(self, key: BlobKey) -> Path | None:
-        if self.state.cache_file is not None:
-            return self.state.cache_file(key)
-        return cache_file_of(self.state.cache_dir, key)
+        return self.pinner.cache_file(key)
 
     def _verify_blob(self, blob: Blob, progress: Progress) -> dict[str, Any]:
         name = str(blob.key)
@@ -373,7 +374,7 @@ class ControlHandlers:
             return {"present_pct": d["present_pct"], "open": True}
         assert self.state.engine is not None
         key = parse_key(name)
-        path = cache_file_of(self.state.cache_dir, key)
+        path = self.pinner.cache_file(key)
         bp = self.state.engine.presence.load_bound(key, path) if path is not None else None
         if bp is None:
             return {
@@ -621,6 +622,18 @@ def reload_of(daemon: Any) -> Callable[[], dict[str, Any]]:
     return reload
 
 
+def cli_pins(cache_dir: Path, culler: Any) -> PinStore:
+    """The pins of ``cachefilesctl pin`` of this cache (``<dir>/cachefilesd-py/pins.json``,
+    ``space/pins.py``), held by ``culler`` (a ``BlobCuller``; None: no culling) from
+    now on. Both modes that serve blobs take them here."""
+    from cachefilesd_py.daemon.app import STATE_DIR_NAME
+
+    pins = PinStore(cache_dir / STATE_DIR_NAME)
+    if culler is not None:
+        culler.held_pins = lambda: pins.snapshot().names()
+    return pins
+
+
 def serve_control(
     daemon: Any, mode: str, collect: Callable[[], dict[str, object]], engine: Any, driver: Any
 ) -> ControlService:
@@ -645,14 +658,9 @@ def serve_control(
     factory: Any = getattr(daemon, "_factory", None)
     pins: PinStore | None = None
     if engine is not None and mode == "ondemand":
-        from cachefilesd_py.daemon.app import STATE_DIR_NAME
-
-        pins = PinStore(daemon.cache_dir / STATE_DIR_NAME)
-        if culler is not None:
-            culler.held_pins = lambda: pins.snapshot().names() if pins is not None else frozenset()
         from cachefilesd_py.daemon.offline import pinned_by
 
-        store = pins
+        pins = store = cli_pins(daemon.cache_dir, culler)
         engine.gate.is_pinned = pinned_by(lambda: daemon.config, lambda: store.snapshot().names())
 
     def counts() -> dict[str, Mapping[str, int]]:

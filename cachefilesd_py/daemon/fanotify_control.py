@@ -17,6 +17,13 @@ The same schema, server and handlers as on-demand and classic mode
   A blob no mount serves cannot be prefetched (no reader would answer): refused;
 - ``cull_plan``/``cull``: a pass of the fanotify culler (``frontends/fanotify/space.py``):
   a blob a mount reads is in use, never culled nor trimmed;
+- ``pin``/``unpin``/``pins``: the same pin store, cap and plan as on-demand mode
+  (``daemon/pinning.py``, ``space/pins.py``); the culler holds the pins. A pin's
+  preload fills a served blob as ``prefetch`` does (metadata first, then the data
+  behind the path); an image's extra blobs are its ``device=`` blobs in order. A blob
+  of ``<dir>/fanotify`` no mount serves is written into its (unmarked) cache file.
+  ``cachefilesctl pin /path/on/mount`` finds the image by its mount point in
+  ``status`` (``control/live.py``): a file-backed EROFS mount names no blob;
 - ``reload``: as SIGHUP (``Daemon.reload_report``): ``source`` rules, headers, retries,
   pins, caps applied; ``fanotify_image`` lines and the rest named as needing a restart.
 
@@ -40,6 +47,7 @@ from cachefilesd_py.control.schema import ControlError, ErrorCode
 from cachefilesd_py.daemon.control import (
     ControlService,
     ServingState,
+    cli_pins,
     core_counts,
     engine_histograms,
     pass_report,
@@ -50,6 +58,7 @@ from cachefilesd_py.engine.blob import Blob
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.frontends.fanotify import images as img
 from cachefilesd_py.frontends.fanotify.service import FanotifyFrontend
+from cachefilesd_py.space.pins import PinStore
 
 log = structlog.get_logger("control")
 
@@ -79,10 +88,15 @@ def fanotify_state(
     factory: Any,
     collect: Callable[[], dict[str, object]],
     failed: Sequence[tuple[FanotifyImage, str]] = (),
+    pins: PinStore | None = None,
 ) -> ServingState:
     """What the handlers read in fanotify mode (``daemon`` is ``daemon/app.py``'s
-    ``Daemon``: its configuration, cache directory and ``reload_report``)."""
+    ``Daemon``: its configuration, cache directory and ``reload_report``). ``pins``:
+    the store the culler holds already (``run_fanotify`` makes it before the first
+    pass); None: made here and handed to the culler."""
     cache_dir: Path = daemon.cache_dir
+    if pins is None:
+        pins = cli_pins(cache_dir, frontend.culler)
 
     def image_of(blob: Blob) -> img.ServedImage | None:
         for image in frontend.images:
@@ -130,8 +144,17 @@ def fanotify_state(
                 ) from None
             raise
 
-    def cache_file(key: BlobKey) -> Path:
-        return img.cache_path(cache_dir, key.volume.decode(), key.name.decode())
+    def cache_file(key: BlobKey) -> Path | None:
+        volume, name = key.volume.decode(errors="replace"), key.name.decode(errors="replace")
+        if not key.volume_key.startswith(b"erofs,") or not img.safe_name(volume, name):
+            return None  # not a name the fanotify tree can hold
+        return img.cache_path(cache_dir, volume, name)
+
+    def devices_of(key: BlobKey) -> list[BlobKey] | None:
+        for image in frontend.images:
+            if image.blobs and image.blobs[0].key == key:
+                return [b.key for b in image.blobs]
+        return None
 
     culler = frontend.culler
     driver = frontend.driver
@@ -164,6 +187,8 @@ def fanotify_state(
         histograms=histograms | engine_histograms(engine),
         counts=lambda: core_counts(engine, factory),
         last_scan=lambda: getattr(culler, "last_scan", None),
+        pins=pins,
+        devices_of=devices_of,
     )
 
 
@@ -174,10 +199,11 @@ def serve_fanotify_control(
     factory: Any,
     collect: Callable[[], dict[str, object]],
     failed: Sequence[tuple[FanotifyImage, str]] = (),
+    pins: PinStore | None = None,
 ) -> ControlService:
     """Start the control socket and metrics of a daemon in fanotify mode; a failure is
     logged and serving goes on without them, as in the other modes."""
-    state = fanotify_state(daemon, frontend, engine, factory, collect, failed)
+    state = fanotify_state(daemon, frontend, engine, factory, collect, failed, pins)
     try:
         return start_control(state, daemon.config)
     except (OSError, ControlError) as exc:

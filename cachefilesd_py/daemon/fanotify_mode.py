@@ -16,9 +16,10 @@ SIGTERM: every mount is unmounted first, and the group stays open and served whi
 mount is busy (``frontends/fanotify/service.py``): the daemon never leaves a mount it
 can no longer serve. Culling and trimming follow the same limits, caps, pins and
 policy as on-demand mode, except that the file of a mounted image is never touched
-(``frontends/fanotify/space.py`` says why; off with ``nocull``). The control socket
-and metrics serve the same operations as in on-demand mode
-(``daemon/fanotify_control.py``).
+(``frontends/fanotify/space.py`` says why; off with ``nocull``); the pins of
+``cachefilesctl pin`` (``<dir>/cachefilesd-py/pins.json``) are held from the first
+pass. The control socket and metrics serve the same operations as in on-demand mode
+(``daemon/fanotify_control.py``), ``pin``/``unpin``/``pins`` included.
 """
 
 from __future__ import annotations
@@ -42,13 +43,16 @@ from cachefilesd_py.frontends.fanotify.space import make_culler
 from cachefilesd_py.presence.store import PresenceStore
 from cachefilesd_py.sources.open import SourceFactory, SourceSettings
 from cachefilesd_py.sources.resolve import SourceResolver
+from cachefilesd_py.space.pins import PinStore
 
 log = structlog.get_logger("daemon")
 
-#: starts the control socket: (frontend, source factory, collect, images that failed)
+#: starts the control socket: (frontend, source factory, collect, images that failed,
+#: the pins of ``cachefilesctl pin``)
 Failed = list[tuple[FanotifyImage, str]]
 StartControl = Callable[
-    [FanotifyFrontend, SourceFactory, Callable[[], dict[str, object]], Failed], ControlService
+    [FanotifyFrontend, SourceFactory, Callable[[], dict[str, object]], Failed, PinStore],
+    ControlService,
 ]
 
 
@@ -94,6 +98,9 @@ def run_fanotify(
     )
     on_engine(engine)
     journal = InflightJournal.attach(hold.journal_fd) if hold is not None else None
+    # the pins of ``cachefilesctl pin`` (space/pins.py): held from the culler's first
+    # pass, before the control socket that takes new ones is up
+    pins = PinStore(state_dir)
     frontend = FanotifyFrontend(
         engine,
         cache_dir,
@@ -102,7 +109,14 @@ def run_fanotify(
         fetch_timeout=config.fetch_timeout,
         culler=None
         if config.nocull
-        else lambda fe: make_culler(config, cache_dir, engine.presence, engine.leases, fe.served),
+        else lambda fe: make_culler(
+            config,
+            cache_dir,
+            engine.presence,
+            engine.leases,
+            fe.served,
+            held_pins=lambda: pins.snapshot().names(),
+        ),
         group=hold.group if hold is not None else None,
         journal=journal,
         silent=hold.silent if hold is not None else None,
@@ -134,7 +148,7 @@ def run_fanotify(
 
         reporter = StatsReporter(collect).start()
         on_reporter(reporter)
-        control = start_control(frontend, factory, collect, failed) if start_control else None
+        control = start_control(frontend, factory, collect, failed, pins) if start_control else None
         try:
             stop.wait()
             systemd.stopping()

@@ -33,6 +33,19 @@ the same. Where the bytes are written, per blob:
   its OPEN, with its coherency xattr): it is pinned, not preloaded, and the reply says
   so. ``pin`` again after its first use preloads it; present chunks cost nothing.
 
+In fanotify mode (``daemon/fanotify_control.py``) the same plan, pins and progress; what
+differs is where the bytes go and how an image's extra blobs are named:
+
+- a blob a mount serves is filled by the mode's ``fill`` (``ServingState.fill``): a
+  read through a fresh fd of its marked cache file, whose pre-content events the
+  daemon answers like a mount's reads (fill through the event's fd, presence bits
+  after the data). Writing the marked file directly would itself raise events;
+- a blob of ``<dir>/fanotify`` no mount serves (no mark on it) is written as an idle
+  blob above, into the file ``ServingState.cache_file`` names;
+- the image's device table is matched to the served image's blobs by position
+  (``ServingState.devices_of``: the frontend mounts them as ``device=`` in that
+  order), not by the tags mkfs wrote.
+
 The pins are taken (all or none, judged by the cap) before anything is fetched, so a
 preload cut short still leaves them.
 """
@@ -84,10 +97,11 @@ class Target:
 
 @dataclass
 class Writer:
-    """Where a target's bytes go during a preload."""
+    """Where a target's bytes go during a preload: ``fill(offset, length)`` makes that
+    range of ``blob`` present (raises ``ControlError``, ``SourceError`` or ``OSError``)."""
 
     blob: Blob
-    sink: Callable[[], Sink | None]
+    fill: Callable[[int, int], None]
     via: str
 
 
@@ -158,10 +172,15 @@ class Pinner:
             return [primary], [("data", {primary.name: None})]
         image = self._read_layout(primary)
         targets = {0: primary}
-        for slot in image.devices:
-            if slot.tag:  # the extra blob's cookie; without one, the mount's device=
-                key = BlobKey(primary.key.volume_key, slot.tag.encode())
-                targets[slot.index] = self._target(key)
+        devices = self.state.devices_of(primary.key)
+        if devices is not None:  # fanotify: the served image's blobs, as device= orders them
+            for index, key in enumerate(devices[1:], start=1):
+                targets[index] = self._target(key)
+        else:
+            for slot in image.devices:
+                if slot.tag:  # the extra blob's cookie; without one, the mount's device=
+                    key = BlobKey(primary.key.volume_key, slot.tag.encode())
+                    targets[slot.index] = self._target(key)
         image.device_sizes = {d: t.size for d, t in targets.items() if d}
         try:
             meta, data = image.metadata(), image.needs(path)
@@ -288,32 +307,54 @@ class Pinner:
         return reply
 
     def _ensure(self, writer: Writer, offset: int, length: int) -> None:
-        assert self.state.engine is not None
-        name = str(writer.blob.key)
-        sink = writer.sink()
-        if sink is None:
-            raise ControlError(
-                ErrorCode.FAILED,
-                f"{name}: pinned, preload stopped at {offset}: the kernel closed the "
-                "object; pin it again to resume",
-            )
         try:
-            self.state.engine.ensure(
-                writer.blob, offset, length, sink, Deadline.after(self._timeout)
-            )
+            writer.fill(offset, length)
         except (SourceError, OSError) as exc:
             raise ControlError(
                 ErrorCode.FAILED,
-                f"{name}: pinned, preload stopped at {offset}: {exc}; pin it again to resume",
+                f"{writer.blob.key}: pinned, preload stopped at {offset}: {exc}; "
+                "pin it again to resume",
             ) from None
+
+    def _fill_through(
+        self, blob: Blob, sink: Callable[[], Sink | None]
+    ) -> Callable[[int, int], None]:
+        """A writer's fill: ``Engine.ensure`` into the sink looked up at every step."""
+
+        def fill(offset: int, length: int) -> None:
+            assert self.state.engine is not None
+            now = sink()
+            if now is None:
+                raise ControlError(
+                    ErrorCode.FAILED,
+                    f"{blob.key}: pinned, preload stopped at {offset}: the kernel closed the "
+                    "object; pin it again to resume",
+                )
+            self.state.engine.ensure(blob, offset, length, now, Deadline.after(self._timeout))
+
+        return fill
+
+    def cache_file(self, key: BlobKey) -> Path | None:
+        """Where ``key``'s cache file is in this mode (None: a key it cannot store)."""
+        if self.state.cache_file is not None:
+            return self.state.cache_file(key)
+        return cache_file_of(self.state.cache_dir, key)
 
     def _writer(self, stack: contextlib.ExitStack, target: Target) -> Writer | None:
         """Where ``target``'s bytes go (None: nowhere yet; see the module docstring)."""
         open_blob = self._open_blob(target.name)
-        sink_for = self.state.sink_for
+        sink_for, mode_fill = self.state.sink_for, self.state.fill
+        if open_blob is not None and mode_fill is not None:
+            served = open_blob
+            return Writer(served, lambda off, n: mode_fill(served, off, n), "mount's reader")
         if open_blob is not None and sink_for is not None and sink_for(open_blob) is not None:
-            return Writer(open_blob, lambda: sink_for(open_blob), "kernel object")
-        cache_file = cache_file_of(self.state.cache_dir, target.key)
+            kernel_blob = open_blob
+            return Writer(
+                kernel_blob,
+                self._fill_through(kernel_blob, lambda: sink_for(kernel_blob)),
+                "kernel object",
+            )
+        cache_file = self.cache_file(target.key)
         if cache_file is None or not cache_file.exists():
             return None
         blob = stack.enter_context(self.idle_blob(target.key, cache_file, bind=True))
@@ -323,7 +364,7 @@ class Pinner:
         flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
         fd = stack.enter_context(OwnedFd(os.open(cache_file, flags)))
         file_sink = EventFdSink(fd, blob.size)
-        return Writer(blob, lambda: file_sink, "cache file")
+        return Writer(blob, self._fill_through(blob, lambda: file_sink), "cache file")
 
     @contextlib.contextmanager
     def idle_blob(self, key: BlobKey, cache_file: Path, *, bind: bool) -> Iterator[Blob]:
@@ -350,12 +391,18 @@ class Pinner:
 
     def _blob_reply(self, target: Target, writer: Writer | None) -> dict[str, Any]:
         if writer is None:
+            note = (
+                "pinned; no cache file yet (the daemon makes it when an image that has "
+                "the blob is served): pin it again then to preload it"
+                if self.state.fill is not None
+                else "pinned; no cache file yet (the kernel creates it at its first "
+                "OPEN of the blob): pin it again once it was opened to preload it"
+            )
             return {
                 "blob": target.name,
                 "size": target.size,
                 "preloaded": False,
-                "note": "pinned; no cache file yet (the kernel creates it at its first "
-                "OPEN of the blob): pin it again once it was opened to preload it",
+                "note": note,
             }
         return {
             "blob": target.name,

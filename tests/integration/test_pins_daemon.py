@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from cachefilesd_py.control.cli import main as ctl
 from cachefilesd_py.control.client import call
 from cachefilesd_py.control.schema import ControlError, ErrorCode
+from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.erofs.layout import ErofsImage
 from cachefilesd_py.erofs.ranges import Needs
 from cachefilesd_py.kernel.layout import object_path
@@ -299,8 +300,8 @@ def erofs_image(root: Path) -> bytes:
     return image.read_bytes()
 
 
-def present_chunks(d: Live, name: str) -> set[int]:
-    [blob] = [b for b in d.engine.blobs() if str(b.key) == name]
+def present_chunks(engine: Engine, name: str) -> set[int]:
+    [blob] = [b for b in engine.blobs() if str(b.key) == name]
     assert blob.presence is not None
     with blob.presence.lock:
         runs = blob.presence.bitmap.present_runs(0, blob.geometry.nchunks)
@@ -334,7 +335,7 @@ def test_pin_path_preloads_metadata_first_then_only_that_files_chunks(root: Path
         assert seen[-1]["done"] == seen[-1]["total"] == reply["bytes"]
         # exactly the chunks behind the metadata and /big are present, nothing else
         want = chunks_of(meta, CHUNK) | chunks_of(big, CHUNK)
-        assert present_chunks(d, "erofs,base/base") == want
+        assert present_chunks(d.engine, "erofs,base/base") == want
         assert 0 < len(want) < -(-len(image) // CHUNK)
         # and the kernel reads them without asking the daemon
         sent = d.fake.reads_sent

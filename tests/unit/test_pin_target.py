@@ -5,6 +5,7 @@ the kernel writes them)."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import pytest
 
@@ -68,3 +69,77 @@ def test_pin_arguments() -> None:
     assert pin_target(ns("erofs,a/a")) == ("erofs,a/a", "")
     assert pin_target(ns("erofs,a/a", image=True)) == ("erofs,a/a", "/")
     assert pin_target(ns("erofs,a/a", path="/usr")) == ("erofs,a/a", "/usr")
+
+
+#: fanotify mode: the image is mounted file-backed, its cache file the source, no fsid
+FILE_BACKED = "\n".join(
+    [
+        MOUNTINFO,
+        "50 22 0:52 / /mnt/fan ro,relatime - erofs /var/cache/fscache/fanotify/imgs/app.erofs"
+        " ro,user_xattr",
+        "51 50 0:53 / /mnt/fan/nested ro - erofs none ro,fsid=inner",
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "want", "asks"),
+    [
+        ("/mnt/fan", ("erofs,imgs/app.erofs", "/"), True),
+        ("/mnt/fan/usr/lib/x.so", ("erofs,imgs/app.erofs", "/usr/lib/x.so"), True),
+        ("/mnt/fan/nested/a", ("erofs,inner/inner", "/a"), False),  # the innermost mount
+        ("/mnt/base/usr", ("erofs,base.erofs/base.erofs", "/usr"), False),  # fscache
+        ("/mnt/loop/a", None, True),  # file-backed, but not an image the daemon serves
+    ],
+)
+def test_image_path_of_a_file_backed_mount_by_the_daemons_images(
+    path: str, want: tuple[str, str] | None, asks: bool
+) -> None:
+    asked: list[int] = []
+
+    def served() -> dict[str, str]:
+        asked.append(1)
+        return {"/mnt/fan": "erofs,imgs/app.erofs"}
+
+    if want is None:
+        with pytest.raises(ValueError, match=r"file-backed EROFS mount \(/mnt/loop, from"):
+            image_path_of(FILE_BACKED, path, served)
+    else:
+        assert image_path_of(FILE_BACKED, path, served) == want
+    assert bool(asked) is asks, "the daemon is asked only about a mount with no fsid"
+
+
+def test_pin_target_of_a_path_asks_status_for_file_backed_mounts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import builtins
+    import io
+
+    from cachefilesd_py.control import live
+
+    real_open = builtins.open
+
+    def fake_open(file: Any, *a: Any, **k: Any) -> Any:
+        if file == "/proc/self/mountinfo":
+            return io.StringIO(FILE_BACKED)
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(live.os.path, "realpath", lambda p: p)
+    status = {
+        "images": [
+            {
+                "image": "imgs/app.erofs",
+                "mountpoint": "/mnt/fan",
+                "mounted": True,
+                "blobs": ["erofs,imgs/app.erofs", "erofs,imgs/extra"],
+            },
+            {"image": "imgs/b", "mountpoint": "/mnt/loop", "mounted": False, "blobs": ["x/y"]},
+        ]
+    }
+    args = argparse.Namespace(blob="/mnt/fan/usr", image=False, path=None)
+    assert live.pin_target(args, lambda: status) == ("erofs,imgs/app.erofs", "/usr")
+    with pytest.raises(ValueError, match="does not serve"):  # not mounted: not served
+        live.pin_target(
+            argparse.Namespace(blob="/mnt/loop/a", image=False, path=None), lambda: status
+        )

@@ -5,8 +5,10 @@ The sub-commands run in this process through ``cachefilesctl``'s ``main`` (a fre
 interpreter in the TCG guest costs seconds; ``status`` also runs as a real process).
 The answers must be real: the present share after reading files equals the bitmap the
 daemon serves from, ``prefetch`` goes through the kernel's events (afterwards the whole
-tree reads with nothing fetched), and under a cache cap the cull plan takes the idle
-cache file and never the mounted blob, which keeps serving the same bytes.
+tree reads with nothing fetched), ``pin PATH`` of a file on the mount finds the image
+by its mount point and preloads the image's metadata and that file through the events
+(the file then reads with nothing fetched), and under a cache cap the cull plan takes
+the idle cache file and never the mounted blob, which keeps serving the same bytes.
 """
 
 from __future__ import annotations
@@ -113,6 +115,27 @@ def test_cachefilesctl_against_a_fanotify_mount(
     assert f"image         imgs/app.erofs on {mnt} (mounted)" in proc.stdout
 
     print(f"read-only calls done after {time.monotonic() - began:.1f} s")
+    # pin a path on the real file-backed mount: mountinfo names no blob (the cache file
+    # is the source), the mount point in ``status`` does; metadata first, then f1.bin
+    fetched = call(sock, "stats")["counters"]["bytes_fetched"]
+    rc, pinned = ctl_json("pin", str(mnt / "f1.bin"))
+    assert rc == 0 and pinned["blob"] == BLOB and pinned["path"] == "/f1.bin", pinned
+    [pb] = pinned["blobs"]
+    assert pb["preloaded"] and pb["via"] == "mount's reader", pinned
+    assert 2 << 20 <= pinned["bytes"] < size, pinned
+    after_pin = call(sock, "stats")["counters"]["bytes_fetched"]
+    assert after_pin > fetched
+    assert (mnt / "f1.bin").read_bytes() == (src / "f1.bin").read_bytes()
+    assert call(sock, "stats")["counters"]["bytes_fetched"] == after_pin, "f1.bin not preloaded"
+    rc, pins = ctl_json("pins")
+    [p] = pins["pins"]
+    assert rc == 0 and p["blob"] == BLOB and p["source"] == "cli" and p["size"] == size, pins
+    assert b["present_pct"] < p["present_pct"] < 100.0, (b, p)
+    assert (cache / "cachefilesd-py" / "pins.json").exists()
+    rc, unpinned = ctl_json("unpin", BLOB)
+    assert rc == 0 and unpinned["unpinned"] is True, unpinned
+    assert call(sock, "pins")["pins"] == []
+    print(f"pin of a path done after {time.monotonic() - began:.1f} s")
     # prefetch the rest through the kernel's events; then the tree reads fetching nothing
     rc, pre = ctl_json("prefetch", BLOB)
     assert rc == 0 and pre["present_pct"] == 100.0, pre

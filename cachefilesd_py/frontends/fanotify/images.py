@@ -45,6 +45,7 @@ import structlog
 
 from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.config.model import FanotifyImage
+from cachefilesd_py.config.parse import IMAGE_NAME
 from cachefilesd_py.engine.blob import Blob
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.kernel import fanotify, mount
@@ -88,6 +89,12 @@ class ServedImage:
     @property
     def mountpoint(self) -> Path:
         return Path(self.spec.mountpoint)
+
+
+def safe_name(*names: str) -> bool:
+    """Whether every name could be a volume or blob of a ``fanotify_image`` line (the
+    config parser's rule): one file name under ``<dir>/fanotify``, never a way out."""
+    return all(IMAGE_NAME.fullmatch(n) for n in names)
 
 
 def cache_path(cache_dir: Path, volume: str, name: str) -> Path:

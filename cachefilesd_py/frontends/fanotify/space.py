@@ -195,10 +195,12 @@ def make_culler(
     presence: PresenceStore,
     leases: BlobLeases,
     served: Callable[[], dict[BlobKey, ServedBlob]],
+    held_pins: Callable[[], frozenset[str]] = frozenset,
 ) -> FanotifyCuller:
     """The culler of a fanotify cache: the configured percentages (statvfs of the
-    cache), caps, pins and cull policy, as in on-demand mode."""
-    return FanotifyCuller(
+    cache), caps, pins and cull policy, as in on-demand mode. ``held_pins``: the pins
+    of ``cachefilesctl pin`` (``space/pins.py``), held from the first pass on."""
+    culler = FanotifyCuller(
         tree=cache_dir / TREE_NAME,
         presence=presence,
         leases=leases,
@@ -207,3 +209,5 @@ def make_culler(
         limits_need=limits_need_of(cache_dir, {n: config.threshold(n) for n in THRESHOLD_NAMES}),
         served=served,
     )
+    culler.held_pins = held_pins
+    return culler
