@@ -13,7 +13,6 @@ import fnmatch
 import os
 import stat
 import string
-from collections.abc import Callable
 from pathlib import Path
 
 from cachefilesd_py.config.model import Config
@@ -126,12 +125,48 @@ def load_headers(path: str) -> dict[str, str]:
     return headers
 
 
-def headers_for(cfg: Config) -> Callable[[str], dict[str, str]]:
-    """Headers for a URL: the first ``source_headers`` rule whose pattern matches the
-    URL's source rule pattern or the URL itself."""
-    loaded = [(rule.pattern, load_headers(rule.path)) for rule in cfg.source_headers]
+def load_header_rules(cfg: Config) -> list[tuple[str, dict[str, str]]]:
+    """Every ``source_headers`` file of ``cfg``, checked as at start (root's, mode 0600,
+    ``Name: value`` lines) and read; the first problem raises :class:`ConfigError`
+    naming ``file:line``."""
+    loaded = []
+    for rule in cfg.source_headers:
+        check_secret_file(rule.path, rule.file, rule.line)
+        loaded.append((rule.pattern, load_headers(rule.path)))
+    return loaded
 
-    def lookup(url: str) -> dict[str, str]:
+
+class Credentials:
+    """The request headers of ``source_headers``, looked up per request, swappable.
+
+    HTTP sources ask :meth:`lookup` for their URL's headers at every request (through
+    the callable ``SourceFactory`` hands them), not once when opened: so a
+    :meth:`reload` — ``cachefilesctl credentials reload``, SIGHUP — reaches the sources
+    of blobs already open, and an image whose token was rejected resumes fetching
+    without a remount. The rules and their headers are one immutable tuple, replaced
+    whole: a lookup sees the set before or after a reload, never a mix."""
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+        self._loaded: tuple[tuple[str, dict[str, str]], ...] = tuple(
+            (r.pattern, load_headers(r.path)) for r in cfg.source_headers
+        )
+
+    def reload(self, cfg: Config) -> list[dict[str, str]]:
+        """Read ``cfg``'s ``source_headers`` files again and swap them in; raises
+        :class:`ConfigError` (and changes nothing) when one is refused. Returns the
+        rules reloaded (pattern, file, header names: never the values)."""
+        loaded = load_header_rules(cfg)
+        self._cfg, self._loaded = cfg, tuple(loaded)
+        return [
+            {"pattern": rule.pattern, "file": rule.path, "headers": ", ".join(sorted(h))}
+            for rule, (_p, h) in zip(cfg.source_headers, loaded, strict=True)
+        ]
+
+    def lookup(self, url: str) -> dict[str, str]:
+        """Headers for a URL: the first ``source_headers`` rule whose pattern matches
+        the URL's source rule pattern or the URL itself."""
+        cfg, loaded = self._cfg, self._loaded
         for pattern, headers in loaded:
             if fnmatch.fnmatchcase(url, pattern) or any(
                 r.pattern == pattern and url.startswith(r.url_template.split("{", 1)[0])
@@ -140,4 +175,9 @@ def headers_for(cfg: Config) -> Callable[[str], dict[str, str]]:
                 return dict(headers)
         return {}
 
-    return lookup
+    __call__ = lookup
+
+
+def headers_for(cfg: Config) -> Credentials:
+    """The :class:`Credentials` of ``cfg`` (a callable: URL → headers)."""
+    return Credentials(cfg)

@@ -139,7 +139,10 @@ def _status(args: argparse.Namespace) -> int:
         f"{st['fetches_in_flight']} chunks being fetched"
     )
     for origin, src in st.get("sources", {}).items():
-        print(f"source        {origin}: {src['state']} ({src['reason']}, {src['since_s']:.0f} s)")
+        since = "" if src.get("since_s") is None else f", {src['since_s']:.0f} s"
+        why = f" ({src['reason']}{since})" if src.get("reason") or since else ""
+        creds = f", credentials {src['credentials']}" if "credentials" in src else ""
+        print(f"source        {origin}: {src['state']}{why}{creds}")
     if "offline_policy" in st:
         pol = st["offline_policy"]
         rules = "".join(f", {r['pattern']}: {r['policy']}" for r in pol["rules"])
@@ -497,6 +500,34 @@ def _reload(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- credentials -----------------------------------------------------------------------
+
+
+def _credentials_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument(
+        "action",
+        choices=("reload",),
+        help="reload: re-read the source_headers files and apply them to every HTTP "
+        "source, open blobs' included (root only)",
+    )
+
+
+def _credentials(args: argparse.Namespace) -> int:
+    reply = ask(args, "credentials_reload")
+    if args.json:
+        return _print_json(reply)
+    for rule in reply["rules"]:
+        print(
+            f"reloaded      {rule['pattern']}: {rule['file']} ({rule['headers'] or 'no headers'})"
+        )
+    if not reply["rules"]:
+        print("reloaded      no source_headers rules")
+    if reply["cleared"]:
+        print(f"cleared       rejected credentials of {', '.join(reply['cleared'])}")
+    return 0
+
+
 def _completion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("shell", choices=("bash", "zsh", "fish"))
 
@@ -554,6 +585,12 @@ register(
     run_live(_offline_policy),
 )
 register("reload", "re-read the configuration; report what changed", _common, run_live(_reload))
+register(
+    "credentials",
+    "reload: re-read the source_headers files, for open blobs too",
+    _credentials_args,
+    run_live(_credentials),
+)
 register(
     "completion", "print shell completion code (bash, zsh, fish)", _completion_args, _completion
 )

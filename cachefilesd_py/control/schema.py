@@ -173,6 +173,12 @@ OPERATIONS: dict[str, Operation] = {
         ),
         Operation("reload", True, help="re-read the configuration, report what changed"),
         Operation(
+            "credentials_reload",
+            True,
+            help="re-read the source_headers files of the configuration in force and "
+            "apply them to every HTTP source, open blobs' included",
+        ),
+        Operation(
             "pin",
             True,
             {**BLOB_ARGS, "path": Arg(str, check=_image_path, default="")},

@@ -238,8 +238,9 @@ class Daemon:
         """Swap in what new kernel objects and fetches will use; the settings applied.
 
         ``source`` rules; ``source_headers`` (the files are read again on every reload,
-        so a rotated token is picked up even when the configuration did not change)
-        and ``fetch_retries`` for sources opened from now on; chunk sizes and
+        so a rotated token is picked up even when the configuration did not change,
+        by every HTTP source, those of open blobs too: :meth:`reload_credentials`);
+        ``fetch_retries`` for sources opened from now on; chunk sizes and
         read-ahead for blobs opened from now on (an open blob keeps its geometry; a
         chunk larger than the fill buffers sized at start needs a restart); pins and
         caps for the next cull pass. The cull policy keeps its state: a restart."""
@@ -248,15 +249,14 @@ class Daemon:
             return frozenset()
         from dataclasses import replace
 
-        from cachefilesd_py.config.load import headers_for
         from cachefilesd_py.sources.resolve import SourceResolver
 
+        # first, as it may still fail (a headers file changed since load_config read it)
+        self._reload_credentials(new)
         # pin_max_share: each pin reads it from the configuration in force
         live = {"sources", "source_headers", "fetch_retries", "readahead", "pin_max_share"}
         engine.resolve = SourceResolver(new.sources).resolve
-        factory.settings = replace(
-            factory.settings, headers_for=headers_for(new), retries=new.fetch_retries
-        )
+        factory.settings = replace(factory.settings, retries=new.fetch_retries)
         wanted = engine_settings(new)
         chunks = [wanted.chunk_size, *(size for _p, size in wanted.chunk_size_rules)]
         changes: dict[str, Any] = {"readahead": wanted.readahead}
@@ -277,6 +277,33 @@ class Daemon:
             culler.rules = CullRules.from_config(new)
             live |= {"pins", "cache_max_bytes", "cache_max_objects", "volume_max_bytes"}
         return frozenset(live)
+
+    def reload_credentials(self) -> dict[str, Any]:
+        """``cachefilesctl credentials reload``: read the ``source_headers`` files of
+        the configuration in force again (checked as at start) and swap them in for
+        every HTTP source, open blobs' included; forget the rejected credentials (the
+        next fetch decides again). A refused file raises :class:`ConfigError`
+        (``file:line``) and changes nothing."""
+        from cachefilesd_py.errors import ConfigError
+
+        try:
+            return self._reload_credentials(self.config)
+        except ConfigError as exc:
+            log.error("credentials.reload_rejected", error=str(exc))
+            raise
+
+    def _reload_credentials(self, config: Config) -> dict[str, Any]:
+        from cachefilesd_py.config.load import Credentials
+
+        factory = self._factory
+        creds = factory.settings.headers_for if factory is not None else None
+        if not isinstance(creds, Credentials):  # nothing serving HTTP sources yet
+            return {"rules": [], "cleared": []}
+        rules = creds.reload(config)
+        engine = self._engine
+        cleared = engine.gate.credentials.clear() if engine is not None else []
+        log.info("credentials.reloaded", rules=[r["pattern"] for r in rules], cleared=cleared)
+        return {"rules": rules, "cleared": cleared}
 
     # -- building and serving --------------------------------------------------------
 

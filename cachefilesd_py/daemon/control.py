@@ -80,6 +80,8 @@ class ServingState:
     engine: Engine | None = None
     objects: Callable[[], int] = lambda: 0
     reload: Callable[[], dict[str, Any]] | None = None
+    #: ``credentials reload`` (None: not available in this mode)
+    credentials_reload: Callable[[], dict[str, Any]] | None = None
     cull_plan: Callable[[], dict[str, Any]] | None = None
     cull_now: Callable[[], dict[str, Any]] | None = None
     #: the sink of a kernel object open on a blob (None: no object has it open)
@@ -142,6 +144,9 @@ class ControlHandlers:
         if self.state.reload is not None:
             reload = self.state.reload
             table["reload"] = lambda a, p: reload()
+        if self.state.credentials_reload is not None:
+            creds = self.state.credentials_reload
+            table["credentials_reload"] = lambda a, p: creds()
         if self.state.cull_plan is not None:
             plan = self.state.cull_plan
             table["cull_plan"] = lambda a, p: plan()
@@ -439,19 +444,27 @@ class ControlHandlers:
 
 
 def offline_status(engine: Engine) -> dict[str, Any]:
-    """Each tracked source's state and reason, and the offline policies in force."""
+    """Each source's state, reason and credentials, and the offline policies in force.
+
+    The sources are the tracked origins and every origin a fetch has reported on
+    (an untracked one's state is ``not watched``)."""
     gate = engine.gate
     now = time.monotonic()
     policies = gate.policies
+    sources: dict[str, dict[str, Any]] = {
+        origin: {
+            "state": st.status.value,
+            "reason": st.reason,
+            "since_s": round(max(0.0, now - st.since), 1),
+        }
+        for origin, st in gate.states().items()
+    }
+    for origin in gate.credentials.origins():
+        sources.setdefault(origin, {"state": "not watched", "reason": "", "since_s": None})
+    for origin, entry in sources.items():
+        entry["credentials"] = gate.credentials.describe(origin)
     return {
-        "sources": {
-            origin: {
-                "state": st.status.value,
-                "reason": st.reason,
-                "since_s": round(max(0.0, now - st.since), 1),
-            }
-            for origin, st in gate.states().items()
-        },
+        "sources": dict(sorted(sources.items())),
         "offline_policy": {
             "default": str(policies.default),
             "rules": [{"pattern": r.pattern, "policy": str(r.policy)} for r in policies.rules],
@@ -505,6 +518,13 @@ def start_control(state: ServingState, config: Config) -> ControlService:
         out: dict[str, tuple[str, str, Mapping[str, float]]] = {
             "control_requests_total": ("outcome", "control requests by outcome", answered)
         }
+        if state.engine is not None:
+            creds = state.engine.gate.credentials
+            out["source_credentials_rejected"] = (
+                "source",
+                "1 while the source answers 401/403 to its credentials, else 0",
+                {o: float(creds.status(o) is not None) for o in creds.origins()},
+            )
         if state.engine is not None and state.engine.gate.tracked:
             gate = state.engine.gate
             states = {o: STATE_VALUES[st.status.value] for o, st in gate.states().items()}
@@ -622,6 +642,22 @@ def reload_of(daemon: Any) -> Callable[[], dict[str, Any]]:
     return reload
 
 
+def credentials_reload_of(daemon: Any) -> Callable[[], dict[str, Any]]:
+    """The ``credentials_reload`` operation: ``daemon.reload_credentials()``; a refused
+    headers file is answered as an error that names file:line."""
+
+    def credentials_reload() -> dict[str, Any]:
+        from cachefilesd_py.errors import ConfigError
+
+        try:
+            report: dict[str, Any] = daemon.reload_credentials()
+        except ConfigError as exc:
+            raise ControlError(ErrorCode.FAILED, f"credentials rejected: {exc}") from None
+        return report
+
+    return credentials_reload
+
+
 def cli_pins(cache_dir: Path, culler: Any) -> PinStore:
     """The pins of ``cachefilesctl pin`` of this cache (``<dir>/cachefilesd-py/pins.json``,
     ``space/pins.py``), held by ``culler`` (a ``BlobCuller``; None: no culling) from
@@ -682,6 +718,7 @@ def serve_control(
         engine=engine,
         objects=(lambda: len(driver.objects())) if driver is not None else (lambda: 0),
         reload=reload,
+        credentials_reload=credentials_reload_of(daemon) if engine is not None else None,
         sink_for=sink_for if driver is not None else None,
         histograms=histograms,
         counts=counts,

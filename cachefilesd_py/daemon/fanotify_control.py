@@ -24,6 +24,7 @@ The same schema, server and handlers as on-demand and classic mode
   of ``<dir>/fanotify`` no mount serves is written into its (unmarked) cache file.
   ``cachefilesctl pin /path/on/mount`` finds the image by its mount point in
   ``status`` (``control/live.py``): a file-backed EROFS mount names no blob;
+- ``credentials reload``: as in on-demand mode (``Daemon.reload_credentials``);
 - ``reload``: as SIGHUP (``Daemon.reload_report``): ``source`` rules, headers, retries,
   pins, caps applied; ``fanotify_image`` lines and the rest named as needing a restart.
 
@@ -49,6 +50,7 @@ from cachefilesd_py.daemon.control import (
     ServingState,
     cli_pins,
     core_counts,
+    credentials_reload_of,
     engine_histograms,
     pass_report,
     reload_of,
@@ -178,6 +180,7 @@ def fanotify_state(
         engine=engine,
         objects=lambda: len(frontend.served()),
         reload=reload_of(daemon),
+        credentials_reload=credentials_reload_of(daemon),
         cull_plan=(lambda: pass_report(culler.cull_pass(dry_run=True))) if culler else None,
         cull_now=(lambda: pass_report(culler.cull_pass())) if culler else None,
         fill=fill,

@@ -15,6 +15,13 @@ it to the engine's offline gate (``engine/offline.py``), together with the
   the main process talks to systemd, ``daemon/worker.py``).
 
 ``file:`` sources are always online: they are not tracked.
+
+Credentials (every HTTP origin, tracked or not): the gate's
+``CredentialsWatch`` (``engine/credentials.py``) reports when a source starts
+answering 401/403 and when a fetch succeeds again; each transition is logged once
+(``source.credentials_rejected`` / ``source.credentials_accepted``) and the first
+goes to D-Bus (``CredentialsRejected``). The bus is the system bus, or the address
+in ``DBUS_SYSTEM_BUS_ADDRESS`` (jeepney reads it), as for any D-Bus client.
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ class OfflineWiring:
         self.connectivity: Any = None
         hosts = tracked_origins(r.url_template for r in config.sources)
         engine.gate.policies = policies_of(config)
+        engine.gate.credentials.on_change = self._credentials
         try:
             from cachefilesd_py.daemon.notify_dbus import DbusNotifier
 
@@ -125,6 +133,19 @@ class OfflineWiring:
             elif tr.new is Status.ONLINE:
                 self.notifier.source_online(tr.source, tr.reason)
         self._on_change(tr.source)
+
+    def _credentials(self, origin: str, status: int | None) -> None:
+        if status is None:
+            log.info("source.credentials_accepted", source=origin)
+            return
+        log.warning(
+            "source.credentials_rejected",
+            source=origin,
+            status=status,
+            note="fix the source_headers file, then: cachefilesctl credentials reload",
+        )
+        if self.notifier is not None:
+            self.notifier.credentials_rejected(origin, status)
 
     def read_waiting(self, key: BlobKey, offset: int, length: int, cap: float) -> None:
         if self.notifier is not None:

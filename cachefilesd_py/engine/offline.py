@@ -19,6 +19,10 @@ Three pieces, used by every frontend that fills on demand (docs/offline.md):
   a held READ is a callback, run (by one timer thread) when its source's state
   changes or at its deadline, whichever comes first. The frontend then asks again.
 
+Every fetch's outcome also goes to the gate's ``credentials``
+(``engine/credentials.py``: a 401/403 answer marks the origin's credentials
+rejected; a success clears it).
+
 Lock order: ``OfflineGate._lock`` and ``HeldReads._cond`` are leaves; callbacks run
 with neither held.
 """
@@ -36,6 +40,7 @@ from typing import Protocol
 import structlog
 
 from cachefilesd_py.engine.blob import Blob, BlobKey
+from cachefilesd_py.engine.credentials import CredentialsWatch
 from cachefilesd_py.engine.offline_policy import (
     Decision,
     Fetch,
@@ -88,6 +93,9 @@ class OfflineGate:
     #: whether ``[offset, offset+length)`` of a blob is image metadata, when known
     is_metadata: Callable[[BlobKey, int, int], bool] = lambda _k, _o, _n: False
     clock: Callable[[], float] = time.monotonic
+    #: whether each origin's credentials are being rejected (401/403), from every
+    #: fetch's outcome, tracked or not (``engine/credentials.py``)
+    credentials: CredentialsWatch = field(default_factory=CredentialsWatch)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -115,14 +123,17 @@ class OfflineGate:
 
     def fetch(self, origin: str, work: Callable[[], None]) -> None:
         """Run one fetch from ``origin`` under the gate: admitted first, its outcome
-        reported after (an :class:`OfflineError` is not an outcome)."""
+        reported after (an :class:`OfflineError` is not an outcome) to the
+        connectivity tracker and to the credentials watch."""
         self.admit(origin)
         try:
             work()
         except BaseException as exc:
             self.failed(origin, exc)
+            self.credentials.outcome(origin, exc)
             raise
         self.succeeded(origin)
+        self.credentials.outcome(origin, None)
 
     # -- READs --------------------------------------------------------------------------
 

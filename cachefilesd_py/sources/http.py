@@ -116,7 +116,7 @@ class HttpSource:
         *,
         pool: urllib3.PoolManager,
         identity_pool: urllib3.PoolManager | None = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | Callable[[], dict[str, str]] | None = None,
         retry: RetryPolicy | None = None,
         timeout: float = 30.0,
         max_size: int | None = None,
@@ -129,7 +129,13 @@ class HttpSource:
         self.retries = retries
         self.pool = pool
         self.identity_pool = identity_pool or pool
-        self.headers = dict(headers or {})
+        #: the configured headers: a fixed dict, or a callable asked at every request
+        #: (``config/load.py`` Credentials: a credentials reload reaches open blobs)
+        if callable(headers):
+            self._headers_of = headers
+        else:
+            fixed = dict(headers or {})
+            self._headers_of = lambda: fixed
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
         self.max_size = max_size
@@ -138,6 +144,11 @@ class HttpSource:
         self.label: str = getattr(url, "label", None) or self.origin
         self._identity: BlobIdentity | None = None
         self._identity_lock = threading.Lock()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The configured headers now."""
+        return self._headers_of()
 
     # -- helpers -----------------------------------------------------------------------
 

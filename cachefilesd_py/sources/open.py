@@ -107,7 +107,11 @@ class SourceFactory:
                 gate=self.gate,
             )
         if scheme in ("http", "https"):
-            headers = self.settings.headers_for(url) if self.settings.headers_for else {}
+
+            def headers() -> dict[str, str]:  # asked per request: a reload reaches it
+                lookup = self.settings.headers_for
+                return lookup(url) if lookup is not None else {}
+
             fetch_pool, identity_pool = self._http_pools()
             return HttpSource(
                 url,
