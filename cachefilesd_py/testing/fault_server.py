@@ -28,6 +28,11 @@ whole answer, status line and headers included, one byte every ``trickle_seconds
 ``flood_bytes`` body of zeros, streamed, for any GET). ``sent`` counts the body bytes
 the server managed to hand to the kernel, per path, so a test can tell how much of a
 body a client actually pulled.
+
+Credentials: set ``require_authorization`` (an exact ``Authorization`` value, e.g.
+``"Bearer t0ken"``) and every request without it is answered ``auth_status`` (401 by
+default, or 403) with no body, as an origin whose token expired or was revoked.
+Either may be changed while serving (a token rotated upstream).
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ class FaultServer:
         validators: str = "etag",
         trickle_seconds: float = 0.5,
         flood_bytes: int = 512 << 20,
+        require_authorization: str | None = None,
+        auth_status: int = 401,
     ) -> None:
         if validators not in MODES:
             raise ValueError(f"validators must be one of {MODES}")
@@ -76,6 +83,9 @@ class FaultServer:
         self.unstall = threading.Event()
         self.trickle_seconds = trickle_seconds
         self.flood_bytes = flood_bytes
+        #: the ``Authorization`` value every request must carry (None: any request)
+        self.require_authorization = require_authorization
+        self.auth_status = auth_status
         self.requests: list[tuple[str, str, str | None]] = []
         #: every request's headers, in order (for tests of what a client sends)
         self.request_headers: list[dict[str, str]] = []
@@ -185,6 +195,10 @@ class FaultServer:
             self.unstall.wait(self.stall_seconds)
             fault = None
         out = _Out(h, trickle=self.trickle_seconds if fault == "trickle" else 0.0)
+        wanted = self.require_authorization
+        if wanted is not None and h.headers.get("Authorization") != wanted:
+            out.head(self.auth_status, {"Content-Length": "0"})
+            return
         status = {"500": 500, "503": 503, "404": 404}.get(fault or "")
         if data is None or status:
             out.head(status or 404, {"Content-Length": "0"})

@@ -24,6 +24,7 @@ from jeepney.bus_messages import message_bus
 from jeepney.io.blocking import DBusConnection, Proxy, open_dbus_connection
 
 from cachefilesd_py.daemon.notify_dbus import BUS_NAME, INTERFACE, DbusNotifier
+from cachefilesd_py.testing.dbus_bus import BUS_CONFIG, BusNotStarted, private_bus
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "packaging" / "dbus" / "org.cachefilesd_py.Cache1.conf"
@@ -34,40 +35,6 @@ pytestmark = pytest.mark.skipif(
     shutil.which("dbus-daemon") is None or os.geteuid() != 0 or not Path(SYSTEM_PYTHON).exists(),
     reason="needs dbus-daemon (scripts/setup), root and the system's python3",
 )
-
-# the default policy of Debian's system bus (/usr/share/dbus-1/system.conf)
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Properties"/>
-    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"
-          send_member="UpdateActivationEnvironment"/>
-    <deny send_destination="org.freedesktop.DBus"
-          send_interface="org.freedesktop.DBus.Debug.Stats"/>
-    <deny send_destination="org.freedesktop.DBus"
-          send_interface="org.freedesktop.systemd1.Activator"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"""
 
 RECEIVER = """
 import json, sys
@@ -97,24 +64,11 @@ def folder() -> Iterator[Path]:
 
 @pytest.fixture
 def bus(folder: Path) -> Iterator[str]:
-    socket_path = folder / "bus"
-    conf = folder / "bus.conf"
-    conf.write_text(BUS_CONFIG.format(socket=socket_path, policy=POLICY))
-    proc = subprocess.Popen(
-        ["dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    address = proc.stdout.readline().strip()
-    if not address:
-        proc.kill()
-        _out, err = proc.communicate()
-        pytest.fail(f"dbus-daemon did not start: {err}")
-    yield address
-    proc.terminate()
-    proc.wait(10)
+    try:
+        with private_bus(folder, POLICY) as address:
+            yield address
+    except BusNotStarted as exc:
+        pytest.fail(str(exc))
 
 
 def start_receiver(address: str, count: int, folder: Path) -> subprocess.Popen[str]:
