@@ -103,11 +103,11 @@ def nginx(workdir: Path) -> Iterator[Callable[..., Nginx]]:
 
 
 @pytest.fixture
-def remote_nginx(workdir: Path) -> Iterator[Callable[[Path], RemoteNginx]]:
+def remote_nginx(workdir: Path) -> Iterator[Callable[..., RemoteNginx]]:
     started: list[RemoteNginx] = []
 
-    def start(root: Path) -> RemoteNginx:
-        r = start_remote_nginx(root, workdir)
+    def start(root: Path, bearer: str | None = None) -> RemoteNginx:
+        r = start_remote_nginx(root, workdir, bearer=bearer)
         started.append(r)
         return r
 

@@ -58,12 +58,12 @@ class RemoteNginx:
         self.net.destroy()
 
 
-def start_remote_nginx(root: Path, workdir: Path) -> RemoteNginx:
+def start_remote_nginx(root: Path, workdir: Path, bearer: str | None = None) -> RemoteNginx:
     net = VethPair.create("cfr", client_in_current=True)
     try:
         nginx = start_nginx(
             root, workdir, listen=net.server_addr, port=80,
-            argv_prefix=tuple(net.argv_in(net.server_ns)),
+            argv_prefix=tuple(net.argv_in(net.server_ns)), bearer=bearer,
         )
     except BaseException:
         net.destroy()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import signal
@@ -104,6 +105,36 @@ class Nginx:
     proc: subprocess.Popen[bytes]
     access_log: Path | None = None
 
+    #: the nginx.conf written by :func:`start_nginx` (rewritten by :meth:`require_bearer`)
+    conf: Path | None = None
+    listen: str = "127.0.0.1"
+    port: int = 0
+    logging: bool = False
+
+    def require_bearer(self, token: str | None, timeout: float = 20.0) -> None:
+        """Answer 401 from now on unless a request carries ``Authorization: Bearer
+        TOKEN`` (None: no check): the configuration is rewritten and nginx reloaded
+        (SIGHUP: new workers take the new one, old ones finish and close their
+        keep-alive connections). Returns once a request shows the new rule works."""
+        assert self.conf is not None
+        self.conf.write_text(nginx_conf(self.root, self.conf.parent, self.listen, self.port,
+                                        access_log=self.logging, bearer=token))
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # a wrong token: 401 once the rule is in force
+            probe = http.client.HTTPConnection(self.listen, self.port, timeout=5)
+            try:
+                probe.request("HEAD", "/", headers={"Authorization": "Bearer -"})
+                wrong = probe.getresponse().status
+            except OSError:
+                wrong = 0
+            finally:
+                probe.close()
+            if (token is None and wrong != 401) or (token is not None and wrong == 401):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"nginx did not take the new Authorization rule ({token!r})")
+
     def requested(self) -> list[str]:
         """The request lines nginx logged (``access_log=True``)."""
         if self.access_log is None or not self.access_log.exists():
@@ -111,24 +142,14 @@ class Nginx:
         return self.access_log.read_text(errors="replace").splitlines()
 
 
-def start_nginx(
-    root: Path,
-    workdir: Path,
-    *,
-    access_log: bool = False,
-    listen: str = "127.0.0.1",
-    port: int | None = None,
-    argv_prefix: tuple[str, ...] = (),
-) -> Nginx:
-    """Debian's nginx serving ``root`` on a free loopback port (range requests → 206);
-    or on ``listen:port``, started through ``argv_prefix`` (``ip netns exec NS``).
-    With ``access_log``, every request is logged to ``Nginx.access_log``."""
-    port = port or free_port()
-    prefix = workdir / f"nginx-{port}"
-    (prefix / "logs").mkdir(parents=True)
-    conf = prefix / "nginx.conf"
-    conf.write_text(
-        f"""daemon off;
+def nginx_conf(
+    root: Path, prefix: Path, listen: str, port: int, *, access_log: bool, bearer: str | None
+) -> str:
+    """The configuration :func:`start_nginx` runs nginx with."""
+    check = (
+        f'if ($http_authorization != "Bearer {bearer}") {{ return 401; }}' if bearer else ""
+    )
+    return f"""daemon off;
 user root;
 worker_processes 2;
 pid {prefix}/nginx.pid;
@@ -146,11 +167,31 @@ http {{
     server {{
         listen {listen}:{port};
         root {root};
-        location / {{ }}
+        location / {{ {check} }}
     }}
 }}
 """
-    )
+
+
+def start_nginx(
+    root: Path,
+    workdir: Path,
+    *,
+    access_log: bool = False,
+    listen: str = "127.0.0.1",
+    port: int | None = None,
+    argv_prefix: tuple[str, ...] = (),
+    bearer: str | None = None,
+) -> Nginx:
+    """Debian's nginx serving ``root`` on a free loopback port (range requests → 206);
+    or on ``listen:port``, started through ``argv_prefix`` (``ip netns exec NS``).
+    With ``access_log``, every request is logged to ``Nginx.access_log``; with
+    ``bearer``, a request without ``Authorization: Bearer BEARER`` is answered 401."""
+    port = port or free_port()
+    prefix = workdir / f"nginx-{port}"
+    (prefix / "logs").mkdir(parents=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(nginx_conf(root, prefix, listen, port, access_log=access_log, bearer=bearer))
     proc = subprocess.Popen([*argv_prefix, "nginx", "-c", str(conf), "-p", str(prefix)])
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -160,7 +201,8 @@ http {{
     else:
         proc.kill()
         raise RuntimeError("nginx did not start")
-    n = Nginx(root, f"http://{listen}:{port}", proc, prefix / "logs" / "access.log")
+    n = Nginx(root, f"http://{listen}:{port}", proc, prefix / "logs" / "access.log",
+              conf, listen, port, access_log)
     return n
 
 
