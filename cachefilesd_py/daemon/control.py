@@ -626,36 +626,29 @@ def core_counts(engine: Engine | None, factory: Any) -> dict[str, Mapping[str, i
     return out
 
 
-def reload_of(daemon: Any) -> Callable[[], dict[str, Any]]:
-    """The ``reload`` operation: ``daemon.reload_report()`` (as SIGHUP), a rejected
-    configuration answered as an error that names file:line."""
+def _config_op(run: Callable[[], dict[str, Any]], what: str) -> Callable[[], dict[str, Any]]:
+    """An operation that re-reads configuration files: a refused file is answered as
+    an error that names file:line (and the daemon changed nothing)."""
 
-    def reload() -> dict[str, Any]:
+    def op() -> dict[str, Any]:
         from cachefilesd_py.errors import ConfigError
 
         try:
-            report: dict[str, Any] = daemon.reload_report()
+            return run()
         except ConfigError as exc:
-            raise ControlError(ErrorCode.FAILED, f"configuration rejected: {exc}") from None
-        return report
+            raise ControlError(ErrorCode.FAILED, f"{what} rejected: {exc}") from None
 
-    return reload
+    return op
+
+
+def reload_of(daemon: Any) -> Callable[[], dict[str, Any]]:
+    """The ``reload`` operation: ``daemon.reload_report()`` (as SIGHUP)."""
+    return _config_op(lambda: daemon.reload_report(), "configuration")
 
 
 def credentials_reload_of(daemon: Any) -> Callable[[], dict[str, Any]]:
-    """The ``credentials_reload`` operation: ``daemon.reload_credentials()``; a refused
-    headers file is answered as an error that names file:line."""
-
-    def credentials_reload() -> dict[str, Any]:
-        from cachefilesd_py.errors import ConfigError
-
-        try:
-            report: dict[str, Any] = daemon.reload_credentials()
-        except ConfigError as exc:
-            raise ControlError(ErrorCode.FAILED, f"credentials rejected: {exc}") from None
-        return report
-
-    return credentials_reload
+    """The ``credentials_reload`` operation: ``daemon.reload_credentials()``."""
+    return _config_op(lambda: daemon.reload_credentials(), "credentials")
 
 
 def cli_pins(cache_dir: Path, culler: Any) -> PinStore:
