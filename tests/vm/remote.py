@@ -62,8 +62,12 @@ def start_remote_nginx(root: Path, workdir: Path, bearer: str | None = None) -> 
     net = VethPair.create("cfr", client_in_current=True)
     try:
         nginx = start_nginx(
-            root, workdir, listen=net.server_addr, port=80,
-            argv_prefix=tuple(net.argv_in(net.server_ns)), bearer=bearer,
+            root,
+            workdir,
+            listen=net.server_addr,
+            port=80,
+            argv_prefix=tuple(net.argv_in(net.server_ns)),
+            bearer=bearer,
         )
     except BaseException:
         net.destroy()

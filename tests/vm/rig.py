@@ -117,8 +117,16 @@ class Nginx:
         (SIGHUP: new workers take the new one, old ones finish and close their
         keep-alive connections). Returns once a request shows the new rule works."""
         assert self.conf is not None
-        self.conf.write_text(nginx_conf(self.root, self.conf.parent, self.listen, self.port,
-                                        access_log=self.logging, bearer=token))
+        self.conf.write_text(
+            nginx_conf(
+                self.root,
+                self.conf.parent,
+                self.listen,
+                self.port,
+                access_log=self.logging,
+                bearer=token,
+            )
+        )
         self.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # a wrong token: 401 once the rule is in force
@@ -146,9 +154,7 @@ def nginx_conf(
     root: Path, prefix: Path, listen: str, port: int, *, access_log: bool, bearer: str | None
 ) -> str:
     """The configuration :func:`start_nginx` runs nginx with."""
-    check = (
-        f'if ($http_authorization != "Bearer {bearer}") {{ return 401; }}' if bearer else ""
-    )
+    check = f'if ($http_authorization != "Bearer {bearer}") {{ return 401; }}' if bearer else ""
     return f"""daemon off;
 user root;
 worker_processes 2;
@@ -201,8 +207,16 @@ def start_nginx(
     else:
         proc.kill()
         raise RuntimeError("nginx did not start")
-    n = Nginx(root, f"http://{listen}:{port}", proc, prefix / "logs" / "access.log",
-              conf, listen, port, access_log)
+    n = Nginx(
+        root,
+        f"http://{listen}:{port}",
+        proc,
+        prefix / "logs" / "access.log",
+        conf,
+        listen,
+        port,
+        access_log,
+    )
     return n
 
 
