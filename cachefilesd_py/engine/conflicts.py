@@ -245,16 +245,20 @@ class ConflictBook:
             log.warning("conflict.dropped", blob=oldest.blob, why="too many conflicts")
 
 
-class KeptVersion:
-    """A blob's source while its cached version stays in force over the origin's.
+class CachedVersion:
+    """A blob's source when the version the cache holds is served, not the one the
+    origin was asked for: kept in force by a conflict, or opened while the origin
+    could not be reached (a pinned blob, ``Engine.open_blob``).
 
-    ``identity`` answers the cached version; a fetch is refused with
-    :class:`IdentityChanged` (EIO for the reader) without asking the origin, since the
-    origin's bytes belong to another version. Everything else is the source's."""
+    ``identity`` answers the cached version. A fetch first learns the origin's version
+    (the source's own identity: already known for a conflict, asked once otherwise)
+    and goes ahead only if it is the cached one; else it fails with
+    :class:`IdentityChanged` (EIO for the reader) and no byte of the other version is
+    read."""
 
-    def __init__(self, source: Source, kept: BlobIdentity) -> None:
+    def __init__(self, source: Source, cached: BlobIdentity) -> None:
         self.source = source
-        self.kept = kept
+        self.cached = cached
         self.label = getattr(source, "label", None)
 
     @property
@@ -262,14 +266,17 @@ class KeptVersion:
         return self.source.origin
 
     def identity(self, deadline: Deadline) -> BlobIdentity:
-        return self.kept
+        return self.cached
 
     def fetch_into(self, offset: int, buf: memoryview, deadline: Deadline) -> None:
-        raise IdentityChanged(
-            f"{self.kept.url}: the cached version {self.kept.token()} is kept in force; "
-            "the origin serves another (cachefilesctl conflicts)",
-            url=self.kept.url,
-        )
+        upstream = self.source.identity(deadline)
+        if upstream.token() != self.cached.token():
+            raise IdentityChanged(
+                f"{self.cached.url}: the cache serves version {self.cached.token()}, the "
+                f"origin {upstream.token()} (cachefilesctl conflicts)",
+                url=self.cached.url,
+            )
+        self.source.fetch_into(offset, buf, deadline)
 
     def close(self) -> None:
         self.source.close()

@@ -38,7 +38,7 @@ import structlog
 
 from cachefilesd_py.counters import LabelledCounts
 from cachefilesd_py.engine.blob import Blob, BlobKey
-from cachefilesd_py.engine.conflicts import UNKNOWN, Conflict, ConflictBook, KeptVersion
+from cachefilesd_py.engine.conflicts import UNKNOWN, CachedVersion, Conflict, ConflictBook
 from cachefilesd_py.engine.fill import Filler, Sink
 from cachefilesd_py.engine.latency import LatencyHistogram
 from cachefilesd_py.engine.leases import BlobLeases
@@ -164,9 +164,13 @@ class Engine:
         try:
             identity = self._identity(source, deadline)
         except SourceError as exc:
-            self.open_errors.add(error_kind(exc))
-            raise
-        source, identity = self._version_in_force(key, cache_file, source, identity)
+            offline = self._open_offline(key, cache_file, source, exc)
+            if offline is None:
+                self.open_errors.add(error_kind(exc))
+                raise
+            source, identity = offline
+        else:
+            source, identity = self._version_in_force(key, cache_file, source, identity)
         blob = self._new_blob(key, source, identity, cache_file)
         with self._lock:
             existing = self._blobs.get(key)
@@ -220,7 +224,26 @@ class Engine:
             self.conflicts.forget(name, "the cached version is not readable")
             return source, upstream
         log.warning("open.cached_version_kept", blob=name, cached=cached, upstream=upstream.token())
-        return KeptVersion(source, kept), kept
+        return CachedVersion(source, kept), kept
+
+    def _open_offline(
+        self, key: BlobKey, cache_file: Path | None, source: Source, exc: SourceError
+    ) -> tuple[Source, BlobIdentity] | None:
+        """A pinned blob opens from its cache file while its origin cannot be reached
+        (offline, refused, timed out): the version its sidecar vouches for, fetched
+        from once the origin is back only if the origin still serves it. None for
+        anything else (the OPEN fails as before)."""
+        if exc.reason != "offline" and error_kind(exc) not in ("connection", "timeout"):
+            return None
+        if not self.gate.is_pinned(key):
+            return None
+        cached = self._cached_token(key, cache_file)
+        url = getattr(source, "url", None) or exc.url or key.match_name
+        kept = BlobIdentity.from_token(cached, url) if cached else None
+        if kept is None:
+            return None
+        log.warning("open.offline_from_cache", blob=str(key), cached=cached, error=str(exc))
+        return CachedVersion(source, kept), kept
 
     def _cached_token(self, key: BlobKey, cache_file: Path | None) -> str | None:
         """The version the cache file of ``key`` holds, if its sidecar vouches for it."""

@@ -200,3 +200,41 @@ def test_resync_checks_idle_pinned_blobs_by_their_sidecar(stack: Stack) -> None:
         time.sleep(0.02)
     [c] = stack.engine.resync(stack.server.url, [(KEY, path)])
     assert c.cached.startswith(f"{SIZE}:") and c.upstream.startswith(f"{NEW_SIZE}:")
+
+
+def test_pinned_blob_opens_offline_from_its_cache_file(stack: Stack) -> None:
+    """Offline, a pinned blob's OPEN is answered from the version its sidecar vouches
+    for (the mount works: metadata never waits for the network); an unpinned one's
+    OPEN fails at once. Back online, a missing chunk is fetched only if the origin
+    still serves that version."""
+    obj = cached_half(stack)
+    obj.withdraw(PATIENCE)
+    stack.net.link(stack.server.url, up=False)
+    requests = len(stack.server.requests)
+    with pytest.raises(OSError):  # not pinned: the OPEN needs the origin
+        stack.open()
+    stack.pinned.add(KEY)
+    obj = stack.open()
+    assert obj.size == SIZE and obj.read(0, SIZE // 2, PATIENCE) == OLD[: SIZE // 2]
+    with pytest.raises(OSError):  # missing, offline, pinned: at once
+        obj.read(SIZE // 2, CHUNK, PATIENCE)
+    assert len(stack.server.requests) == requests, "an offline origin was asked"
+    stack.net.link(stack.server.url, up=True)
+    assert obj.read(SIZE // 2, SIZE // 2, PATIENCE) == OLD[SIZE // 2 :]
+    assert stack.found == []
+
+
+def test_pinned_blob_opened_offline_never_mixes_with_a_changed_origin(stack: Stack) -> None:
+    obj = cached_half(stack)
+    obj.withdraw(PATIENCE)
+    stack.pinned.add(KEY)
+    stack.net.link(stack.server.url, up=False)
+    obj = stack.open()
+    stack.server.replace("b", NEW)
+    stack.net.link(stack.server.url, up=True)
+    with pytest.raises(OSError) as err:
+        obj.read(SIZE // 2, CHUNK, PATIENCE)
+    assert err.value.errno == errno.EIO
+    assert obj.read(0, SIZE // 2, PATIENCE) == OLD[: SIZE // 2]
+    [c] = stack.engine.conflicts.all()
+    assert c.cached.startswith(f"{SIZE}:") and c.resolution is Resolution.OPEN

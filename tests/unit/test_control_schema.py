@@ -220,7 +220,15 @@ def test_access_rules(peer: Peer, gid: int | None, op: str, allowed: bool) -> No
 
 def test_every_mutating_operation_is_root_only() -> None:
     mutating = {name for name, op in OPERATIONS.items() if op.mutating}
-    assert mutating == {"cull", "prefetch", "reload", "pin", "unpin", "offline_policy"}
+    assert mutating == {
+        "cull",
+        "prefetch",
+        "reload",
+        "pin",
+        "unpin",
+        "offline_policy",
+        "resolve",
+    }
 
 
 # -- presence map --------------------------------------------------------------------
