@@ -143,6 +143,8 @@ def _status(args: argparse.Namespace) -> int:
         why = f" ({src['reason']}{since})" if src.get("reason") or since else ""
         creds = f", credentials {src['credentials']}" if "credentials" in src else ""
         print(f"source        {origin}: {src['state']}{why}{creds}")
+    if st.get("conflicts"):
+        print(f"conflicts     {st['conflicts']} needing attention (cachefilesctl conflicts)")
     if "offline_policy" in st:
         pol = st["offline_policy"]
         rules = "".join(f", {r['pattern']}: {r['policy']}" for r in pol["rules"])
@@ -382,9 +384,7 @@ def _pin_args(p: argparse.ArgumentParser) -> None:
         help="the blob is an EROFS image's primary blob: pin the image with its extra "
         "blobs, metadata first",
     )
-    g.add_argument(
-        "--path", metavar="PATH", help="only the chunks behind PATH inside the image"
-    )
+    g.add_argument("--path", metavar="PATH", help="only the chunks behind PATH inside the image")
 
 
 def pin_target(
@@ -487,6 +487,54 @@ def _offline_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- conflicts -------------------------------------------------------------------------
+
+
+def _conflicts(args: argparse.Namespace) -> int:
+    reply = ask(args, "conflicts")
+    if args.json:
+        return _print_json(reply)
+    rows = [("BLOB", "STATE", "CACHED", "UPSTREAM", "SINCE", "OPEN")]
+    for c in reply["conflicts"]:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["since"]))
+        rows.append(
+            (
+                c["blob"],
+                c["resolution"],
+                c["cached"],
+                c["upstream"],
+                since,
+                "yes" if c["open"] else "no",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print(
+        f"{reply['needing_attention']} needing attention (cachefilesctl resolve BLOB keep|refetch)"
+    )
+    return 0
+
+
+def _resolve_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("blob", help="<volume key>/<cookie key>, as 'conflicts' lists it")
+    p.add_argument(
+        "how",
+        choices=("keep", "refetch"),
+        help="keep: serve the cached version on; refetch: take the origin's version at "
+        "the blob's next OPEN",
+    )
+
+
+def _resolve(args: argparse.Namespace) -> int:
+    reply = ask(args, "resolve", blob=args.blob, how=args.how)
+    if args.json:
+        return _print_json(reply)
+    print(f"{reply['blob']}: {reply['resolution']} ({reply['note']})")
+    return 0
+
+
 # -- reload ----------------------------------------------------------------------------
 
 
@@ -583,6 +631,18 @@ register(
     "what a READ of missing bytes does while its source is offline: error, or wait CAP",
     _offline_policy_args,
     run_live(_offline_policy),
+)
+register(
+    "conflicts",
+    "blobs whose origin changed while cached, with both versions",
+    _common,
+    run_live(_conflicts),
+)
+register(
+    "resolve",
+    "end a conflict: keep the cached version, or refetch the origin's",
+    _resolve_args,
+    run_live(_resolve),
 )
 register("reload", "re-read the configuration; report what changed", _common, run_live(_reload))
 register(

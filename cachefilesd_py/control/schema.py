@@ -122,6 +122,10 @@ def _offline_policy_text(value: str) -> str | None:
     return None
 
 
+def _resolution_text(value: str) -> str | None:
+    return None if value in ("keep", "refetch") else "must be 'keep' or 'refetch'"
+
+
 def _pattern_text(value: str) -> str | None:
     if len(value) > 1024 or "\0" in value or any(c.isspace() for c in value):
         return "must be a glob of at most 1024 characters, without blanks or NUL"
@@ -198,6 +202,19 @@ OPERATIONS: dict[str, Operation] = {
             help="what a READ of missing bytes does while its source is offline: "
             "'error' or 'wait DURATION', for a <volume>/<cookie> glob or (no pattern) "
             "the default; until the next reload or restart",
+        ),
+        Operation(
+            "conflicts",
+            False,
+            help="blobs whose origin changed while cached: both versions, since when, "
+            "and the decision (open, keep, refetch)",
+        ),
+        Operation(
+            "resolve",
+            True,
+            {**BLOB_ARGS, "how": Arg(str, required=True, check=_resolution_text)},
+            help="end a conflict: 'keep' serves the cached version on, 'refetch' takes "
+            "the origin's at the blob's next OPEN (open objects keep theirs to the end)",
         ),
     )
 }

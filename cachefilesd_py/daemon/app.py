@@ -335,6 +335,7 @@ class Daemon:
         if not self.config.ondemand:
             return
         assert device is not None
+        from cachefilesd_py.engine.conflicts import ConflictBook
         from cachefilesd_py.engine.service import Engine
         from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
         from cachefilesd_py.frontends.ondemand.space import make_culler
@@ -355,6 +356,7 @@ class Daemon:
             open_source=self._factory.open,
             presence=presence,
             settings=engine_settings(self.config),
+            conflicts=ConflictBook(state_dir),
         )
         self._engine = engine
         driver = OnDemandDriver(
@@ -411,12 +413,13 @@ class Daemon:
             return {**ondemand_figures(driver, engine), **host.footprint()}
 
         from cachefilesd_py.daemon.control import serve_control
-        from cachefilesd_py.daemon.offline import OfflineWiring
+        from cachefilesd_py.daemon.offline import OfflineWiring, idle_pinned
 
         self._offline = offline = OfflineWiring(self.config, engine, driver.source_changed)
         driver.on_read_waiting = offline.read_waiting
         self._reporter = StatsReporter(collect).start()
         control = serve_control(self, "ondemand", collect, engine, driver)
+        offline.idle_pinned = lambda: idle_pinned(control.pins, driver)
         on_serving()
         try:
             driver.serve(self.stop)

@@ -141,6 +141,8 @@ class ControlHandlers:
             table["offline_policy"] = lambda a, p: self.offline_policy(
                 a["pattern"] or None, a["policy"]
             )
+            table["conflicts"] = lambda a, p: self.conflicts()
+            table["resolve"] = lambda a, p: self.resolve(a["blob"], a["how"])
         if self.state.reload is not None:
             reload = self.state.reload
             table["reload"] = lambda a, p: reload()
@@ -190,6 +192,34 @@ class ControlHandlers:
             **(offline_status(engine) if engine is not None else {}),
             **self.state.more_status(),
         }
+
+    def conflicts(self) -> dict[str, Any]:
+        """The conflict book (``engine/conflicts.py``), each with whether it is open."""
+        engine = self.state.engine
+        assert engine is not None
+        busy = {str(b.key) for b in engine.blobs()}
+        return {
+            "conflicts": [{**c.to_json(), "open": c.blob in busy} for c in engine.conflicts.all()],
+            "needing_attention": engine.conflicts.needing_attention(),
+        }
+
+    def resolve(self, blob: str, how: str) -> dict[str, Any]:
+        from cachefilesd_py.engine.conflicts import Resolution
+
+        engine = self.state.engine
+        assert engine is not None
+        try:
+            done = engine.conflicts.resolve(blob, Resolution(how))
+        except KeyError:
+            raise ControlError(ErrorCode.NOT_FOUND, f"{blob}: no conflict") from None
+        is_open = any(str(b.key) == blob for b in engine.blobs())
+        if done.resolution is Resolution.KEEP:
+            note = "the cached version stays in force"
+        elif is_open:
+            note = "open objects keep the cached version; the next OPEN takes the origin's"
+        else:
+            note = "the next OPEN takes the origin's version"
+        return {**done.to_json(), "open": is_open, "note": note}
 
     def offline_policy(self, pattern: str | None, text: str) -> dict[str, Any]:
         """Switch the offline policy of ``pattern`` (None: the default) at run time."""
@@ -469,6 +499,8 @@ def offline_status(engine: Engine) -> dict[str, Any]:
             "default": str(policies.default),
             "rules": [{"pattern": r.pattern, "policy": str(r.policy)} for r in policies.rules],
         },
+        # conflicts nobody decided yet (``cachefilesctl conflicts``)
+        "conflicts": engine.conflicts.needing_attention(),
     }
 
 
@@ -500,6 +532,8 @@ class ControlService:
     def __init__(self, server: ControlServer | None, metrics: Metrics | None) -> None:
         self.server = server
         self.metrics = metrics
+        #: the pins of ``cachefilesctl pin`` (held by the culler even without a socket)
+        self.pins: PinStore | None = None
 
     def close(self) -> None:
         if self.server is not None:
@@ -548,6 +582,11 @@ def start_control(state: ServingState, config: Config) -> ControlService:
             "kernel_objects": (float(state.objects()), "kernel cache objects open"),
             "uptime_seconds": (time.monotonic() - state.started, "seconds since serving began"),
         }
+        if state.engine is not None and state.mode == "ondemand":
+            out["conflicts"] = (
+                float(state.engine.conflicts.needing_attention()),
+                "blobs changed upstream while cached, not resolved yet",
+            )
         if cfg.cache_max_bytes is not None:
             out["cache_max_bytes"] = (float(cfg.cache_max_bytes), "configured cache_max_bytes")
         if cfg.cache_max_objects is not None:
@@ -720,7 +759,9 @@ def serve_control(
         policy_changed=getattr(driver, "policy_changed", None),
     )
     try:
-        return start_control(state, daemon.config)
+        service = start_control(state, daemon.config)
     except (OSError, ControlError) as exc:
         log.error("control.unavailable", error=str(exc), path=daemon.config.control_socket)
-        return ControlService(None, None)
+        service = ControlService(None, None)
+    service.pins = pins
+    return service

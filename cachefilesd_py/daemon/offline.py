@@ -12,7 +12,11 @@ it to the engine's offline gate (``engine/offline.py``), together with the
   ``daemon/notify_dbus.py`` never blocks, without a bus it drops and retries later);
 - wakes the READs held for that source (they ask the policy again);
 - shows in the heartbeat, from which the supervisor sets systemd's ``STATUS=`` (only
-  the main process talks to systemd, ``daemon/worker.py``).
+  the main process talks to systemd, ``daemon/worker.py``);
+- back online, starts a **resync** (``Engine.resync``, in its own thread): every open
+  blob from that source, and every pinned idle one, is checked against the origin's
+  version; one that changed is a conflict (``engine/conflicts.py``), logged
+  (``blob.conflict``) and signalled (``Conflict``).
 
 ``file:`` sources are always online: they are not tracked.
 
@@ -27,7 +31,9 @@ in ``DBUS_SYSTEM_BUS_ADDRESS`` (jeepney reads it), as for any D-Bus client.
 from __future__ import annotations
 
 import fnmatch
+import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,6 +41,7 @@ import structlog
 
 from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.config.model import Config
+from cachefilesd_py.engine.conflicts import Conflict
 from cachefilesd_py.engine.offline_policy import OfflinePolicies, OfflinePolicy, PolicyRule
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.sources.online import Status, Transition
@@ -86,6 +93,27 @@ def pinned_by(
     return pinned
 
 
+def idle_pinned(pins: Any, driver: Any) -> list[tuple[BlobKey, Path]]:
+    """The blobs pinned by ``cachefilesctl pin`` (``pins``: a ``PinStore``, or None)
+    that no kernel object of ``driver`` has open, with their cache files."""
+    if pins is None:
+        return []
+    from cachefilesd_py.control.schema import ControlError
+    from cachefilesd_py.daemon.pinning import cache_file_of, parse_key
+
+    busy = {obj.blob.key for obj in driver.objects()}
+    out = []
+    for name in sorted(pins.snapshot().names()):
+        try:
+            key = parse_key(name)
+        except ControlError:  # not a key this mode stores: nothing to check
+            continue
+        path = cache_file_of(driver.cache_dir, key)
+        if key not in busy and path is not None:
+            out.append((key, path))
+    return out
+
+
 class OfflineWiring:
     """The connectivity driver and the D-Bus emitter of one serving worker."""
 
@@ -99,6 +127,11 @@ class OfflineWiring:
         self._on_change = on_change
         self.notifier: Any = None
         self.connectivity: Any = None
+        #: the pinned blobs no kernel object has open, with their cache files: what a
+        #: resync checks besides the open blobs (set once the pins are loaded)
+        self.idle_pinned: Callable[[], Iterable[tuple[BlobKey, Path]]] = lambda: ()
+        self._resyncs: list[threading.Thread] = []
+        engine.conflicts.on_found = self._conflict
         hosts = tracked_origins(r.url_template for r in config.sources)
         engine.gate.policies = policies_of(config)
         engine.gate.credentials.on_change = self._credentials
@@ -133,6 +166,23 @@ class OfflineWiring:
             elif tr.new is Status.ONLINE:
                 self.notifier.source_online(tr.source, tr.reason)
         self._on_change(tr.source)
+        if tr.new is Status.ONLINE and tr.old is Status.OFFLINE:
+            thread = threading.Thread(
+                target=self._resync, args=(tr.source,), name="resync", daemon=True
+            )
+            self._resyncs = [t for t in self._resyncs if t.is_alive()] + [thread]
+            thread.start()
+
+    def _resync(self, origin: str) -> None:
+        try:
+            self.engine.resync(origin, self.idle_pinned())
+        except Exception:  # a resync's failure must not end the thread's caller
+            log.exception("resync.failed", origin=origin)
+
+    def _conflict(self, conflict: Conflict) -> None:
+        if self.notifier is not None:
+            volume, _, cookie = conflict.blob.partition("/")
+            self.notifier.conflict(volume, cookie, conflict.cached, conflict.upstream)
 
     def _credentials(self, origin: str, status: int | None) -> None:
         if status is None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -107,6 +108,8 @@ class Filler:
         #: admits each fetch by its source's connectivity and hears its outcome
         #: (``engine/offline.py``; without a connectivity driver it admits everything)
         self.gate = OfflineGate()
+        #: told of each failed fill (the engine looks for a version the origin refused)
+        self.on_fetch_failed: Callable[[Blob, SourceError], None] = lambda _b, _e: None
 
     def ensure(self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline) -> None:
         """Make ``[offset, offset+length)`` of ``blob`` present, or raise."""
@@ -236,6 +239,8 @@ class Filler:
             with self._stats_lock:
                 self.stats.failures += 1
             self.errors.add(error_kind(failure))
+            if isinstance(failure, SourceError):
+                self.on_fetch_failed(blob, failure)
             raise failure
 
     def _fetch_run(

@@ -30,7 +30,7 @@ from __future__ import annotations
 import fnmatch
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,12 +38,13 @@ import structlog
 
 from cachefilesd_py.counters import LabelledCounts
 from cachefilesd_py.engine.blob import Blob, BlobKey
+from cachefilesd_py.engine.conflicts import UNKNOWN, CachedVersion, Conflict, ConflictBook
 from cachefilesd_py.engine.fill import Filler, Sink
 from cachefilesd_py.engine.latency import LatencyHistogram
 from cachefilesd_py.engine.leases import BlobLeases
 from cachefilesd_py.engine.offline import OfflineGate
 from cachefilesd_py.engine.readahead import Prefetch, StreamReadahead
-from cachefilesd_py.errors import SourceError, SourceNotFound, error_kind
+from cachefilesd_py.errors import IdentityChanged, SourceError, SourceNotFound, error_kind
 from cachefilesd_py.kernel.dio import PAGE_SIZE, BufferPool
 from cachefilesd_py.presence.bitmap import ChunkGeometry
 from cachefilesd_py.presence.store import BlobPresence, PresenceStore
@@ -88,6 +89,9 @@ class Engine:
     open_source: Callable[[str], Source]
     presence: PresenceStore
     settings: EngineSettings = field(default_factory=EngineSettings)
+    #: blobs whose origin changed while cached (``engine/conflicts.py``); the daemon
+    #: gives one kept on disk
+    conflicts: ConflictBook = field(default_factory=ConflictBook)
 
     def __post_init__(self) -> None:
         self._blobs: dict[BlobKey, Blob] = {}
@@ -95,6 +99,7 @@ class Engine:
         #: who may touch a blob's cache file: frontends take use leases, trims trim leases
         self.leases = BlobLeases()
         self.filler = Filler(BufferPool(self.settings.max_run, self.settings.buffers))
+        self.filler.on_fetch_failed = self._refused_by_origin
         #: seconds per checkpoint that saved something (syncfs + sidecar writes)
         self.checkpoint_times = LatencyHistogram()
         self.checkpoints = CheckpointStats()
@@ -159,8 +164,13 @@ class Engine:
         try:
             identity = self._identity(source, deadline)
         except SourceError as exc:
-            self.open_errors.add(error_kind(exc))
-            raise
+            offline = self._open_offline(key, cache_file, source, exc)
+            if offline is None:
+                self.open_errors.add(error_kind(exc))
+                raise
+            source, identity = offline
+        else:
+            source, identity = self._version_in_force(key, cache_file, source, identity)
         blob = self._new_blob(key, source, identity, cache_file)
         with self._lock:
             existing = self._blobs.get(key)
@@ -179,6 +189,116 @@ class Engine:
         out: list[BlobIdentity] = []
         self.filler.gate.fetch(source.origin, lambda: out.append(source.identity(deadline)))
         return out[0]
+
+    # -- versions (engine/conflicts.py) ------------------------------------------------
+
+    def _version_in_force(
+        self, key: BlobKey, cache_file: Path | None, source: Source, upstream: BlobIdentity
+    ) -> tuple[Source, BlobIdentity]:
+        """Which version a new OPEN of ``key`` gets: the origin's (``upstream``),
+        unless a conflict keeps the cached one in force while the cache file still
+        holds it. The OPEN of a pinned blob whose cache file holds another version
+        than the origin's finds a conflict: pinned data is not silently replaced."""
+        name = str(key)
+        conflict = self.conflicts.get(name)
+        if conflict is None and not self.gate.is_pinned(key):
+            return source, upstream
+        cached = self._cached_token(key, cache_file)
+        if conflict is not None:
+            if conflict.in_force is None:
+                self.conflicts.forget(name, "the origin's version is taken")
+                return source, upstream
+            if cached != conflict.cached:
+                self.conflicts.forget(name, "the cached version is no longer in the cache")
+                return source, upstream
+            if upstream.token() == cached:
+                self.conflicts.forget(name, "the origin serves the cached version again")
+                return source, upstream
+            self.conflicts.found(name, cached, upstream.token())  # a third version?
+        elif cached is None or cached == upstream.token():
+            return source, upstream
+        else:
+            self.conflicts.found(name, cached, upstream.token())
+        kept = BlobIdentity.from_token(cached, upstream.url)
+        if kept is None:  # a sidecar vouched for a token we never write: distrust it
+            self.conflicts.forget(name, "the cached version is not readable")
+            return source, upstream
+        log.warning("open.cached_version_kept", blob=name, cached=cached, upstream=upstream.token())
+        return CachedVersion(source, kept), kept
+
+    def _open_offline(
+        self, key: BlobKey, cache_file: Path | None, source: Source, exc: SourceError
+    ) -> tuple[Source, BlobIdentity] | None:
+        """A pinned blob opens from its cache file while its origin cannot be reached
+        (offline, refused, timed out): the version its sidecar vouches for, fetched
+        from once the origin is back only if the origin still serves it. None for
+        anything else (the OPEN fails as before)."""
+        if exc.reason != "offline" and error_kind(exc) not in ("connection", "timeout"):
+            return None
+        if not self.gate.is_pinned(key):
+            return None
+        cached = self._cached_token(key, cache_file)
+        url = getattr(source, "url", None) or exc.url or key.match_name
+        kept = BlobIdentity.from_token(cached, url) if cached else None
+        if kept is None:
+            return None
+        log.warning("open.offline_from_cache", blob=str(key), cached=cached, error=str(exc))
+        return CachedVersion(source, kept), kept
+
+    def _cached_token(self, key: BlobKey, cache_file: Path | None) -> str | None:
+        """The version the cache file of ``key`` holds, if its sidecar vouches for it."""
+        if cache_file is None:
+            return None
+        bound = self.presence.load_bound(key, cache_file)
+        return bound.token if bound is not None else None
+
+    def _refused_by_origin(self, blob: Blob, exc: SourceError) -> None:
+        """A fetch for ``blob`` was refused by the origin's validators: it changed."""
+        if isinstance(exc, IdentityChanged):
+            self.conflicts.found(str(blob.key), blob.identity.token(), UNKNOWN)
+
+    def resync(
+        self, origin: str, idle: Iterable[tuple[BlobKey, Path]] = (), timeout: float = 10.0
+    ) -> list[Conflict]:
+        """Re-validate what the cache holds from ``origin`` (it came back online):
+        the version of every open blob, and of every ``idle`` blob (pinned, not open:
+        its cache file) whose sidecar names one, against a fresh identity from the
+        origin. The conflicts found (each also logged and sent to ``on_found``)."""
+        checks: dict[BlobKey, str] = {
+            b.key: b.identity.token() for b in self.blobs() if b.source.origin == origin
+        }
+        for key, path in idle:
+            if key not in checks:
+                token = self._cached_token(key, path)
+                if token is not None:
+                    checks[key] = token
+        found: list[Conflict] = []
+        for key, cached in checks.items():
+            try:
+                fresh = self.source_for(key)
+            except SourceError:
+                continue
+            try:
+                if fresh.origin != origin:
+                    continue
+                upstream = self._identity(fresh, Deadline.after(timeout))
+            except SourceError as exc:
+                log.info("resync.unanswered", blob=str(key), error=str(exc), reason=exc.reason)
+                if exc.reason == "offline":
+                    break  # gone again: the next reconnect resyncs
+                continue
+            finally:
+                fresh.close()
+            name = str(key)
+            if upstream.token() == cached:
+                if self.conflicts.get(name) is not None:
+                    self.conflicts.forget(name, "the origin serves the cached version again")
+                continue
+            conflict = self.conflicts.found(name, cached, upstream.token())
+            if conflict is not None:
+                found.append(conflict)
+        log.info("resync.done", origin=origin, checked=len(checks), conflicts=len(found))
+        return found
 
     def _new_blob(
         self, key: BlobKey, source: Source, identity: BlobIdentity, cache_file: Path | None

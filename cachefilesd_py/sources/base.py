@@ -71,6 +71,25 @@ class BlobIdentity:
         lm = "-" if self.last_modified is None else str(self.last_modified)
         return f"{self.size}:{self.etag or '-'}:{lm}"
 
+    @classmethod
+    def from_token(cls, token: str, url: str) -> BlobIdentity | None:
+        """The identity a :meth:`token` names (None if ``token`` is not one): how a
+        version the cache holds is asked for again (If-Match on its ETag) when the
+        origin may have moved on. The ETag may hold ``:``; the size and the last part
+        never do."""
+        size_text, sep, rest = token.partition(":")
+        etag, sep2, lm_text = rest.rpartition(":")
+        if not (sep and sep2 and size_text.isdigit() and etag):
+            return None
+        if lm_text != "-" and not lm_text.isdigit():
+            return None
+        return cls(
+            int(size_text),
+            None if etag == "-" else etag,
+            url,
+            None if lm_text == "-" else int(lm_text),
+        )
+
 
 def check_blob_size(size: int, url: str) -> int:
     """``size`` if a blob may have it, else a permanent :class:`SourceError`."""

@@ -30,6 +30,7 @@ from cachefilesd_py.control.client import call
 from cachefilesd_py.control.schema import ControlError, ErrorCode
 from cachefilesd_py.daemon.app import Daemon, engine_settings, ondemand_figures, source_settings
 from cachefilesd_py.daemon.control import ControlService, serve_control
+from cachefilesd_py.engine.conflicts import ConflictBook
 from cachefilesd_py.engine.service import Engine
 from cachefilesd_py.frontends.ondemand.driver import OnDemandDriver
 from cachefilesd_py.frontends.ondemand.space import make_culler
@@ -89,6 +90,7 @@ class Live:
             open_source=self.factory.open,
             presence=PresenceStore(self.cache / "cachefilesd-py" / "presence"),
             settings=settings,
+            conflicts=ConflictBook(self.cache / "cachefilesd-py"),
         )
         self.daemon._engine = self.engine
         self.driver = OnDemandDriver(self.fake, self.engine, self.cache, workers=4, fetch_timeout=3)

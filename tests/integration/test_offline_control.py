@@ -7,6 +7,7 @@ namespace, read-only (a loopback origin: its route is ``local`` through ``lo``).
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 
 from cachefilesd_py.blobkey import BlobKey
 from cachefilesd_py.control.client import call
+from cachefilesd_py.control.schema import ControlError
 from cachefilesd_py.daemon.offline import OfflineWiring
 from cachefilesd_py.sources.online import Status
 from cachefilesd_py.testing.connectivity import ScriptedConnectivity
@@ -104,3 +106,48 @@ def test_the_wiring_runs_the_netlink_driver_for_http_origins(tmp_path: Path) -> 
     finally:
         wiring.close()
         engine.presence.close()
+
+
+def test_conflicts_and_resolve_through_the_socket(
+    http_live: tuple[Live, FaultServer, ScriptedConnectivity],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A blob changed upstream while open: the resync after a reconnect lists it in
+    ``status``, ``conflicts`` and the metrics; ``resolve`` ends it (kept on disk)."""
+    live, server, net = http_live
+    obj = live.fake.lookup(b"erofs,img", b"img")
+    assert obj.read(0, 100_000) == DATA[:100_000]
+    net.link(server.url, up=False)
+    server.replace("img", DATA[::-1] + b"more")
+    net.link(server.url, up=True)
+    [found] = live.engine.resync(server.url)
+    blob = "erofs,img/img"
+    assert found.blob == blob
+
+    rc, st = live.ctl(capsys, "status")
+    assert rc == 0 and st["conflicts"] == 1
+    rc, reply = live.ctl(capsys, "conflicts")
+    [c] = reply["conflicts"]
+    assert rc == 0 and c["blob"] == blob and c["resolution"] == "open" and c["open"] is True
+    assert c["cached"].startswith(f"{len(DATA)}:")
+    assert c["upstream"].startswith(f"{len(DATA) + 4}:")
+    m = metrics_of(call(live.sock, "metrics")["text"])
+    assert m["cachefilesd_conflicts"] == 1.0
+
+    rc, _ = live.ctl(capsys, "resolve", "erofs,img/other", "keep")
+    assert rc == 1 and "no conflict" in live.last_err
+    with pytest.raises(ControlError, match="must be 'keep' or 'refetch'"):
+        call(live.sock, "resolve", blob=blob, how="maybe")
+    rc, reply = live.ctl(capsys, "resolve", blob, "refetch")
+    assert rc == 0 and reply["resolution"] == "refetch" and reply["open"] is True
+    assert "open objects keep the cached version" in reply["note"]
+    assert live.ctl(capsys, "status")[1]["conflicts"] == 0
+    saved = json.loads((live.cache / "cachefilesd-py" / "conflicts.json").read_text())
+    assert [c["resolution"] for c in saved["conflicts"]] == ["refetch"]
+    # the text form
+    from cachefilesd_py.control.cli import main as ctl
+
+    capsys.readouterr()
+    assert ctl(["conflicts", "--socket", live.sock]) == 0
+    out = capsys.readouterr().out
+    assert f"{blob}  refetch" in out and "0 needing attention" in out

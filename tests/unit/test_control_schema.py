@@ -228,6 +228,7 @@ def test_every_mutating_operation_is_root_only() -> None:
         "unpin",
         "offline_policy",
         "credentials_reload",
+        "resolve",
     }
 
 

@@ -31,7 +31,7 @@ from cachefilesd_py.sources.policy import Deadline, RetryPolicy
 from cachefilesd_py.testing.netns import InProcessWatcher
 from cachefilesd_py.testing.pattern import pattern_bytes
 from tests.vm.remote import RemoteNginx
-from tests.vm.rig import Daemon, mkfs_erofs, mount_tracked, tree_digests
+from tests.vm.rig import Daemon, mkfs_erofs, mount_tracked, tree_digests, umount_tracked
 
 pytestmark = pytest.mark.guest
 
@@ -132,7 +132,8 @@ def test_daemon_offline_pinned_reads_error_then_wait(
     """The daemon fetches from nginx in another namespace. A pinned image reads whole
     while the link is down; an unpinned image's missing file gets EIO at once under
     ``error``; after ``offline-policy wait 60`` a read blocks and completes (right
-    bytes) once the link is back."""
+    bytes) once the link is back. The pinned image changed upstream meanwhile: the
+    resync shows the conflict, and the image still reads as its cached version."""
     blobs = workdir / "blobs"
     blobs.mkdir()
     pin_src, img_src = workdir / "pin-src", workdir / "img-src"
@@ -188,6 +189,11 @@ def test_daemon_offline_pinned_reads_error_then_wait(
 
     # pinned: the whole image reads right, offline
     assert tree_digests(pin_mnt) == tree_digests(pin_src)
+    # ... and mounts again offline: the OPEN is answered from its cache file
+    umount_tracked(pin_mnt, mounts)
+    mount_tracked(pin_mnt, "pin.erofs", mounts)
+    assert tree_digests(pin_mnt) == tree_digests(pin_src)
+    assert d.count("open.offline_from_cache") == 1
 
     # unpinned, missing, policy error: EIO at once
     began = time.monotonic()
@@ -215,6 +221,9 @@ def test_daemon_offline_pinned_reads_error_then_wait(
     assert d.wait_for("read.waiting_for_network", WAIT)
     thread.join(2.0)
     assert thread.is_alive(), f"the read did not wait: {out}"
+    # the pinned image changes upstream during the outage
+    old_pin = (blobs / "pin.erofs").read_bytes()
+    remote.change_blob("pin.erofs", old_pin + bytes(4096))
     remote.link(up=True)
     thread.join(WAIT)
     assert not thread.is_alive(), "the held read did not complete after the link came up"
@@ -224,4 +233,18 @@ def test_daemon_offline_pinned_reads_error_then_wait(
     ).hexdigest()
     assert d.wait_for("source.online", WAIT)
     assert call(sock, "status")["sources"][origin]["state"] == "online"
+
+    # back online, the resync finds the pinned image's conflict; its readers see the
+    # cached version whole, never bytes of the new one
+    assert d.wait_for("blob.conflict", WAIT)
+    [c] = call(sock, "conflicts")["conflicts"]
+    assert c["blob"] == "erofs,pin.erofs/pin.erofs" and c["open"] is True, c
+    assert c["cached"].startswith(f"{len(old_pin)}:"), c
+    assert c["upstream"].startswith(f"{len(old_pin) + 4096}:"), c
+    assert call(sock, "status")["conflicts"] == 1
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")  # read the cache files again
+    assert tree_digests(pin_mnt) == tree_digests(pin_src)
+    reply = call(sock, "resolve", blob=c["blob"], how="keep")
+    assert reply["resolution"] == "keep"
+    assert call(sock, "status")["conflicts"] == 0
     assert d.stop() == 0
