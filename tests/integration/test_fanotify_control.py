@@ -285,6 +285,15 @@ def test_reload_applies_the_live_settings_and_names_the_rest(
     assert e.value.code is ErrorCode.FAILED and "cachefilesd.conf:" in e.value.message
 
 
+def test_credentials_reload_is_available_in_fanotify_mode(
+    live: FanLive, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same op as on-demand mode (``Daemon.reload_credentials``); here no
+    ``source_headers`` rule: nothing to reload, and no refusal."""
+    rc, report = live.ctl(capsys, "credentials", "reload")
+    assert rc == 0 and report == {"rules": [], "cleared": []}, report
+
+
 def test_cull_never_removes_the_mounted_blob(capsys: pytest.CaptureFixture[str]) -> None:
     root = Path(tempfile.mkdtemp(prefix="ctl-fan-cull-"))
     # an idle cache file of an image no longer configured, next to the mounted one
