@@ -186,9 +186,7 @@ class Engine:
     def _identity(self, source: Source, deadline: Deadline) -> BlobIdentity:
         """The source's identity, asked through the offline gate (not asked at all
         while the source is offline)."""
-        out: list[BlobIdentity] = []
-        self.filler.gate.fetch(source.origin, lambda: out.append(source.identity(deadline)))
-        return out[0]
+        return self.filler.gate.fetch(source.origin, lambda: source.identity(deadline))
 
     # -- versions (engine/conflicts.py) ------------------------------------------------
 
