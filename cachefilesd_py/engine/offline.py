@@ -94,6 +94,10 @@ class OfflineGate:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
 
+    def watches(self, origin: str) -> bool:
+        """Whether ``origin``'s connectivity is followed (else: always online)."""
+        return self.connectivity is not None and origin in self.tracked
+
     # -- fetches ------------------------------------------------------------------------
 
     def admit(self, origin: str) -> None:
