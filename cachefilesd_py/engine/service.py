@@ -89,9 +89,9 @@ class Engine:
     open_source: Callable[[str], Source]
     presence: PresenceStore
     settings: EngineSettings = field(default_factory=EngineSettings)
-    #: blobs whose origin changed while cached (``engine/conflicts.py``); the daemon
-    #: gives one kept on disk
-    conflicts: ConflictBook = field(default_factory=ConflictBook)
+    #: blobs whose origin changed while cached (``engine/conflicts.py``); the
+    #: on-demand daemon gives one kept on disk, others record none
+    conflicts: ConflictBook = field(default_factory=lambda: ConflictBook(enabled=False))
 
     def __post_init__(self) -> None:
         self._blobs: dict[BlobKey, Blob] = {}
