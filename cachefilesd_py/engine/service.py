@@ -341,17 +341,6 @@ class Engine:
         """The offline gate of every fetch (``engine/offline.py``)."""
         return self.filler.gate
 
-    @staticmethod
-    def missing(blob: Blob, offset: int, length: int) -> bool:
-        """Whether the daemon's bitmap lacks a chunk of ``[offset, offset+length)``
-        (a READ of present chunks raced with a fill: no fetch, no offline policy)."""
-        if length <= 0 or offset >= blob.size:
-            return False
-        if blob.presence is None:
-            return True
-        first, last = blob.geometry.chunks_for(offset, min(length, blob.size - offset))
-        return bool(blob.presence.missing_runs(first, last))
-
     def ensure(self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline) -> None:
         self.filler.ensure(blob, offset, length, sink, deadline)
 
