@@ -18,7 +18,10 @@ it to the engine's offline gate (``engine/offline.py``), together with the
   version; one that changed is a conflict (``engine/conflicts.py``), logged
   (``blob.conflict``) and signalled (``Conflict``).
 
-``file:`` sources are always online: they are not tracked.
+``file:`` sources are always online: they are not tracked. Without netlink (the
+driver cannot start: a seccomp filter, a sandbox without ``NETLINK_ROUTE``) the
+tracker still runs on fetch outcomes alone: three refused, unreachable or timed-out
+fetches in a row take a source offline, and probes bring it back.
 
 Credentials (every HTTP origin, tracked or not): the gate's
 ``CredentialsWatch`` (``engine/credentials.py``) reports when a source starts
@@ -148,9 +151,13 @@ class OfflineWiring:
         conn = NetlinkConnectivity(hosts, on_transition=self._transition)
         try:
             conn.start()
-        except Exception as exc:  # no netlink: fetch outcomes only, without the driver
-            log.error("connectivity.unavailable", error=str(exc), sources=sorted(hosts))
-            return
+        except Exception as exc:  # no netlink: the tracker hears fetch outcomes only
+            log.error(
+                "connectivity.unavailable",
+                error=str(exc),
+                sources=sorted(hosts),
+                note="no link or route events: a source goes offline after failed fetches",
+            )
         self.connectivity = conn
         engine.gate.connectivity = conn
         engine.gate.tracked = frozenset(hosts)

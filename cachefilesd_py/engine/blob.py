@@ -72,3 +72,13 @@ class Blob:
     @property
     def chunk_size(self) -> int:
         return self.geometry.chunk_size
+
+    def missing(self, offset: int, length: int) -> bool:
+        """Whether the daemon's bitmap lacks a chunk of ``[offset, offset+length)``
+        (a READ of present chunks raced with a fill: no fetch, no offline policy)."""
+        if length <= 0 or offset >= self.size:
+            return False
+        if self.presence is None:
+            return True
+        first, last = self.geometry.chunks_for(offset, min(length, self.size - offset))
+        return bool(self.presence.missing_runs(first, last))

@@ -118,7 +118,11 @@ def encode(conflicts: dict[str, Conflict]) -> bytes:
 
 
 class ConflictBook:
-    """The conflicts of one cache. ``state_dir`` None keeps them in memory only."""
+    """The conflicts of one cache. ``state_dir`` None keeps them in memory only.
+
+    A book made with ``enabled=False`` records nothing (:meth:`found` is a no-op): for
+    a frontend without the ``conflicts``/``resolve`` operations, where a conflict kept
+    in force could never be ended; there the origin's version wins at the next open."""
 
     def __init__(
         self,
@@ -126,8 +130,10 @@ class ConflictBook:
         *,
         on_found: Callable[[Conflict], None] = lambda _c: None,
         clock: Callable[[], float] = time.time,
+        enabled: bool = True,
     ) -> None:
-        self.path = state_dir / CONFLICT_FILE_NAME if state_dir is not None else None
+        self.enabled = enabled
+        self.path = state_dir / CONFLICT_FILE_NAME if state_dir is not None and enabled else None
         self.on_found = on_found
         self._clock = clock
         self._lock = threading.Lock()
@@ -186,7 +192,7 @@ class ConflictBook:
         """The origin serves ``upstream`` while the cache holds ``cached``: the new
         conflict (and ``on_found`` called), or None when this one is already known or
         decided (the same versions, or no news: an :data:`UNKNOWN` upstream)."""
-        if cached == upstream:
+        if cached == upstream or not self.enabled:
             return None
         with self._lock:
             old = self._book.get(blob)

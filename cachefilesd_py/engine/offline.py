@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 
@@ -54,6 +54,8 @@ from cachefilesd_py.errors import SourceError
 from cachefilesd_py.sources.online import SourceState, Status
 
 log = structlog.get_logger("engine.offline")
+
+T = TypeVar("T")
 
 
 class Connectivity(Protocol):
@@ -100,7 +102,8 @@ class OfflineGate:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
 
-    def _watched(self, origin: str) -> bool:
+    def watches(self, origin: str) -> bool:
+        """Whether ``origin``'s connectivity is followed (else: always online)."""
         return self.connectivity is not None and origin in self.tracked
 
     # -- fetches ------------------------------------------------------------------------
@@ -121,19 +124,20 @@ class OfflineGate:
         if self.connectivity is not None and origin in self.tracked:
             self.connectivity.fetch_failed(origin, exc)
 
-    def fetch(self, origin: str, work: Callable[[], None]) -> None:
+    def fetch(self, origin: str, work: Callable[[], T]) -> T:
         """Run one fetch from ``origin`` under the gate: admitted first, its outcome
         reported after (an :class:`OfflineError` is not an outcome) to the
-        connectivity tracker and to the credentials watch."""
+        connectivity tracker and to the credentials watch; ``work``'s answer."""
         self.admit(origin)
         try:
-            work()
-        except BaseException as exc:
+            answer = work()
+        except Exception as exc:
             self.failed(origin, exc)
             self.credentials.outcome(origin, exc)
             raise
         self.succeeded(origin)
         self.credentials.outcome(origin, None)
+        return answer
 
     # -- READs --------------------------------------------------------------------------
 

@@ -89,9 +89,9 @@ class Engine:
     open_source: Callable[[str], Source]
     presence: PresenceStore
     settings: EngineSettings = field(default_factory=EngineSettings)
-    #: blobs whose origin changed while cached (``engine/conflicts.py``); the daemon
-    #: gives one kept on disk
-    conflicts: ConflictBook = field(default_factory=ConflictBook)
+    #: blobs whose origin changed while cached (``engine/conflicts.py``); the
+    #: on-demand daemon gives one kept on disk, others record none
+    conflicts: ConflictBook = field(default_factory=lambda: ConflictBook(enabled=False))
 
     def __post_init__(self) -> None:
         self._blobs: dict[BlobKey, Blob] = {}
@@ -186,9 +186,7 @@ class Engine:
     def _identity(self, source: Source, deadline: Deadline) -> BlobIdentity:
         """The source's identity, asked through the offline gate (not asked at all
         while the source is offline)."""
-        out: list[BlobIdentity] = []
-        self.filler.gate.fetch(source.origin, lambda: out.append(source.identity(deadline)))
-        return out[0]
+        return self.filler.gate.fetch(source.origin, lambda: source.identity(deadline))
 
     # -- versions (engine/conflicts.py) ------------------------------------------------
 
@@ -342,17 +340,6 @@ class Engine:
     def gate(self) -> OfflineGate:
         """The offline gate of every fetch (``engine/offline.py``)."""
         return self.filler.gate
-
-    @staticmethod
-    def missing(blob: Blob, offset: int, length: int) -> bool:
-        """Whether the daemon's bitmap lacks a chunk of ``[offset, offset+length)``
-        (a READ of present chunks raced with a fill: no fetch, no offline policy)."""
-        if length <= 0 or offset >= blob.size:
-            return False
-        if blob.presence is None:
-            return True
-        first, last = blob.geometry.chunks_for(offset, min(length, blob.size - offset))
-        return bool(blob.presence.missing_runs(first, last))
 
     def ensure(self, blob: Blob, offset: int, length: int, sink: Sink, deadline: Deadline) -> None:
         self.filler.ensure(blob, offset, length, sink, deadline)

@@ -151,3 +151,49 @@ def test_conflicts_and_resolve_through_the_socket(
     assert ctl(["conflicts", "--socket", live.sock]) == 0
     out = capsys.readouterr().out
     assert f"{blob}  refetch" in out and "0 needing attention" in out
+
+
+def test_without_netlink_fetch_outcomes_still_drive_the_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver cannot start (no netlink): sources are still gated, on fetch
+    outcomes; and a reconnect starts a resync."""
+    import errno
+
+    import structlog.testing
+
+    from cachefilesd_py.config.parse import parse_config
+    from cachefilesd_py.engine.service import Engine
+    from cachefilesd_py.presence.store import PresenceStore
+    from cachefilesd_py.sources import netlink
+
+    def no_netlink(self: object, timeout: float = 30.0) -> None:
+        raise PermissionError(errno.EACCES, "netlink refused by the sandbox")
+
+    monkeypatch.setattr(netlink.NetlinkConnectivity, "start", no_netlink)
+    cfg = parse_config(
+        f"dir {tmp_path}\nondemand\nsource a/* http://127.0.0.1:9/{{cookie}}\n", "c.conf"
+    )
+    engine = Engine(
+        resolve=lambda v, n: None,
+        open_source=lambda url: None,  # type: ignore[arg-type, return-value]
+        presence=PresenceStore(tmp_path / "p"),
+    )
+    origin = "http://127.0.0.1:9"
+    with structlog.testing.capture_logs() as logs:
+        wiring = OfflineWiring(cfg, engine, lambda _s: None)
+        try:
+            assert engine.gate.connectivity is not None and engine.gate.tracked == {origin}
+            for _ in range(3):
+                engine.gate.failed(origin, ConnectionRefusedError(errno.ECONNREFUSED, "no"))
+            assert engine.gate.states()[origin].status is Status.OFFLINE
+            engine.gate.succeeded(origin)  # an answer: back online, and a resync
+            assert engine.gate.states()[origin].status is Status.ONLINE
+            for t in wiring._resyncs:
+                t.join(10)
+        finally:
+            wiring.close()
+            engine.presence.close()
+    events = [e["event"] for e in logs]
+    assert "connectivity.unavailable" in events
+    assert "resync.done" in events

@@ -115,3 +115,9 @@ def test_not_a_token(token: str) -> None:
 def test_encode_decode(items: list[tuple[str, str]]) -> None:
     conflicts = {n: Conflict(n, A, up, 1.5, Resolution.KEEP) for n, up in items}
     assert decode(encode(conflicts)) == conflicts
+
+
+def test_a_disabled_book_records_nothing(tmp_path: Path) -> None:
+    b = ConflictBook(tmp_path, enabled=False)
+    assert b.found("v/x", A, B) is None and b.all() == []
+    assert not (tmp_path / "conflicts.json").exists()

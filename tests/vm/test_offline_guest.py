@@ -132,16 +132,25 @@ def test_daemon_offline_pinned_reads_error_then_wait(
     """The daemon fetches from nginx in another namespace. A pinned image reads whole
     while the link is down; an unpinned image's missing file gets EIO at once under
     ``error``; after ``offline-policy wait 60`` a read blocks and completes (right
-    bytes) once the link is back. The pinned image changed upstream meanwhile: the
-    resync shows the conflict, and the image still reads as its cached version."""
+    bytes) once the link is back. The pinned image and a third, half-read one changed
+    upstream meanwhile: the resync shows both conflicts; the pinned image still reads
+    as its cached version, the half-read one serves its cached file and EIO for the
+    other, never bytes of the new version (same layout, other contents)."""
     blobs = workdir / "blobs"
     blobs.mkdir()
     pin_src, img_src = workdir / "pin-src", workdir / "img-src"
+    mix_src, mix2_src = workdir / "mix-src", workdir / "mix2-src"
     for d in (pin_src, img_src):
         (d / "sub").mkdir(parents=True)
     for i in range(3):
         (pin_src / f"p{i}.bin").write_bytes(os.urandom(1 << 20))
         (img_src / f"f{i}.bin").write_bytes(os.urandom(1 << 20))
+    for d in (mix_src, mix2_src):  # two versions: same names and sizes, other bytes
+        d.mkdir()
+        for i in range(2):
+            (d / f"m{i}.bin").write_bytes(os.urandom(1 << 20))
+    mkfs_erofs(blobs / "mix.erofs", mix_src, "-Enoinline_data")
+    mkfs_erofs(workdir / "mix2.erofs", mix2_src, "-Enoinline_data")
     (pin_src / "sub" / "small.txt").write_text("pinned\n")
     (img_src / "sub" / "small.txt").write_text("unpinned\n")
     mkfs_erofs(blobs / "pin.erofs", pin_src, "-Enoinline_data")
@@ -163,6 +172,9 @@ def test_daemon_offline_pinned_reads_error_then_wait(
     pin_mnt, img_mnt = workdir / "pin", workdir / "img"
     mount_tracked(pin_mnt, "pin.erofs", mounts)
     mount_tracked(img_mnt, "img.erofs", mounts)
+    mix_mnt = workdir / "mix"
+    mount_tracked(mix_mnt, "mix.erofs", mounts)
+    assert _read_all(mix_mnt / "m0.bin") == (mix_src / "m0.bin").read_bytes()
     reply = call(sock, "pin", blob="erofs,pin.erofs/pin.erofs", path="/", timeout=300)
     assert all(b["present_pct"] == 100.0 for b in reply["blobs"]), reply
     assert _read_all(img_mnt / "f0.bin") == (img_src / "f0.bin").read_bytes()
@@ -224,6 +236,7 @@ def test_daemon_offline_pinned_reads_error_then_wait(
     # the pinned image changes upstream during the outage
     old_pin = (blobs / "pin.erofs").read_bytes()
     remote.change_blob("pin.erofs", old_pin + bytes(4096))
+    remote.change_blob("mix.erofs", (workdir / "mix2.erofs").read_bytes())
     remote.link(up=True)
     thread.join(WAIT)
     assert not thread.is_alive(), "the held read did not complete after the link came up"
@@ -234,17 +247,24 @@ def test_daemon_offline_pinned_reads_error_then_wait(
     assert d.wait_for("source.online", WAIT)
     assert call(sock, "status")["sources"][origin]["state"] == "online"
 
-    # back online, the resync finds the pinned image's conflict; its readers see the
-    # cached version whole, never bytes of the new one
-    assert d.wait_for("blob.conflict", WAIT)
-    [c] = call(sock, "conflicts")["conflicts"]
-    assert c["blob"] == "erofs,pin.erofs/pin.erofs" and c["open"] is True, c
+    # back online, the resync finds both conflicts; readers see the cached versions,
+    # never bytes of the new ones
+    t0 = time.monotonic()
+    while call(sock, "status")["conflicts"] < 2 and time.monotonic() - t0 < WAIT:
+        time.sleep(0.1)
+    found = {c["blob"]: c for c in call(sock, "conflicts")["conflicts"]}
+    assert set(found) == {"erofs,pin.erofs/pin.erofs", "erofs,mix.erofs/mix.erofs"}, found
+    c = found["erofs,pin.erofs/pin.erofs"]
+    assert c["open"] is True, c
     assert c["cached"].startswith(f"{len(old_pin)}:"), c
     assert c["upstream"].startswith(f"{len(old_pin) + 4096}:"), c
-    assert call(sock, "status")["conflicts"] == 1
     Path("/proc/sys/vm/drop_caches").write_text("3\n")  # read the cache files again
     assert tree_digests(pin_mnt) == tree_digests(pin_src)
+    assert _read_all(mix_mnt / "m0.bin") == (mix_src / "m0.bin").read_bytes()
+    with pytest.raises(OSError) as err:
+        _read_all(mix_mnt / "m1.bin")
+    assert err.value.errno == errno.EIO
     reply = call(sock, "resolve", blob=c["blob"], how="keep")
     assert reply["resolution"] == "keep"
-    assert call(sock, "status")["conflicts"] == 0
+    assert call(sock, "status")["conflicts"] == 1
     assert d.stop() == 0

@@ -390,7 +390,8 @@ class OnDemandDriver:
         """Fill, unless the offline policy says otherwise (``engine/offline.py``): True
         when filled, False when failed, None when held (answered later)."""
         blob, offset, length = obj.blob, action.offset, action.length
-        if self.engine.missing(blob, offset, length):
+        gate = self.engine.gate
+        if gate.watches(blob.source.origin) and blob.missing(offset, length):
             decision = self.engine.gate.decide(blob, offset, length, waited)
             if isinstance(decision, WaitUntil) and not self._stopping:
                 self._hold(action, received, waited, decision)
