@@ -10,9 +10,11 @@ transition comes and why; the figure is the measurement.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,11 +25,13 @@ import pytest
 import urllib3
 
 from cachefilesd_py.control.client import call
+from cachefilesd_py.daemon.notify_dbus import INTERFACE
 from cachefilesd_py.errors import SourceError
 from cachefilesd_py.sources.http import HttpSource
 from cachefilesd_py.sources.netlink import failure_kind
 from cachefilesd_py.sources.online import FailureKind
 from cachefilesd_py.sources.policy import Deadline, RetryPolicy
+from cachefilesd_py.testing.dbus_bus import monitor, private_bus, signals_seen
 from cachefilesd_py.testing.netns import InProcessWatcher
 from cachefilesd_py.testing.pattern import pattern_bytes
 from tests.vm.remote import RemoteNginx
@@ -36,6 +40,7 @@ from tests.vm.rig import Daemon, mkfs_erofs, mount_tracked, tree_digests, umount
 pytestmark = pytest.mark.guest
 
 WAIT = 30.0
+POLICY = Path(__file__).resolve().parents[2] / "packaging/dbus/org.cachefilesd_py.Cache1.conf"
 
 
 def record(line: str) -> None:
@@ -128,6 +133,8 @@ def test_daemon_offline_pinned_reads_error_then_wait(
     daemon: Callable[[str], Daemon],
     mounts: list[Path],
     remote_nginx: Callable[[Path], RemoteNginx],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The daemon fetches from nginx in another namespace. A pinned image reads whole
     while the link is down; an unpinned image's missing file gets EIO at once under
@@ -135,7 +142,9 @@ def test_daemon_offline_pinned_reads_error_then_wait(
     bytes) once the link is back. The pinned image and a third, half-read one changed
     upstream meanwhile: the resync shows both conflicts; the pinned image still reads
     as its cached version, the half-read one serves its cached file and EIO for the
-    other, never bytes of the new version (same layout, other contents)."""
+    other, never bytes of the new version (same layout, other contents). A
+    ``dbus-monitor`` on a private system bus receives SourceOffline, ReadWaiting,
+    SourceOnline and both Conflict signals."""
     blobs = workdir / "blobs"
     blobs.mkdir()
     pin_src, img_src = workdir / "pin-src", workdir / "img-src"
@@ -157,6 +166,15 @@ def test_daemon_offline_pinned_reads_error_then_wait(
     mkfs_erofs(blobs / "img.erofs", img_src, "-Enoinline_data")
     remote = remote_nginx(blobs)
     origin = remote.url.rstrip("/")
+
+    bus_dir = Path(tempfile.mkdtemp(prefix="cfdpy-bus-", dir=workdir))
+    bus_dir.chmod(0o755)
+    transcript = workdir / "dbus-monitor.txt"
+    bus = contextlib.ExitStack()
+    request.addfinalizer(bus.close)
+    address = bus.enter_context(private_bus(bus_dir, POLICY))
+    bus.enter_context(monitor(address, INTERFACE, transcript))
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)
 
     cache = loop_fs(128)
     sock = str(workdir / "control.sock")
@@ -267,4 +285,12 @@ def test_daemon_offline_pinned_reads_error_then_wait(
     reply = call(sock, "resolve", blob=c["blob"], how="keep")
     assert reply["resolution"] == "keep"
     assert call(sock, "status")["conflicts"] == 1
+
+    # the same events reached the system bus
+    seen = signals_seen(transcript.read_text(errors="replace"), INTERFACE)
+    members = [m for m, _a in seen]
+    for member in ("SourceOffline", "ReadWaiting", "SourceOnline"):
+        assert member in members, members
+    conflicted = sorted(a[1] for m, a in seen if m == "Conflict")
+    assert conflicted == ['string "mix.erofs"', 'string "pin.erofs"'], seen
     assert d.stop() == 0
